@@ -1,0 +1,86 @@
+"""Output documents shared by every step (pydantic v2, stored by jobflow).
+
+Units follow ASE: energies in eV, forces in eV/Å, stress in eV/Å³ (Voigt order xx, yy, zz, yz, xz, xy,
+ASE sign convention: positive = tensile), lengths in Å, times in seconds of wall clock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, Field
+from pymatgen.core import Structure
+
+__all__ = ["Frame", "RelaxTrajectory", "settings_digest"]
+
+
+def settings_digest(settings: dict[str, Any]) -> str:
+    """Stable 12-hex-digit digest of a settings dictionary (key order does not matter)."""
+    blob = json.dumps(settings, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+class Frame(BaseModel):
+    """One labelled configuration: a structure with its energy, forces (and stress) at a given total charge."""
+
+    structure: Structure = Field(description="Configuration (Å); `structure.charge` equals `charge`")
+    energy: float | None = Field(None, description="Total energy in eV (None when the calculation failed)")
+    forces: list[list[float]] | None = Field(None, description="Forces in eV/Å, one row per site")
+    stress: list[float] | None = Field(
+        None, description="Stress in eV/Å³, Voigt order (xx, yy, zz, yz, xz, xy), ASE sign convention"
+    )
+    charge: int = Field(description="Total charge q of the cell in units of e (q = -1: one extra electron)")
+    engine: str = Field(description="Engine name: qe, cp2k, vasp or ase")
+    xc: str | None = Field(None, description="Exchange-correlation functional or method label (PBE, HSE06, GFN1-xTB)")
+    fidelity: str | None = Field(None, description="Fidelity name from the campaign (low, high, ...)")
+    settings_digest: str = Field(description="Digest of the engine settings that produced this frame")
+    wall_seconds: float = Field(0.0, description="Wall time spent on this frame in s")
+    step: int = Field(0, description="Ionic step index within its relaxation (0 for single points)")
+    scf_converged: bool = Field(True, description="Whether the electronic SCF converged")
+    magnetization: float | None = Field(None, description="Total magnetic moment in μB, when spin-polarised")
+    error: str | None = Field(None, description="Why the calculation failed, if it did")
+
+    @property
+    def natoms(self) -> int:
+        return len(self.structure)
+
+    @property
+    def forces_array(self) -> np.ndarray:
+        return np.asarray(self.forces if self.forces is not None else [], dtype=float)
+
+    @property
+    def fmax(self) -> float | None:
+        """Largest atomic force norm in eV/Å."""
+        if not self.forces:
+            return None
+        return float(np.linalg.norm(self.forces_array, axis=1).max())
+
+
+class RelaxTrajectory(BaseModel):
+    """Every ionic step of one relaxation, with its outcome. A failed relaxation keeps the frames it produced."""
+
+    frames: list[Frame] = Field(default_factory=list, description="Every ionic step, in order")
+    status: Literal["converged", "unconverged", "failed"] = Field(
+        description="converged: fmax below threshold; unconverged: step limit reached; failed: engine error"
+    )
+    error: str | None = Field(None, description="Reason for failure or non-convergence")
+    charge: int = Field(description="Total charge q in e")
+    engine: str
+    fidelity: str | None = None
+    settings_digest: str
+    fmax_target: float = Field(description="Force convergence threshold in eV/Å")
+    wall_seconds: float = Field(0.0, description="Total wall time of the relaxation in s")
+    label: str | None = Field(None, description="Free label, e.g. 'v_Si_-1/Bond_Distortion_-30.0%'")
+
+    @property
+    def final(self) -> Frame | None:
+        """Last frame with an energy, or None."""
+        good = [f for f in self.frames if f.energy is not None]
+        return good[-1] if good else None
+
+    @property
+    def n_steps(self) -> int:
+        return len(self.frames)
