@@ -1,0 +1,579 @@
+"""The campaign: everything a user decides, from YAML or Python, validated with field-named errors.
+
+A campaign says which host and defects to study, how to distort them (ShakeNBreak), which levels of theory are
+"low" (cheap, e.g. PBE) and "high" (e.g. HSE06), how many high-fidelity calculations may be spent, how to train
+the MACE surrogate, and where to store results.
+
+>>> from defectflow.campaign import Campaign
+>>> c = Campaign.from_yaml("workflows/quickstart.yaml")          # doctest: +SKIP
+>>> c.fidelities.high.engine                                      # doctest: +SKIP
+'qe'
+
+Every invalid input raises :class:`CampaignError` whose message is one line per problem, naming the field
+(dotted path, e.g. ``fidelities.low.ecutwfc``) and what was expected.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
+from pymatgen.core import Structure
+
+from defectflow.engines import SETTINGS, AseSettings, CP2KSettings, QESettings, VaspSettings
+
+__all__ = [
+    "Campaign",
+    "CampaignError",
+    "HostSpec",
+    "SupercellSpec",
+    "DefectsSpec",
+    "DistortionsSpec",
+    "FidelitiesSpec",
+    "RelaxSpec",
+    "SelectionSpec",
+    "MlipSpec",
+    "SearchSpec",
+    "VerifySpec",
+    "LevelsSpec",
+    "ExecutionSpec",
+    "ResourceSpec",
+    "DEFECT_KINDS",
+]
+
+#: Defect kinds accepted in ``defects.include`` besides explicit doped names.
+DEFECT_KINDS = ("vacancies", "antisites", "substitutions", "interstitials", "all")
+#: Charge states must fit the MACE categorical charge embedding (21 classes, offset 10).
+MAX_ABS_CHARGE = 10
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# doped names: v_Si, Si_i, Se_Sb, Sb_i_C2v, v_Se_1, Cu_Zn_Cs1.90 ...
+_DEFECT_NAME_RE = re.compile(r"^(v_[A-Z][a-z]?|[A-Z][a-z]?_(i|[A-Z][a-z]?))([_.][A-Za-z0-9_.\-]+)?$")
+
+
+class CampaignError(ValueError):
+    """An invalid campaign. ``problems`` holds one ``"field.path: what was expected"`` string per problem."""
+
+    def __init__(self, problems: list[str], source: str | None = None):
+        self.problems = problems
+        self.source = source
+        prefix = f"{source}: " if source else ""
+        super().__init__("\n".join(prefix + p for p in problems))
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, arbitrary_types_allowed=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# host and defects
+# ---------------------------------------------------------------------------------------------------------------
+class SupercellSpec(_Section):
+    """How doped builds the defect supercell (``DefectsGenerator(supercell_gen_kwargs=...)``)."""
+
+    min_image_distance: float = Field(10.0, gt=0, description="Minimum distance between periodic images of a defect in Å")
+    min_atoms: int = Field(50, ge=1, description="Minimum number of atoms in the supercell")
+    force_diagonal: bool = Field(False, description="Only diagonal expansions of the primitive/conventional cell")
+    matrix: list[list[int]] | None = Field(
+        None, description="Explicit 3×3 supercell matrix of the input cell (overrides the two criteria above)"
+    )
+
+    @field_validator("matrix")
+    @classmethod
+    def _is_3x3(cls, v):
+        if v is not None and (len(v) != 3 or any(len(r) != 3 for r in v)):
+            raise ValueError("expected a 3×3 integer matrix, e.g. [[2,0,0],[0,2,0],[0,0,2]]")
+        return v
+
+
+class HostSpec(_Section):
+    """The pristine host crystal."""
+
+    structure: Any = Field(
+        ..., description="Structure file (POSCAR, CIF, extxyz...; relative to the campaign file) or a pymatgen Structure"
+    )
+    supercell: SupercellSpec = Field(default_factory=SupercellSpec, description="Defect supercell options")
+    oxidation_states: dict[str, int] | None = Field(
+        None, description="Oxidation states for charge guessing and distorted-neighbour counts, e.g. {Sb: 3, Se: -2}"
+    )
+
+    @field_validator("structure")
+    @classmethod
+    def _structure_kind(cls, v):
+        if isinstance(v, Structure):
+            return v
+        if isinstance(v, dict) and v.get("@class") == "Structure":
+            return Structure.from_dict(v)
+        if isinstance(v, (str, Path)):
+            if not str(v).strip():
+                raise ValueError("expected a path to a structure file, got an empty string")
+            return str(v)
+        raise ValueError(f"expected a path to a structure file or a pymatgen Structure, got {type(v).__name__}")
+
+    @field_serializer("structure")
+    def _serialise_structure(self, v):
+        return v.as_dict() if isinstance(v, Structure) else v
+
+
+class DefectsSpec(_Section):
+    """Which defects doped generates. ``include`` takes doped names (v_Si, Si_i, Se_Sb...) and/or kinds."""
+
+    include: list[str] = Field(
+        default_factory=lambda: ["vacancies"],
+        description="doped defect names (e.g. v_Sb, Sb_Se) and/or kinds: " + ", ".join(DEFECT_KINDS),
+    )
+    extrinsic: list[str] = Field(default_factory=list, description="Extrinsic elements for substitutions/interstitials")
+    interstitials: bool = Field(
+        False, description="Generate interstitial sites (Voronoi; slow and many) when kinds include them"
+    )
+    charge_padding: int = Field(1, ge=0, le=4, description="doped charge-state guessing padding around the ionic charge")
+
+    @field_validator("include")
+    @classmethod
+    def _names(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("expected at least one defect name or kind")
+        bad = [n for n in v if n not in DEFECT_KINDS and not _DEFECT_NAME_RE.match(n)]
+        if bad:
+            raise ValueError(
+                f"{bad[0]!r} is neither a doped defect name (like v_Si, Si_i, Se_Sb) nor a kind "
+                f"({', '.join(DEFECT_KINDS)})"
+            )
+        return v
+
+    @field_validator("extrinsic")
+    @classmethod
+    def _elements(cls, v: list[str]) -> list[str]:
+        from pymatgen.core.periodic_table import Element
+
+        for el in v:
+            if not Element.is_valid_symbol(el):
+                raise ValueError(f"{el!r} is not a chemical element symbol")
+        return v
+
+
+ChargeList = list[int]
+
+
+class DistortionsSpec(_Section):
+    """ShakeNBreak options (``Distortions(...)``). Bond distortions are fractions: -0.3 = 30 % compression."""
+
+    distortion_increment: float = Field(
+        0.1, gt=0, le=0.6, description="Step of the default bond-distortion grid −0.6…+0.6 (fraction)"
+    )
+    bond_distortions: list[float] | None = Field(
+        None, description="Explicit bond distortions as fractions (e.g. [-0.3, 0.0, 0.3]); replaces the grid"
+    )
+    dimer: bool = Field(True, description="Add ShakeNBreak's Dimer distortion for vacancies")
+    rattle_stdev: float | None = Field(
+        None, gt=0, le=1.0, description="Rattle standard deviation in Å (default: ShakeNBreak, 10 % of the bulk bond length)"
+    )
+    d_min: float | None = Field(None, gt=0, description="Minimum interatomic distance for rattling in Å (default: ShakeNBreak)")
+    local_rattle: bool = Field(False, description="Rattle amplitude decaying away from the defect")
+    seed: int = Field(42, description="Rattle random seed (ShakeNBreak adds the distortion to it)")
+    max_structures: int | None = Field(
+        None, ge=1, description="Keep at most this many distortions per (defect, q), evenly spread (quick runs)"
+    )
+    options: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments for ShakeNBreak Distortions")
+
+    @field_validator("bond_distortions")
+    @classmethod
+    def _fractions(cls, v):
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("expected at least one bond distortion, or null for the default grid")
+        bad = [x for x in v if not -1.0 < x <= 1.0]
+        if bad:
+            raise ValueError(
+                f"expected fractions between -1 and 1 (e.g. -0.3 for -30 %), got {bad[0]}"
+            )
+        return v
+
+
+FidelitySpec = Annotated[
+    Union[QESettings, CP2KSettings, VaspSettings, AseSettings],
+    Field(discriminator="engine"),
+]
+
+
+class FidelitiesSpec(_Section):
+    """Levels of theory. ``low`` relaxes every distortion (training data); ``high`` labels a selected few."""
+
+    low: FidelitySpec = Field(
+        default_factory=lambda: CP2KSettings(xc="PBE"), description="Low fidelity (default: CP2K PBE)"
+    )
+    high: FidelitySpec = Field(
+        default_factory=lambda: QESettings(xc="HSE06"), description="High fidelity (default: QE HSE06)"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# steps
+# ---------------------------------------------------------------------------------------------------------------
+class RelaxSpec(_Section):
+    """Low-fidelity relaxation of every distorted structure (fixed cell)."""
+
+    fmax: float = Field(0.05, gt=0, description="Force convergence threshold in eV/Å")
+    max_steps: int = Field(100, ge=1, description="Maximum ionic steps per relaxation")
+    keep_every: int = Field(1, ge=1, description="Keep every n-th ionic step as training data (first and last always)")
+
+
+class SelectionSpec(_Section):
+    """Choice of frames for high-fidelity single points."""
+
+    strategy: Literal["minima", "fps", "stratified"] = Field(
+        "minima",
+        description="minima: lowest distinct LF minima per (defect, q); fps: farthest-point sampling in descriptor "
+        "space; stratified: energy-stratified along trajectories",
+    )
+    budget: int = Field(40, ge=1, description="Total number of high-fidelity single points")
+    per_group_min: int = Field(1, ge=1, description="At least this many HF frames per (defect, q)")
+    per_group_max: int | None = Field(None, ge=1, description="At most this many HF frames per (defect, q)")
+    seed: int = Field(0, description="Random seed (selection is deterministic for a seed)")
+
+
+class MlipSpec(_Section):
+    """The MACE surrogate (mace-torch)."""
+
+    multi_fidelity: Literal["multihead", "delta"] = Field(
+        "multihead", description="multihead: shared body, LF and HF heads; delta: HF correction on an LF model"
+    )
+    charge_embedding: bool = Field(True, description="Condition on the total charge q (embedding_specs total_charge)")
+    embedding_readout: bool = Field(False, description="Add the charge-dependent energy readout (use_embedding_readout)")
+    r_max: float = Field(5.0, gt=0, description="Cutoff radius in Å")
+    hidden_irreps: str = Field("32x0e + 32x1o", description="MACE hidden irreps (model size)")
+    num_interactions: int = Field(2, ge=1)
+    correlation: int = Field(3, ge=1)
+    max_L: int = Field(1, ge=0)
+    max_epochs: int = Field(100, ge=1, description="Training epochs")
+    batch_size: int = Field(4, ge=1)
+    lr: float = Field(0.01, gt=0, description="Learning rate")
+    hf_test_fraction: float = Field(0.2, ge=0, lt=1, description="Fraction of HF frames held out for testing")
+    seed: int = Field(1)
+    device: Literal["cpu", "cuda", "auto"] = Field("auto", description="Training device (auto: cuda when available)")
+    ablations: list[Literal["no_charge", "hf_only", "lf_only"]] = Field(
+        default_factory=list, description="Extra models trained side by side for comparison"
+    )
+
+
+class SearchSpec(_Section):
+    """Surrogate ground-state search."""
+
+    extra_starts: int = Field(
+        3, ge=0, description="Extra rattled starts per ShakeNBreak distortion (total starts = (1 + n) × DFT set)"
+    )
+    rattle_stdev: float = Field(0.15, gt=0, description="Rattle of the extra starts in Å")
+    fmax: float = Field(0.02, gt=0, description="Surrogate relaxation force threshold in eV/Å")
+    max_steps: int = Field(300, ge=1)
+    energy_tolerance: float = Field(
+        0.01, ge=0, description="Minima within this energy (eV) and matching structures are grouped"
+    )
+    foundation_baseline: Literal["chgnet"] | None = Field(
+        None, description="Also relax the distortions with a foundation model and report its ground-state RMSD"
+    )
+
+
+class VerifySpec(_Section):
+    """High-fidelity check of each surrogate ground state."""
+
+    mode: Literal["single_point", "relax"] = Field("single_point", description="HF single point, or HF relaxation")
+    energy_threshold: float = Field(
+        5.0, gt=0, description="Retrain when |E_HF − E_surrogate| exceeds this, in meV/atom"
+    )
+    max_rounds: int = Field(1, ge=0, description="Uncertainty top-up rounds (retrain with the disagreeing frames)")
+    rmsd_threshold: float = Field(0.1, gt=0, description="Success criterion for surrogate vs HF-relaxed RMSD in Å")
+
+
+class LevelsSpec(_Section):
+    """Formation energies and charge-transition levels (doped DefectThermodynamics)."""
+
+    dielectric: float | list[list[float]] | None = Field(
+        None, description="Total (ionic + electronic) dielectric constant, scalar or 3×3; needed for corrections"
+    )
+    correction: Literal["auto", "efnv", "fnv", "image_charge", "none"] = Field(
+        "auto", description="Finite-size correction: auto = eFNV/FNV when the engine gives potentials, else image charge"
+    )
+    chemical_potentials: dict[str, float] | None = Field(
+        None, description="Elemental chemical potentials in eV/atom (optional; CTLs never need them)"
+    )
+    band_gap: float | None = Field(None, ge=0, description="Override the band gap in eV (default: bulk HF calculation)")
+
+    @field_validator("dielectric")
+    @classmethod
+    def _dielectric(cls, v):
+        if isinstance(v, list) and (len(v) != 3 or any(len(r) != 3 for r in v)):
+            raise ValueError("expected a number or a 3×3 matrix")
+        if isinstance(v, (int, float)) and v <= 0:
+            raise ValueError(f"expected a positive dielectric constant, got {v}")
+        return v
+
+
+class ResourceSpec(_Section):
+    """Resources for one step when submitted to a cluster."""
+
+    cores: int = Field(1, ge=1, description="Cores (MPI ranks) per job")
+    walltime: int = Field(60, ge=1, description="Wall time per job in minutes")
+    gpu: bool = Field(False, description="Request a GPU (training)")
+    worker: str | None = Field(None, description="jobflow-remote worker name (default: the project's default)")
+    queue: str | None = Field(None, description="Scheduler queue / partition")
+
+
+class ExecutionSpec(_Section):
+    """Where results go and how jobs run."""
+
+    store: str = Field(
+        "embedded",
+        description="'embedded' (persistent, serverless, inside work_dir) or a MongoDB URI mongodb://host:port/db",
+    )
+    work_dir: str = Field(
+        "runs/{name}", description="Work directory (relative paths: from where defectflow runs); {name} = campaign name"
+    )
+    resources: dict[Literal["relax_lf", "single_hf", "train", "search", "verify"], ResourceSpec] = Field(
+        default_factory=dict, description="Per-step resources for submit (relax_lf, single_hf, train, search, verify)"
+    )
+
+    @field_validator("store")
+    @classmethod
+    def _store(cls, v: str) -> str:
+        if v != "embedded" and not v.startswith(("mongodb://", "mongodb+srv://")):
+            raise ValueError(f"expected 'embedded' or a MongoDB URI starting with mongodb://, got {v!r}")
+        return v
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the campaign
+# ---------------------------------------------------------------------------------------------------------------
+class Campaign(_Section):
+    """A defect campaign: host, defects, charge states, distortions, fidelities and every step's options."""
+
+    name: str = Field(..., description="Campaign name (letters, digits, _ . -); used in job names and the work dir")
+    description: str = Field("", description="Free text")
+    host: HostSpec
+    defects: DefectsSpec = Field(default_factory=DefectsSpec)
+    charges: Literal["auto"] | ChargeList | dict[str, Literal["auto"] | ChargeList] = Field(
+        "auto",
+        description="auto (doped's guesses), a list for every defect, or {defect name: list or auto}",
+    )
+    distortions: DistortionsSpec = Field(default_factory=DistortionsSpec)
+    fidelities: FidelitiesSpec = Field(default_factory=FidelitiesSpec)
+    relax: RelaxSpec = Field(default_factory=RelaxSpec)
+    selection: SelectionSpec = Field(default_factory=SelectionSpec)
+    mlip: MlipSpec = Field(default_factory=MlipSpec)
+    search: SearchSpec = Field(default_factory=SearchSpec)
+    verify: VerifySpec = Field(default_factory=VerifySpec)
+    levels: LevelsSpec = Field(default_factory=LevelsSpec)
+    execution: ExecutionSpec = Field(default_factory=ExecutionSpec)
+
+    _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME_RE.match(v):
+            raise ValueError(f"expected letters, digits, '_', '.' or '-' (no spaces), got {v!r}")
+        return v
+
+    @field_validator("charges")
+    @classmethod
+    def _charges(cls, v):
+        lists = [v] if isinstance(v, list) else [x for x in v.values() if isinstance(x, list)] if isinstance(v, dict) else []
+        for lst in lists:
+            if not lst:
+                raise ValueError("expected at least one charge state")
+            bad = [q for q in lst if abs(q) > MAX_ABS_CHARGE]
+            if bad:
+                raise ValueError(f"charge {bad[0]} outside ±{MAX_ABS_CHARGE} (the range the MACE charge embedding covers)")
+            if len(set(lst)) != len(lst):
+                raise ValueError(f"duplicate charge states in {lst}")
+        if isinstance(v, dict):
+            bad_names = [n for n in v if not _DEFECT_NAME_RE.match(n)]
+            if bad_names:
+                raise ValueError(f"{bad_names[0]!r} is not a doped defect name (like v_Si, Si_i, Se_Sb)")
+        return v
+
+    @model_validator(mode="after")
+    def _cross_checks(self):
+        if self.selection.per_group_max is not None and self.selection.per_group_max < self.selection.per_group_min:
+            raise ValueError(
+                "selection.per_group_max: must be ≥ selection.per_group_min "
+                f"({self.selection.per_group_max} < {self.selection.per_group_min})"
+            )
+        return self
+
+    # -- constructors -------------------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], base_dir: str | Path | None = None, source: str | None = None) -> Campaign:
+        """Validate a plain dict (as from YAML). Relative paths resolve against ``base_dir``."""
+        if not isinstance(data, dict):
+            raise CampaignError([f"expected a mapping of campaign sections, got {type(data).__name__}"], source)
+        try:
+            campaign = cls.model_validate(data)
+        except ValidationError as exc:
+            raise CampaignError(format_validation_error(exc), source) from None
+        campaign._base_dir = Path(base_dir) if base_dir else Path.cwd()
+        return campaign
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> Campaign:
+        """Read and validate a campaign YAML file."""
+        path = Path(path)
+        if not path.is_file():
+            raise CampaignError([f"campaign file not found: {path}"])
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise CampaignError([f"{where}YAML syntax error: {problem}"], str(path)) from None
+        if data is None:
+            raise CampaignError(["the file is empty; expected a campaign with at least name and host"], str(path))
+        return cls.from_dict(data, base_dir=path.parent, source=str(path))
+
+    def to_yaml(self) -> str:
+        """Serialise back to YAML (round-trips through :meth:`from_dict`)."""
+        data = self.model_dump(mode="json")
+        return yaml.safe_dump(data, sort_keys=False)
+
+    # -- helpers ------------------------------------------------------------------------------------------------
+    @property
+    def base_dir(self) -> Path:
+        return self._base_dir
+
+    def host_structure(self) -> Structure:
+        """The host as a pymatgen Structure (reads the file on demand)."""
+        s = self.host.structure
+        if isinstance(s, Structure):
+            return s
+        path = Path(s)
+        if not path.is_absolute():
+            path = self._base_dir / path
+        if not path.is_file():
+            raise CampaignError([f"host.structure: file not found: {path}"])
+        try:
+            return Structure.from_file(path)
+        except Exception as exc:  # pymatgen raises many kinds
+            raise CampaignError([f"host.structure: cannot read {path} as a structure ({exc})"]) from None
+
+    def work_dir(self) -> Path:
+        """The campaign's work directory (absolute; relative settings resolve against the current directory)."""
+        return Path(self.execution.work_dir.format(name=self.name)).resolve()
+
+    def charges_for(self, defect_name: str) -> list[int] | None:
+        """Explicit charge states for a defect, or None for doped's guesses."""
+        v = self.charges
+        if v == "auto":
+            return None
+        if isinstance(v, list):
+            return list(v)
+        if defect_name in v:
+            return None if v[defect_name] == "auto" else list(v[defect_name])
+        # doped names carry site suffixes (v_Se_1): match on the prefix too
+        for key, val in v.items():
+            if defect_name.startswith(key + "_"):
+                return None if val == "auto" else list(val)
+        return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# error messages
+# ---------------------------------------------------------------------------------------------------------------
+def _clean_loc(loc: tuple) -> tuple:
+    """Drop the discriminator tag pydantic inserts for the engine union (fidelities.low.qe.x → fidelities.low.x)."""
+    out = list(loc)
+    if len(out) >= 3 and out[0] == "fidelities" and out[2] in SETTINGS:
+        out.pop(2)
+    # drop union branch labels such as 'list[int]' / "literal['auto']" / 'dict[...]'
+    return tuple(p for p in out if not (isinstance(p, str) and ("[" in p or p.startswith(("function-", "lax-")))))
+
+
+def format_validation_error(exc: ValidationError) -> list[str]:
+    """Turn a pydantic ValidationError into ``"field.path: what was expected (got X)"`` lines."""
+    problems: list[str] = []
+    seen: set[str] = set()
+    for err in exc.errors(include_url=False):
+        raw_loc = tuple(err["loc"])
+        loc = _clean_loc(raw_loc)
+        where = ".".join(str(p) for p in loc) or "campaign"
+        etype = err["type"]
+        given = err.get("input")
+        msg = err["msg"]
+        if etype == "missing":
+            msg = "required field is missing"
+        elif etype == "extra_forbidden":
+            owner = _owner_model(raw_loc)
+            valid = ", ".join(owner.model_fields) if owner else ""
+            msg = f"unknown field{'; expected one of: ' + valid if valid else ''}"
+        elif etype == "union_tag_invalid":
+            msg = f"expected one of {', '.join(map(repr, SETTINGS))}, got {err.get('ctx', {}).get('tag')!r}"
+            where = where + ".engine"
+        elif etype == "union_tag_not_found":
+            msg = f"required field 'engine' is missing (one of {', '.join(map(repr, SETTINGS))})"
+            where = where + ".engine"
+        elif etype == "value_error":
+            msg = msg.removeprefix("Value error, ")
+            if not loc and re.match(r"^[\w.]+: ", msg):  # a cross-field check names its own field
+                where, msg = msg.split(": ", 1)
+        else:
+            msg = msg[0].lower() + msg[1:] if msg else msg
+            msg = msg.replace("input should be", "expected").replace("expected greater", "expected a value greater")
+            msg = msg.replace("expected less", "expected a value less")
+            if given is not None and not isinstance(given, (dict, list)):
+                msg += f", got {given!r}"
+        line = f"{where}: {msg}"
+        if line not in seen:
+            seen.add(line)
+            problems.append(line)
+    # A union of list/dict/literal (charges) reports one error per branch: keep the most specific one.
+    return _collapse_union_noise(problems)
+
+
+def _owner_model(raw_loc: tuple) -> type[BaseModel] | None:
+    """The model owning the last element of a raw pydantic ``loc`` (to list its valid keys), or None."""
+    import typing
+
+    current: Any = Campaign
+    for part in raw_loc[:-1]:
+        if isinstance(part, str) and part in SETTINGS and not (
+            isinstance(current, type) and issubclass(current, BaseModel) and part in current.model_fields
+        ):
+            current = SETTINGS[part]  # discriminator tag of the engine union
+            continue
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            field = current.model_fields.get(part)
+            current = field.annotation if field is not None else None
+        elif typing.get_origin(current) is dict:
+            current = typing.get_args(current)[1]  # a dict value, e.g. execution.resources.<step>
+        else:
+            current = None
+        if current is None:
+            return None
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _collapse_union_noise(problems: list[str]) -> list[str]:
+    by_field: dict[str, list[str]] = {}
+    for p in problems:
+        by_field.setdefault(p.split(": ", 1)[0], []).append(p)
+    out = []
+    for field, lines in by_field.items():
+        if field.startswith("charges") and len(lines) > 1:
+            custom = [ln for ln in lines if "charge" in ln.split(": ", 1)[1] or "doped" in ln]
+            out.append(custom[0] if custom else f"{field}: expected 'auto', a list of integer charges, "
+                       "or {defect name: list or 'auto'}")
+        else:
+            out.extend(lines)
+    return out

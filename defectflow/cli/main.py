@@ -1,0 +1,187 @@
+"""``defectflow`` command line.
+
+Subcommands that exist today do real work; the ones still being built say so and exit with status 3 instead of
+pretending (see the project's issues for the plan).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+EXIT_INVALID = 2
+EXIT_NOT_BUILT = 3
+
+DESCRIPTION = """\
+defectflow: hybrid-functional-quality defect ground states and charge-transition levels (CTLs)
+at a fraction of the cost of a direct hybrid-DFT ShakeNBreak search.
+
+The pipeline, per defect and charge state q:
+  1. generate   doped defects + charge states, ShakeNBreak bond distortions and rattles
+  2. relax_lf   relax every distortion with the cheap engine (e.g. PBE); keep every ionic step
+  3. single_hf  high-fidelity (e.g. HSE06) single points on a small, well-chosen subset
+  4. train      one charge-embedded, multi-fidelity MACE model for all q
+  5. search     the surrogate relaxes every distortion (and more), HF verifies the ground state,
+                doped computes formation energies and CTLs
+
+A campaign is a YAML file (see workflows/ and docs/campaign-reference.md)."""
+
+EPILOG = """\
+examples:
+  defectflow validate workflows/quickstart.yaml     check a campaign, print its summary
+  defectflow engines                                which engines can run on this machine
+  defectflow run workflows/quickstart.yaml          run a campaign locally (embedded store)
+  defectflow schema > campaign.schema.json          JSON schema of the campaign file
+  defectflow schema --markdown                      every campaign key, its type, default and units
+
+exit status: 0 ok, 2 invalid input (one line per problem, naming the field), 3 not built yet."""
+
+PLANNED = {
+    "run": ("run a campaign locally with the embedded store, with progress", "issue #5 (steps 1-5 end to end)"),
+    "submit": ("submit a campaign to FireWorks or jobflow-remote", "issue #6 (executors and MongoDB)"),
+    "status": ("per-step progress of a campaign", "issue #6"),
+    "results": ("ground states, CTLs, model metrics and cost per step", "issue #6"),
+    "query": ("Mongo-style queries over any job store (--json)", "issue #6"),
+    "plot": ("energy-vs-distortion, parity, PCA and formation-energy plots", "issues #4 and #5"),
+    "benchmark": ("accuracy and cost against a direct high-fidelity search", "issue #7"),
+}
+
+
+def _cmd_validate(args) -> int:
+    from defectflow.campaign import Campaign, CampaignError
+
+    try:
+        campaign = Campaign.from_yaml(args.campaign)
+        host = campaign.host_structure()
+    except CampaignError as exc:
+        for line in str(exc).splitlines():
+            print(f"error: {line}", file=sys.stderr)
+        return EXIT_INVALID
+    if args.json:
+        print(campaign.model_dump_json(indent=2, exclude={"host": {"structure"}}))
+        return 0
+    lo, hi = campaign.fidelities.low, campaign.fidelities.high
+    print(f"campaign {campaign.name!r} is valid")
+    print(f"  host        {host.composition.reduced_formula} ({len(host)} atoms in the input cell)")
+    print(f"  defects     {', '.join(campaign.defects.include)}")
+    print(f"  charges     {campaign.charges}")
+    grid = campaign.distortions.bond_distortions or f"±0.6 in steps of {campaign.distortions.distortion_increment}"
+    print(f"  distortions {grid}{' + Dimer' if campaign.distortions.dimer else ''} + Unperturbed")
+    print(f"  low  (LF)   {lo.engine} {lo.xc}")
+    print(f"  high (HF)   {hi.engine} {hi.xc}   budget {campaign.selection.budget} single points "
+          f"({campaign.selection.strategy})")
+    print(f"  surrogate   MACE {campaign.mlip.multi_fidelity}, charge embedding "
+          f"{'on' if campaign.mlip.charge_embedding else 'off'}")
+    print(f"  store       {campaign.execution.store} → {campaign.work_dir()}")
+    return 0
+
+
+def _cmd_engines(args) -> int:
+    rows = []
+    for name, exe, pkg in [
+        ("qe", "pw.x", "apt install quantum-espresso quantum-espresso-data"),
+        ("cp2k", "cp2k_shell.psmp", "apt install cp2k cp2k-data"),
+        ("mpi", "mpirun", "apt install openmpi-bin"),
+        ("vasp", "vasp_std", "cluster only: configure atomate2 (VASP_CMD)"),
+    ]:
+        path = shutil.which(exe)
+        rows.append((name, exe, path or "-", "yes" if path else f"no ({pkg})"))
+    for mod, label in [("tblite", "ase:tblite (GFN1/GFN2-xTB)"), ("mace", "ase:mace"), ("chgnet", "ase:chgnet")]:
+        try:
+            __import__(mod)
+            ok = "yes"
+        except Exception as exc:  # noqa: BLE001 - report any import failure
+            ok = f"no ({type(exc).__name__})"
+        rows.append((label, mod, "python", ok))
+    if args.json:
+        print(json.dumps([dict(zip(("engine", "needs", "where", "available"), r)) for r in rows], indent=2))
+    else:
+        width = max(len(r[0]) for r in rows)
+        for r in rows:
+            print(f"{r[0]:<{width}}  {r[1]:<16} {r[3]:<5}  {r[2]}")
+    return 0
+
+
+def _cmd_schema(args) -> int:
+    from defectflow.campaign import Campaign
+
+    if args.markdown:
+        from defectflow.reference import campaign_reference_markdown
+
+        print(campaign_reference_markdown())
+    else:
+        print(json.dumps(Campaign.model_json_schema(), indent=2))
+    return 0
+
+
+def _not_built(name: str):
+    def run(args) -> int:
+        what, where = PLANNED[name]
+        print(
+            f"defectflow {name}: not built yet ({what}). It is planned in {where}; "
+            "nothing was run.",
+            file=sys.stderr,
+        )
+        return EXIT_NOT_BUILT
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="defectflow",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("validate", help="check a campaign YAML and print a summary",
+                       description="Validate a campaign file. Errors name the field, e.g.\n"
+                       "  error: c.yaml: fidelities.low.engine: expected one of 'qe', 'cp2k', 'vasp', 'ase', got 'x'",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("campaign", help="campaign YAML file")
+    p.add_argument("--json", action="store_true", help="print the full validated campaign (with defaults) as JSON")
+    p.set_defaults(func=_cmd_validate)
+
+    p = sub.add_parser("engines", help="which engines (QE, CP2K, VASP, ASE calculators) can run here")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_engines)
+
+    p = sub.add_parser("schema", help="print the JSON schema (or the Markdown reference) of campaign files")
+    p.add_argument("--markdown", action="store_true", help="Markdown reference (docs/campaign-reference.md)")
+    p.set_defaults(func=_cmd_schema)
+
+    for name, (what, where) in PLANNED.items():
+        p = sub.add_parser(name, help=f"{what} [not built yet: {where}]",
+                           description=f"{what}.\nNot built yet: planned in {where}.")
+        p.add_argument("args", nargs="*", help=argparse.SUPPRESS)
+        p.set_defaults(func=_not_built(name))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from defectflow import __version__
+
+        print(__version__)
+        return 0
+    logging.basicConfig(
+        level=logging.WARNING - 10 * min(args.verbose, 2), format="%(levelname)s %(name)s: %(message)s"
+    )
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    return args.func(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

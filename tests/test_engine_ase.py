@@ -1,0 +1,128 @@
+"""The `ase` engine with real calculators: tblite GFN1-xTB on a charged Si vacancy cell, EMT for mechanics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from ase.calculators.calculator import Calculator, all_changes
+from pymatgen.core import Structure
+from conftest import si_conventional
+
+from defectflow.engines import EngineError, get_engine
+from defectflow.engines.base import structure_to_atoms
+
+pytest.importorskip("tblite")
+
+GFN1 = {"engine": "ase", "calculator": "tblite.ase.TBLite", "xc": "GFN1-xTB",
+        "kwargs": {"method": "GFN1-xTB", "verbosity": 0}}
+
+
+def si_vac15(rattle=0.0, seed=3):
+    """15-atom Si vacancy cell (2×2×2 primitive cell, one site removed): GFN1 converges for q = -1, 0, +1."""
+    prim = si_conventional().get_primitive_structure()
+    prim.make_supercell(2)
+    prim.remove_sites([0])
+    if rattle:
+        rng = np.random.default_rng(seed)
+        prim = Structure(prim.lattice, prim.species, prim.cart_coords + rng.normal(0, rattle, (len(prim), 3)),
+                         coords_are_cartesian=True)
+    return prim
+
+
+@pytest.fixture(scope="module")
+def energies():
+    engine = get_engine(GFN1, fidelity="low")
+    s = si_vac15()
+    return {q: engine.single_point(s, q) for q in (-1, 0, 1)}
+
+
+def test_charged_single_points_record_q_and_differ(energies):
+    for q, frame in energies.items():
+        assert frame.error is None and frame.scf_converged
+        assert frame.charge == q and frame.structure.charge == q
+        assert frame.engine == "ase" and frame.xc == "GFN1-xTB" and frame.fidelity == "low"
+        assert np.isfinite(frame.energy)
+        assert frame.forces_array.shape == (15, 3)
+        assert frame.wall_seconds > 0
+    e = {q: f.energy for q, f in energies.items()}
+    assert len({round(v, 6) for v in e.values()}) == 3
+
+
+def test_charge_energies_are_convex_at_fixed_geometry(energies):
+    """E(q+1) + E(q-1) - 2 E(q) = I - A > 0: removing an electron costs more than adding one gains.
+
+    This fails if the charge were ignored (all equal → 0) or passed with the wrong sign pattern."""
+    e = {q: f.energy for q, f in energies.items()}
+    gap_like = e[1] + e[-1] - 2 * e[0]
+    assert 0.05 < gap_like < 5.0, gap_like
+    # GFN1 energies are vacuum-referenced: ionising the cell costs energy, adding an electron releases it
+    assert e[1] > e[0] > e[-1]
+
+
+def test_relaxation_keeps_every_step_and_lowers_the_energy():
+    engine = get_engine(GFN1)
+    traj = engine.relax(si_vac15(rattle=0.05), -1, fmax=0.3, max_steps=6)
+    assert traj.status in ("converged", "unconverged"), traj.error
+    assert traj.n_steps >= 2
+    assert [f.step for f in traj.frames] == list(range(traj.n_steps))
+    assert all(f.charge == -1 for f in traj.frames)
+    assert traj.frames[-1].energy < traj.frames[0].energy
+    if traj.status == "converged":
+        assert traj.final.fmax < 0.3
+
+
+def test_step_limit_is_recorded_as_unconverged():
+    traj = get_engine(GFN1).relax(si_vac15(rattle=0.05), 0, fmax=1e-4, max_steps=2)
+    assert traj.status == "unconverged"
+    assert "within 2 steps" in traj.error
+    assert 1 <= traj.n_steps <= 3
+
+
+class Exploding(Calculator):
+    """A calculator that fails on its second call, like an SCF that stops converging mid-relaxation."""
+
+    implemented_properties = ["energy", "forces"]
+    calls = 0
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        super().calculate(atoms, properties, system_changes)
+        type(self).calls += 1
+        if type(self).calls > 1:
+            raise RuntimeError("SCF not converged")
+        self.results = {"energy": 1.0, "forces": np.full((len(atoms), 3), 0.3)}
+
+
+def test_failed_calculation_is_recorded_not_raised():
+    Exploding.calls = 0
+    engine = get_engine({"engine": "ase", "calculator": f"{__name__}.Exploding"})
+    traj = engine.relax(si_vac15(), 0, fmax=0.01, max_steps=5)
+    assert traj.status == "failed" and "SCF not converged" in traj.error
+    assert traj.n_steps == 1  # the frame computed before the failure is kept
+    frame = engine.single_point(si_vac15(), 0)
+    assert frame.energy is None and frame.scf_converged is False and "SCF not converged" in frame.error
+
+
+class ChargeEcho(Calculator):
+    """Energy = the total charge it sees in atoms.info (how MACE reads q)."""
+
+    implemented_properties = ["energy", "forces"]
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        super().calculate(atoms, properties, system_changes)
+        self.results = {"energy": float(atoms.info["charge"]), "forces": np.zeros((len(atoms), 3))}
+
+
+def test_charge_reaches_calculators_that_read_atoms_info():
+    engine = get_engine({"engine": "ase", "calculator": f"{__name__}.ChargeEcho", "charge_kwarg": None})
+    assert engine.single_point(si_vac15(), -2).energy == -2.0
+
+
+def test_structure_to_atoms_sets_info_charge():
+    s = si_vac15()
+    assert structure_to_atoms(s, -1).info["charge"] == -1
+
+
+def test_bad_calculator_path_is_one_clear_error():
+    engine = get_engine({"engine": "ase", "calculator": "no_such_pkg.Calc"})
+    with pytest.raises(EngineError, match="calculator: cannot import module 'no_such_pkg'"):
+        engine.single_point(si_vac15(), 0)
