@@ -8,13 +8,25 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, Field
-from pymatgen.core import Structure
+from pydantic import BaseModel, BeforeValidator, Field, PlainSerializer
+from pymatgen.core import Structure as _Structure
 
-__all__ = ["Frame", "RelaxTrajectory", "settings_digest"]
+__all__ = ["Frame", "RelaxTrajectory", "Structure", "settings_digest"]
+
+
+def _as_structure(v: Any) -> Any:
+    return _Structure.from_dict(v) if isinstance(v, dict) else v
+
+
+#: A pymatgen Structure field that validates from a dict and serialises to JSON as ``Structure.as_dict()``.
+Structure = Annotated[
+    _Structure,
+    BeforeValidator(_as_structure),
+    PlainSerializer(lambda s: s.as_dict(), return_type=dict, when_used="json"),
+]
 
 
 def settings_digest(settings: dict[str, Any]) -> str:

@@ -1,0 +1,30 @@
+"""Engine operations as jobflow jobs (one job per structure, so an executor can spread them)."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from jobflow import job
+
+from defectflow.engines import get_engine
+from defectflow.schemas import Frame
+
+__all__ = ["single_point"]
+
+
+@job
+def single_point(structure, charge: int, fidelity: dict[str, Any], fidelity_name: str = "high", label: str = "") -> Frame:
+    """Energy and forces of ``structure`` at charge ``charge`` (e) with the engine in ``fidelity``.
+
+    Never raises for a calculation failure: the Frame carries ``error`` and ``energy=None``.
+    """
+    engine = get_engine(fidelity, fidelity=fidelity_name)
+    workdir = Path.cwd() / (re.sub(r"[^A-Za-z0-9_.+-]", "_", label) or "single_point")
+    t0 = time.perf_counter()
+    try:
+        return engine.single_point(structure, charge, workdir=workdir)
+    except Exception as exc:  # noqa: BLE001 - recorded, the campaign goes on
+        return engine.failed_frame(structure, charge, f"{type(exc).__name__}: {exc}", time.perf_counter() - t0)

@@ -1,0 +1,127 @@
+"""The jobflow graph of a campaign.
+
+:class:`DefectCampaignMaker` builds, from a :class:`~defectflow.campaign.Campaign`:
+
+* ``generation``        the doped + ShakeNBreak output (one document),
+* ``bulk LF/HF static`` pristine-supercell single points (reference energies),
+* ``relax_lf …``        one job per distorted structure per (defect, q), low fidelity, every ionic step kept,
+* ``summary …``         ShakeNBreak energy-vs-distortion summary and plot per (defect, q),
+* ``harvest_lf``        the low-fidelity training set (extxyz).
+
+Generation runs while the graph is built (doped + ShakeNBreak take seconds), so the graph is static and its size is
+known before anything runs; pass ``generation=`` to reuse an earlier :func:`~defectflow.generate.generate` result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from jobflow import Flow, Maker, job
+
+from defectflow.campaign import Campaign
+from defectflow.engines import get_engine
+from defectflow.engines.jobs import single_point
+from defectflow.generate import GenerationResult, generate
+from defectflow.relax import HarvestFilter, harvest_training_set, relax_structure, summarize_distortions
+
+__all__ = ["DefectCampaignMaker", "record_generation"]
+
+
+@job(data="distortion_sets")
+def record_generation(generation: GenerationResult) -> GenerationResult:
+    """Store the generation result (defects, charges, distorted structures) with the campaign's outputs."""
+    return generation
+
+
+@dataclass
+class DefectCampaignMaker(Maker):
+    """Build the campaign graph (steps 1-2: generation, bulk references, LF relaxations, harvest).
+
+    Parameters
+    ----------
+    name
+        Flow name prefix.
+    harvest_filter
+        Thresholds for the training-set harvest (see :class:`~defectflow.relax.HarvestFilter`).
+    min_e_diff
+        ShakeNBreak's energy-lowering threshold in eV.
+    check_engines
+        Run each engine's set-up check (executables, pseudopotentials) while building, so a missing
+        pseudopotential fails at once instead of in every job.
+    """
+
+    name: str = "defectflow"
+    harvest_filter: HarvestFilter = field(default_factory=HarvestFilter)
+    min_e_diff: float = 0.05
+    check_engines: bool = True
+
+    def make(self, campaign: Campaign, generation: GenerationResult | None = None) -> Flow:
+        generation = generation or generate(campaign)
+        low = campaign.fidelities.low.model_dump(mode="json")
+        high = campaign.fidelities.high.model_dump(mode="json")
+        if self.check_engines:
+            for fid, spec in (("low", campaign.fidelities.low), ("high", campaign.fidelities.high)):
+                get_engine(spec, fidelity=fid).check(generation.bulk_supercell)
+
+        jobs: list = []
+        gen_job = record_generation(generation)
+        gen_job.name = "generation"
+        jobs.append(gen_job)
+
+        bulk = generation.bulk_supercell
+        bulk_lf = single_point(bulk, 0, low, "low", label="bulk_lf")
+        bulk_lf.name = "bulk LF static"
+        bulk_hf = single_point(bulk, 0, high, "high", label="bulk_hf")
+        bulk_hf.name = "bulk HF static"
+        jobs += [bulk_lf, bulk_hf]
+
+        plot_dir = str(campaign.work_dir() / "plots" / "distortions")
+        relax_outputs = []
+        summaries = {}
+        host_elements = {el.symbol for el in generation.bulk_supercell.composition}
+        for ds in generation.distortion_sets:
+            group = []
+            for start in ds.structures:
+                j = relax_structure(
+                    start.structure,
+                    ds.charge,
+                    low,
+                    "low",
+                    defect=ds.defect,
+                    distortion=start.label,
+                    bond_distortion=start.bond_distortion,
+                    fmax=campaign.relax.fmax,
+                    max_steps=campaign.relax.max_steps,
+                )
+                j.name = f"relax_lf {ds.name} {start.label}"
+                jobs.append(j)
+                group.append(j.output)
+            neighbour = _neighbour_element(ds, host_elements)
+            s = summarize_distortions(group, ds.defect, ds.charge, ds.num_distorted_neighbours, neighbour,
+                                      plot_dir, self.min_e_diff)
+            s.name = f"summary {ds.name}"
+            jobs.append(s)
+            summaries[ds.name] = s.output
+            relax_outputs.extend(group)
+
+        flt = self.harvest_filter.model_copy(update={"keep_every": campaign.relax.keep_every})
+        harvest = harvest_training_set(relax_outputs, "low", "lf", flt.model_dump())
+        harvest.name = "harvest_lf"
+        jobs.append(harvest)
+        output: dict[str, Any] = {
+            "generation": gen_job.output,
+            "bulk": {"low": bulk_lf.output, "high": bulk_hf.output},
+            "summaries": summaries,
+            "training_set_lf": harvest.output,
+        }
+        return Flow(jobs, output=output, name=f"{self.name} {campaign.name}")
+
+
+def _neighbour_element(ds, host_elements: set[str]) -> str | None:
+    """Element of the distorted neighbours (for the plot label), when they are all the same."""
+    if not ds.distorted_atoms or not ds.structures:
+        return None
+    s = ds.structures[0].structure
+    els = {s[i].specie.symbol for i in ds.distorted_atoms if i < len(s)}
+    return els.pop() if len(els) == 1 else None

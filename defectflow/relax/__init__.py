@@ -1,0 +1,357 @@
+"""Step 2: low-fidelity relaxation of every distorted structure, the per-(defect, q) energy-vs-distortion summary
+(ShakeNBreak's criteria and plot) and the harvest of every ionic step into a MACE training set.
+
+Jobs (jobflow):
+
+* :func:`relax_structure` — one relaxation; output :class:`RelaxRecord` (trajectory in the ``data`` store).
+  Any failure is recorded in the record (``status='failed'``, ``error``); the job itself succeeds so the campaign
+  goes on.
+* :func:`summarize_distortions` — ShakeNBreak's ground-state distortion and energy lowering for one (defect, q),
+  with an ``snb-plot``-style PNG.
+* :func:`harvest_training_set` — all frames → extxyz (``REF_energy``, ``REF_forces``, ``REF_stress``,
+  ``total_charge``, ``head``, ``defect``, ``distortion``, ``step``), with a sanity filter and near-duplicate removal.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import re
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from jobflow import job
+from pydantic import BaseModel, Field
+
+from defectflow.engines import get_engine
+from defectflow.schemas import Frame, RelaxTrajectory, Structure
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "RelaxRecord",
+    "DistortionSummary",
+    "HarvestFilter",
+    "TrainingSet",
+    "relax_structure",
+    "summarize_distortions",
+    "harvest_training_set",
+    "frames_to_extxyz",
+]
+
+
+class RelaxRecord(BaseModel):
+    """Outcome of one relaxation of one distorted structure."""
+
+    defect: str = Field(description="Defect name without charge (v_Si), or 'bulk'")
+    charge: int = Field(description="Charge state q in e")
+    distortion: str = Field(description="ShakeNBreak label: Unperturbed, Bond_Distortion_-30.0%, Dimer, ...")
+    bond_distortion: float | None = Field(None, description="Bond distortion fraction, if any")
+    status: str = Field(description="converged | unconverged | failed")
+    error: str | None = None
+    n_steps: int = 0
+    energy: float | None = Field(None, description="Final energy in eV")
+    fmax: float | None = Field(None, description="Final max force in eV/Å")
+    wall_seconds: float = Field(0.0, description="Wall time in s")
+    engine: str
+    fidelity: str
+    settings_digest: str
+    final_structure: Structure | None = None
+    trajectory: RelaxTrajectory | None = Field(None, description="Every ionic step (stored in the data store)")
+
+
+def _safe(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.+-]", "_", label)
+
+
+@job(data="trajectory")
+def relax_structure(
+    structure,
+    charge: int,
+    fidelity: dict[str, Any],
+    fidelity_name: str = "low",
+    defect: str = "",
+    distortion: str = "",
+    bond_distortion: float | None = None,
+    fmax: float = 0.05,
+    max_steps: int = 100,
+) -> RelaxRecord:
+    """Relax one structure at charge ``charge`` with the engine described by ``fidelity`` (a settings dict).
+
+    Never raises: engine set-up errors and crashes are recorded with ``status='failed'``.
+    """
+    engine = get_engine(fidelity, fidelity=fidelity_name)
+    workdir = Path.cwd() / _safe(f"{defect}_{charge:+d}_{distortion}")
+    t0 = time.perf_counter()
+    try:
+        traj = engine.relax(structure, charge, workdir=workdir, fmax=fmax, max_steps=max_steps)
+    except Exception as exc:  # noqa: BLE001 - every failure is recorded, the campaign goes on
+        logger.warning("relaxation %s q=%+d %s failed: %s", defect, charge, distortion, exc)
+        traj = engine.make_trajectory([], "failed", charge, fmax, time.perf_counter() - t0,
+                                      f"{type(exc).__name__}: {exc}")
+        logger.debug(traceback.format_exc())
+    traj.label = f"{defect}_{charge:+d}/{distortion}"
+    final = traj.final
+    return RelaxRecord(
+        defect=defect,
+        charge=charge,
+        distortion=distortion,
+        bond_distortion=bond_distortion,
+        status=traj.status,
+        error=traj.error,
+        n_steps=traj.n_steps,
+        energy=None if final is None else final.energy,
+        fmax=None if final is None else final.fmax,
+        wall_seconds=traj.wall_seconds,
+        engine=engine.name,
+        fidelity=fidelity_name,
+        settings_digest=engine.digest,
+        final_structure=None if final is None else final.structure,
+        trajectory=traj,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# per-(defect, q) summary
+# ---------------------------------------------------------------------------------------------------------------
+class DistortionSummary(BaseModel):
+    """Energy vs distortion for one (defect, q), ShakeNBreak style."""
+
+    defect: str
+    charge: int
+    energies: dict[str, float] = Field(description="Distortion label → final energy in eV (successful runs only)")
+    relative_energies: dict[str, float] = Field(description="Distortion label → energy relative to Unperturbed, eV")
+    status: dict[str, str] = Field(description="Distortion label → converged / unconverged / failed")
+    errors: dict[str, str] = Field(default_factory=dict, description="Distortion label → failure reason")
+    ground_state: str | None = Field(None, description="Lowest-energy distortion label (ShakeNBreak get_gs_distortion)")
+    energy_lowering: float | None = Field(None, description="E(ground state) − E(Unperturbed) in eV (≤ 0)")
+    energy_lowering_found: bool = Field(
+        False, description="True when a distortion lowers the energy by more than min_e_diff (ShakeNBreak: 0.05 eV)"
+    )
+    min_e_diff: float = 0.05
+    n_converged: int = 0
+    n_failed: int = 0
+    plot: str | None = Field(None, description="Path of the energy-vs-distortion PNG")
+
+
+def _snb_key(label: str, bond_distortion: float | None):
+    if label == "Unperturbed":
+        return "Unperturbed"
+    return bond_distortion if bond_distortion is not None else label
+
+
+@job
+def summarize_distortions(
+    records: list[RelaxRecord],
+    defect: str,
+    charge: int,
+    num_nearest_neighbours: int | None = None,
+    neighbour_atom: str | None = None,
+    plot_dir: str | None = None,
+    min_e_diff: float = 0.05,
+) -> DistortionSummary:
+    """ShakeNBreak's ground-state distortion and energy-vs-distortion plot for one (defect, q)."""
+    from shakenbreak.analysis import get_gs_distortion
+
+    records = [RelaxRecord.model_validate(r) if isinstance(r, dict) else r for r in records]
+    energies = {r.distortion: r.energy for r in records if r.energy is not None and r.status != "failed"}
+    status = {r.distortion: r.status for r in records}
+    errors = {r.distortion: r.error for r in records if r.status == "failed" and r.error}
+    snb: dict[str, Any] = {"distortions": {}}
+    for r in records:
+        if r.distortion in energies:
+            key = _snb_key(r.distortion, r.bond_distortion)
+            if key == "Unperturbed":
+                snb["Unperturbed"] = r.energy
+            else:
+                snb["distortions"][key] = r.energy
+    gs_label, lowering = None, None
+    if energies:
+        lowering, gs_key = get_gs_distortion(snb)
+        gs_label = next(
+            (r.distortion for r in records if r.distortion in energies and _snb_key(r.distortion, r.bond_distortion) == gs_key),
+            None,
+        )
+    ref = energies.get("Unperturbed")
+    rel = {k: v - ref for k, v in energies.items()} if ref is not None else {}
+    plot = None
+    if plot_dir and "Unperturbed" in snb and snb["distortions"]:
+        plot = _plot(snb, defect, charge, plot_dir, num_nearest_neighbours, neighbour_atom)
+    return DistortionSummary(
+        defect=defect,
+        charge=charge,
+        energies=energies,
+        relative_energies=rel,
+        status=status,
+        errors=errors,
+        ground_state=gs_label,
+        energy_lowering=lowering,
+        energy_lowering_found=bool(lowering is not None and lowering < -min_e_diff),
+        min_e_diff=min_e_diff,
+        n_converged=sum(s == "converged" for s in status.values()),
+        n_failed=sum(s == "failed" for s in status.values()),
+        plot=plot,
+    )
+
+
+def _plot(snb: dict, defect: str, charge: int, plot_dir: str, nn: int | None, atom: str | None) -> str | None:
+    """Energy vs bond distortion with ShakeNBreak's own plot_defect (same look as ``snb-plot``)."""
+    import warnings
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from shakenbreak.plotting import plot_defect
+
+    species = f"{defect}_{charge:+d}" if charge else f"{defect}_0"
+    out = Path(plot_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fig = plot_defect(species, snb, output_path=str(out), num_nearest_neighbours=nn, neighbour_atom=atom,
+                              save_plot=False, close_figure=False, max_energy_above_unperturbed=5.0)
+        if fig is None:
+            return None
+        path = out / f"{species}.png"
+        fig.savefig(path, dpi=150, bbox_inches="tight")
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+        return str(path)
+    except Exception as exc:  # noqa: BLE001 - a plot must never fail the campaign
+        logger.warning("energy-vs-distortion plot for %s failed: %s", species, exc)
+        return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# training-set harvesting
+# ---------------------------------------------------------------------------------------------------------------
+class HarvestFilter(BaseModel):
+    """Documented thresholds for turning relaxation steps into training data."""
+
+    max_force: float = Field(20.0, gt=0, description="Drop frames with any atomic force above this, eV/Å")
+    max_energy_above_min: float = Field(
+        1.0, gt=0, description="Drop frames more than this above the lowest frame of the same (defect, q), eV/atom"
+    )
+    dedup_energy: float = Field(
+        1e-3, ge=0, description="A step is a near-duplicate of the last kept step of its trajectory when its energy "
+        "differs by less than this (eV/atom) ..."
+    )
+    dedup_displacement: float = Field(0.02, ge=0, description="... and no atom moved more than this (Å)")
+    keep_every: int = Field(1, ge=1, description="Keep every n-th step (first and last always kept)")
+
+
+class TrainingSet(BaseModel):
+    """Harvested frames of one fidelity, ready for mace-torch."""
+
+    fidelity: str
+    head: str = Field(description="MACE head name for these frames (lf / hf)")
+    n_frames: int
+    n_candidates: int = Field(description="Frames before filtering")
+    dropped: dict[str, int] = Field(description="Reason → number of frames dropped")
+    per_group: dict[str, int] = Field(description="'defect q' → frames kept")
+    charges: list[int]
+    extxyz: str = Field(description="The frames as extended XYZ text (stored in the data store)")
+
+
+def frames_to_extxyz(frames: list[tuple[Frame, dict[str, Any]]], head: str) -> str:
+    """Write frames as extxyz with MACE's keys: REF_energy, REF_forces, REF_stress, total_charge, head."""
+    from ase.io import write
+
+    from defectflow.engines.base import structure_to_atoms
+
+    images = []
+    for frame, meta in frames:
+        atoms = structure_to_atoms(frame.structure, frame.charge)
+        atoms.info.pop("charge", None)  # extxyz would clash with ASE's own "charge" handling
+        atoms.info.update({"REF_energy": frame.energy, "total_charge": frame.charge, "head": head,
+                           "fidelity": frame.fidelity or head, "step": frame.step, **meta})
+        atoms.arrays["REF_forces"] = frame.forces_array
+        if frame.stress is not None:
+            atoms.info["REF_stress"] = np.asarray(frame.stress, dtype=float)
+        images.append(atoms)
+    buf = io.StringIO()
+    write(buf, images, format="extxyz")
+    return buf.getvalue()
+
+
+def _filter(records: list[RelaxRecord], flt: HarvestFilter) -> tuple[list[tuple[Frame, dict]], dict[str, int], int]:
+    dropped = {"failed_scf": 0, "non_finite": 0, "max_force": 0, "high_energy": 0, "near_duplicate": 0,
+               "keep_every": 0}
+    candidates = 0
+    by_group: dict[tuple[str, int], list[tuple[Frame, dict]]] = {}
+    for rec in records:
+        traj = rec.trajectory
+        if traj is None:
+            continue
+        frames = traj.frames
+        candidates += len(frames)
+        kept: list[Frame] = []
+        for i, f in enumerate(frames):
+            last_step = i == len(frames) - 1
+            if f.energy is None or not f.scf_converged:
+                dropped["failed_scf"] += 1
+                continue
+            if not math.isfinite(f.energy) or f.forces is None or not np.all(np.isfinite(f.forces_array)):
+                dropped["non_finite"] += 1
+                continue
+            if f.fmax > flt.max_force:
+                dropped["max_force"] += 1
+                continue
+            if kept and not last_step:
+                if flt.keep_every > 1 and i % flt.keep_every:
+                    dropped["keep_every"] += 1
+                    continue
+                prev = kept[-1]
+                de = abs(f.energy - prev.energy) / len(f.structure)
+                disp = np.abs(f.structure.cart_coords - prev.structure.cart_coords).max()
+                if de < flt.dedup_energy and disp < flt.dedup_displacement:
+                    dropped["near_duplicate"] += 1
+                    continue
+            kept.append(f)
+        meta = {"defect": rec.defect, "distortion": rec.distortion}
+        by_group.setdefault((rec.defect, rec.charge), []).extend((f, meta) for f in kept)
+    out: list[tuple[Frame, dict]] = []
+    for items in by_group.values():
+        if not items:
+            continue
+        e_min = min(f.energy / len(f.structure) for f, _ in items)
+        for f, meta in items:
+            if f.energy / len(f.structure) - e_min > flt.max_energy_above_min:
+                dropped["high_energy"] += 1
+            else:
+                out.append((f, meta))
+    return out, dropped, candidates
+
+
+@job(data="extxyz")
+def harvest_training_set(
+    records: list[RelaxRecord],
+    fidelity: str = "low",
+    head: str = "lf",
+    harvest_filter: dict[str, Any] | None = None,
+) -> TrainingSet:
+    """Every ionic step of every relaxation → one extxyz training set (filtered, near-duplicates removed)."""
+    flt = HarvestFilter.model_validate(harvest_filter or {})
+    records = [RelaxRecord.model_validate(r) if isinstance(r, dict) else r for r in records]
+    kept, dropped, candidates = _filter(records, flt)
+    per_group: dict[str, int] = {}
+    for f, meta in kept:
+        key = f"{meta['defect']} {f.charge:+d}"
+        per_group[key] = per_group.get(key, 0) + 1
+    logger.info("harvested %d of %d frames (%s)", len(kept), candidates, dropped)
+    return TrainingSet(
+        fidelity=fidelity,
+        head=head,
+        n_frames=len(kept),
+        n_candidates=candidates,
+        dropped=dropped,
+        per_group=per_group,
+        charges=sorted({f.charge for f, _ in kept}),
+        extxyz=frames_to_extxyz(kept, head),
+    )

@@ -1,0 +1,209 @@
+"""Steps 1-2 as a jobflow graph: generation (doped + ShakeNBreak), LF relaxations, summaries, harvest.
+
+The end-to-end test runs for real with tblite GFN1-xTB on a 15-atom Si vacancy cell through jobflow's
+run_locally into the embedded (sqlite) store; the q = -1 distortions of that tiny cell really lose SCF
+convergence in xTB, which exercises "a failed relaxation is recorded and the campaign goes on".
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from jobflow import run_locally
+
+from defectflow.campaign import Campaign
+from defectflow.flows import DefectCampaignMaker
+from defectflow.generate import bond_distortion_grid, generate
+from defectflow.store import make_store
+
+ROOT = Path(__file__).resolve().parents[1]
+GFN1 = {"engine": "ase", "calculator": "tblite.ase.TBLite", "xc": "GFN1-xTB",
+        "kwargs": {"method": "GFN1-xTB", "verbosity": 0}}
+
+
+def small_campaign(work_dir, charges=(-1, 0), distortions=(-0.3, 0.3), dimer=False, **extra) -> Campaign:
+    return Campaign.from_dict({
+        "name": "si-small",
+        "host": {"structure": str(ROOT / "workflows/structures/Si.POSCAR"),
+                 "supercell": {"matrix": [[2, 0, 0], [0, 2, 0], [0, 0, 2]]}, "oxidation_states": {"Si": 4}},
+        "defects": {"include": ["v_Si"]},
+        "charges": list(charges),
+        "distortions": {"bond_distortions": list(distortions), "dimer": dimer},
+        "fidelities": {"low": GFN1, "high": {**GFN1, "xc": "GFN2-xTB", "kwargs": {"method": "GFN2-xTB", "verbosity": 0}}},
+        "relax": {"fmax": 0.3, "max_steps": 4},
+        "execution": {"work_dir": str(work_dir)},
+        **extra,
+    })
+
+
+@pytest.fixture(scope="module")
+def generation(tmp_path_factory):
+    return generate(small_campaign(tmp_path_factory.mktemp("gen"), charges=(-1, 0, 1), dimer=True))
+
+
+def test_grid_matches_shakenbreak_default():
+    grid = bond_distortion_grid(0.1)
+    assert len(grid) == 13 and grid[0] == -0.6 and grid[-1] == 0.6 and grid.count(0.0) == 1
+
+
+def test_generation_document(generation):
+    assert generation.charges == {"v_Si": [-1, 0, 1]} and generation.charge_source == {"v_Si": "campaign"}
+    assert len(generation.bulk_supercell) == 16
+    assert [d.name for d in generation.distortion_sets] == ["v_Si_-1", "v_Si_0", "v_Si_+1"]
+    for ds in generation.distortion_sets:
+        labels = [s.label for s in ds.structures]
+        assert labels == ["Unperturbed", "Bond_Distortion_-30.0%", "Bond_Distortion_30.0%", "Dimer"]
+        assert all(s.structure.charge == ds.charge and len(s.structure) == 15 for s in ds.structures)
+        assert ds.defect_type == "vacancy" and ds.defect_entry["@class"] == "DefectEntry"
+    n0 = next(d for d in generation.distortion_sets if d.charge == 0).num_distorted_neighbours
+    assert n0 == 4  # V_Si^0 with Si4+: four dangling-bond neighbours distorted
+    # distorted structures really are distorted
+    ds0 = generation.distortion_sets[1]
+    unp, comp = ds0.structures[0].structure, ds0.structures[1].structure
+    assert max(unp[i].distance(comp[i]) for i in ds0.distorted_atoms) > 0.2
+    # JSON round trip (stored by jobflow)
+    from defectflow.generate import GenerationResult
+
+    again = GenerationResult.model_validate_json(generation.model_dump_json())
+    assert again.distortion_sets[0].structures[1].structure == generation.distortion_sets[0].structures[1].structure
+
+
+def test_doped_charge_guesses_are_used_when_auto(tmp_path):
+    c = small_campaign(tmp_path)
+    c.charges = "auto"
+    g = generate(c)
+    assert g.charge_source == {"v_Si": "doped"}
+    assert g.charges["v_Si"] == sorted(g.charge_guessing_log["v_Si"]["guessed"])
+    assert 0 in g.charges["v_Si"]
+
+
+def test_unknown_defect_name_is_one_clear_error(tmp_path):
+    from defectflow.campaign import CampaignError
+
+    c = small_campaign(tmp_path)
+    c.defects.include = ["v_Ge"]
+    with pytest.raises(CampaignError, match="defects.include: doped generated no defect named 'v_Ge'; available: v_Si"):
+        generate(c)
+
+
+def test_graph_shape_and_names(generation, tmp_path):
+    flow = DefectCampaignMaker().make(small_campaign(tmp_path, charges=(-1, 0, 1), dimer=True), generation)
+    names = [j.name for j in flow.jobs]
+    n_structures = sum(len(d.structures) for d in generation.distortion_sets)
+    relax = [n for n in names if n.startswith("relax_lf ")]
+    assert len(relax) == n_structures == 12
+    assert len(flow.jobs) == n_structures + 3 + 3 + 1  # + generation, 2 bulk, 3 summaries, harvest
+    assert "relax_lf v_Si_-1 Bond_Distortion_-30.0%" in names and "summary v_Si_+1" in names
+    assert {"generation", "bulk LF static", "bulk HF static", "harvest_lf"} <= set(names)
+    # the charge reaches every relaxation job, and the right engine settings too
+    for j in flow.jobs:
+        if j.name.startswith("relax_lf v_Si_-1"):
+            assert j.function_args[1] == -1 and j.function_args[0].charge == -1
+            assert j.function_args[2]["kwargs"]["method"] == "GFN1-xTB"
+
+
+def test_engine_setup_error_fails_at_build_time(generation, tmp_path):
+    from defectflow.engines import EngineError
+
+    c = small_campaign(tmp_path)
+    c.fidelities.high = {"engine": "ase", "calculator": "no_such_module.Calc"}
+    c = Campaign.from_dict(c.model_dump(mode="json"))
+    with pytest.raises(EngineError, match="cannot import module 'no_such_module'"):
+        DefectCampaignMaker().make(c, generation)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    work = tmp_path_factory.mktemp("run")
+    campaign = small_campaign(work)
+    flow = DefectCampaignMaker().make(campaign)
+    store = make_store("embedded", work)
+    responses = run_locally(flow, store=store, create_folders=True, root_dir=str(work / "jobs"), log=False)
+    store.connect()
+    return campaign, flow, store, responses
+
+
+def test_end_to_end_run_records_everything(finished_run):
+    campaign, flow, store, responses = finished_run
+    assert len(responses) == len(flow.jobs)  # every job ran, failures included
+    records = [d["output"] for d in store.query({"name": {"$regex": "^relax_lf "}}, load=True)]
+    assert len(records) == 6
+    assert {r["charge"] for r in records} == {-1, 0}
+    for r in records:
+        assert r["status"] in ("converged", "unconverged", "failed")
+        assert r["engine"] == "ase" and r["fidelity"] == "low"
+        if r["status"] != "failed":
+            traj = r["trajectory"]
+            assert len(traj["frames"]) == r["n_steps"] >= 1
+            assert all(f["charge"] == r["charge"] for f in traj["frames"])
+    neutral = [r for r in records if r["charge"] == 0]
+    assert all(r["status"] != "failed" for r in neutral)
+
+
+def test_failed_relaxation_is_recorded_and_flow_goes_on(finished_run):
+    _, _, store, _ = finished_run
+    failed = [d["output"] for d in store.query({"name": {"$regex": "^relax_lf "}, "output.status": "failed"})]
+    # GFN1-xTB really loses SCF convergence for the distorted q = -1 cells of this 15-atom box
+    assert failed, "expected at least one genuinely failed relaxation"
+    assert all("SCF" in f["error"] for f in failed)
+    summary = store.query_one({"name": "summary v_Si_-1"})["output"]
+    assert summary["n_failed"] == len(failed)
+    assert set(summary["errors"]) == {f["distortion"] for f in failed}
+    assert store.query_one({"name": "harvest_lf"}) is not None  # downstream still ran
+
+
+def test_summary_follows_shakenbreak(finished_run):
+    campaign, _, store, _ = finished_run
+    s = store.query_one({"name": "summary v_Si_0"})["output"]
+    e = s["energies"]
+    assert s["ground_state"] == min(e, key=e.get)
+    assert s["energy_lowering"] == pytest.approx(min(e.values()) - e["Unperturbed"])
+    assert s["energy_lowering_found"] == (s["energy_lowering"] < -0.05)
+    assert s["plot"] and Path(s["plot"]).stat().st_size > 10_000
+
+
+def test_harvested_extxyz_is_readable_by_mace(finished_run, tmp_path):
+    from mace.data.utils import KeySpecification, load_from_xyz
+
+    _, _, store, _ = finished_run
+    ts = store.query_one({"name": "harvest_lf"}, load=True)["output"]
+    assert ts["n_frames"] >= 4 and ts["n_frames"] <= ts["n_candidates"]
+    assert sum(ts["dropped"].values()) == ts["n_candidates"] - ts["n_frames"]
+    path = tmp_path / "lf.xyz"
+    path.write_text(ts["extxyz"])
+    keys = KeySpecification(info_keys={"energy": "REF_energy", "stress": "REF_stress", "total_charge": "total_charge",
+                                       "head": "head"}, arrays_keys={"forces": "REF_forces"})
+    _, configs = load_from_xyz(str(path), key_specification=keys, head_name="lf")
+    assert len(configs) == ts["n_frames"]
+    charges = sorted({int(c.properties["total_charge"]) for c in configs})
+    assert charges == ts["charges"] and 0 in charges
+    assert all(c.properties["forces"].shape == (15, 3) for c in configs)
+    assert all(c.head == "lf" for c in configs)
+
+
+def test_harvest_filter_drops_duplicates_and_outliers():
+    from pymatgen.core import Lattice, Structure
+
+    from defectflow.relax import HarvestFilter, RelaxRecord, _filter
+    from defectflow.schemas import Frame, RelaxTrajectory
+
+    s = Structure(Lattice.cubic(5), ["Si", "Si"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+
+    def frame(e, fmax=0.1, step=0, shift=0.0):
+        st = s.copy()
+        st.translate_sites([1], [shift, 0, 0], frac_coords=False)
+        return Frame(structure=st, energy=e, forces=[[fmax, 0, 0], [0, 0, 0]], charge=0, engine="ase",
+                     settings_digest="x", step=step)
+
+    frames = [frame(-10.0), frame(-10.0001, step=1, shift=0.001),  # near-duplicate of step 0
+              frame(-10.5, step=2, shift=0.3), frame(-9.0, fmax=50.0, step=3, shift=0.4),  # huge force
+              frame(-10.6, step=4, shift=0.35)]
+    rec = RelaxRecord(defect="v", charge=0, distortion="d", status="converged", engine="ase", fidelity="low",
+                      settings_digest="x", trajectory=RelaxTrajectory(frames=frames, status="converged", charge=0,
+                                                                       engine="ase", settings_digest="x",
+                                                                       fmax_target=0.1))
+    kept, dropped, n = _filter([rec], HarvestFilter())
+    assert n == 5
+    assert [f.step for f, _ in kept] == [0, 2, 4]
+    assert dropped["near_duplicate"] == 1 and dropped["max_force"] == 1
