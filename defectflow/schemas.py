@@ -14,7 +14,7 @@ import numpy as np
 from pydantic import BaseModel, BeforeValidator, Field, PlainSerializer
 from pymatgen.core import Structure as _Structure
 
-__all__ = ["Frame", "RelaxTrajectory", "Structure", "settings_digest"]
+__all__ = ["Frame", "RelaxTrajectory", "Structure", "as_structure", "settings_digest"]
 
 
 def _as_structure(v: Any) -> Any:
@@ -33,6 +33,17 @@ def settings_digest(settings: dict[str, Any]) -> str:
     """Stable 12-hex-digit digest of a settings dictionary (key order does not matter)."""
     blob = json.dumps(settings, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def as_structure(value: Any) -> _Structure:
+    """A Structure from a Structure, its ``as_dict()`` or its JSON string (how jobs receive structures)."""
+    if isinstance(value, _Structure):
+        return value
+    if isinstance(value, str):
+        return _Structure.from_dict(json.loads(value))
+    if isinstance(value, dict):
+        return _Structure.from_dict(value)
+    raise TypeError(f"expected a pymatgen Structure (or its dict/JSON), got {type(value).__name__}")
 
 
 class Frame(BaseModel):

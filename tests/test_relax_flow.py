@@ -99,7 +99,9 @@ def test_graph_shape_and_names(generation, tmp_path):
     # the charge reaches every relaxation job, and the right engine settings too
     for j in flow.jobs:
         if j.name.startswith("relax_lf v_Si_-1"):
-            assert j.function_args[1] == -1 and j.function_args[0].charge == -1
+            from defectflow.schemas import as_structure
+
+            assert j.function_args[1] == -1 and as_structure(j.function_args[0]).charge == -1
             assert j.function_args[2]["kwargs"]["method"] == "GFN1-xTB"
 
 

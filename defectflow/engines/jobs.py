@@ -10,7 +10,7 @@ from typing import Any
 from jobflow import job
 
 from defectflow.engines import get_engine
-from defectflow.schemas import Frame
+from defectflow.schemas import Frame, as_structure
 
 __all__ = ["single_point"]
 
@@ -19,8 +19,10 @@ __all__ = ["single_point"]
 def single_point(structure, charge: int, fidelity: dict[str, Any], fidelity_name: str = "high", label: str = "") -> Frame:
     """Energy and forces of ``structure`` at charge ``charge`` (e) with the engine in ``fidelity``.
 
-    Never raises for a calculation failure: the Frame carries ``error`` and ``energy=None``.
+    ``structure`` may be a Structure, its dict or JSON string. Never raises for a calculation failure: the Frame
+    carries ``error`` and ``energy=None``.
     """
+    structure = as_structure(structure)
     engine = get_engine(fidelity, fidelity=fidelity_name)
     workdir = Path.cwd() / (re.sub(r"[^A-Za-z0-9_.+-]", "_", label) or "single_point")
     t0 = time.perf_counter()

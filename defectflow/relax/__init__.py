@@ -28,7 +28,7 @@ from jobflow import job
 from pydantic import BaseModel, Field
 
 from defectflow.engines import get_engine
-from defectflow.schemas import Frame, RelaxTrajectory, Structure
+from defectflow.schemas import Frame, RelaxTrajectory, Structure, as_structure
 
 logger = logging.getLogger(__name__)
 
@@ -82,8 +82,11 @@ def relax_structure(
 ) -> RelaxRecord:
     """Relax one structure at charge ``charge`` with the engine described by ``fidelity`` (a settings dict).
 
-    Never raises: engine set-up errors and crashes are recorded with ``status='failed'``.
+    ``structure`` may be a Structure, its dict or its JSON string (graphs pass JSON: jobflow then skips scanning
+    it, which keeps building a 4000-job graph to seconds). Never raises: engine set-up errors and crashes are
+    recorded with ``status='failed'``.
     """
+    structure = as_structure(structure)
     engine = get_engine(fidelity, fidelity=fidelity_name)
     workdir = Path.cwd() / _safe(f"{defect}_{charge:+d}_{distortion}")
     t0 = time.perf_counter()
