@@ -1,0 +1,224 @@
+"""CP2K engine: input generation and spin rules (no CP2K run), set-up errors, and real cp2k_shell runs.
+
+The real runs use cheap test settings (cutoff 200 Ry, rel_cutoff 30 Ry: 0.2 meV from 400/50 Ry on this
+cell) on the 7-atom Si vacancy cell, at most 2 MPI ranks. Measured on 2 shared cores: q=0 single point
+~4-7 s, q=-1 (UKS) ~19-27 s, a 3-frame relaxation ~26 s; the whole file ~60 s.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import si_vacancy
+from pymatgen.core import Lattice, Structure
+
+from defectflow.engines.base import EngineError
+from defectflow.engines.cp2k import (
+    CP2KEngine,
+    CP2KSettings,
+    merge_inputs,
+    parse_scf,
+    spin_state,
+    valence_electrons,
+)
+
+HAVE_CP2K = shutil.which("cp2k_shell.psmp") is not None or shutil.which("cp2k_shell") is not None
+DATA = Path(os.environ.get("CP2K_DATA_DIR", "/usr/share/cp2k"))
+HAVE_DATA = (DATA / "GTH_POTENTIALS").is_file() and (DATA / "BASIS_MOLOPT").is_file()
+needs_data = pytest.mark.skipif(not HAVE_DATA, reason="cp2k-data not installed")
+needs_cp2k = pytest.mark.skipif(not (HAVE_CP2K and HAVE_DATA), reason="cp2k / cp2k-data not installed")
+
+FAST = {"cutoff": 200, "rel_cutoff": 30, "mpi_procs": min(2, os.cpu_count() or 1)}
+
+
+def _children() -> list[str]:
+    """Live or zombie child processes of this test process (Linux /proc)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        fields = text.rsplit(")", 1)[1].split()
+        if int(fields[1]) == os.getpid():
+            out.append(text.split(")", 1)[0] + ") " + fields[0])
+    return out
+
+
+# -- no CP2K run ---------------------------------------------------------------------------------------------
+@needs_data
+def test_valence_from_gth_potential():
+    s = CP2KSettings()
+    assert valence_electrons("Si", s) == 4
+    assert valence_electrons("O", s) == 6
+    assert valence_electrons("Fe", s) == 16  # GTH-PBE-q16: semicore
+
+
+def test_valence_from_electron_count_line(tmp_path):
+    # a potential whose names carry no -qN suffix: the count line "2 2" is summed
+    (tmp_path / "MY_POT").write_text("# test\nSi MYPOT\n    2    2\n     0.44 1 -6.27\n")
+    (tmp_path / "MY_BASIS").write_text("Si MYBASIS\n 1\n 1 0 0 1 1\n 1.0 1.0\n")
+    s = CP2KSettings(
+        potential="MYPOT", potential_file="MY_POT", basis_set="MYBASIS", basis_set_file="MY_BASIS",
+        data_dir=str(tmp_path),
+    )
+    assert valence_electrons("Si", s) == 4
+
+
+def test_spin_state_rules():
+    assert spin_state(28, "auto") == (False, None)
+    assert spin_state(29, "auto") == (True, 2)
+    assert spin_state(28, "on") == (True, 1)
+    assert spin_state(27, "on") == (True, 2)
+    assert spin_state(29, "off") == (False, None)
+
+
+@needs_data
+def test_pbe_input_charge_spin_and_merge(tmp_path):
+    extra = "&FORCE_EVAL\n&DFT\n&SCF\nEPS_SCF 1e-5\n&END SCF\n&END DFT\n&END FORCE_EVAL"
+    eng = CP2KEngine({**FAST, "inp": extra})
+    s = si_vacancy()  # 7 Si × 4 = 28 valence electrons
+    neutral = eng.render_input(s, 0, tmp_path)
+    for absent in ("UNRESTRICTED_KOHN_SHAM", "MULTIPLICITY", "CHARGE"):
+        assert absent not in neutral
+    minus = eng.render_input(s, -1, tmp_path)  # 29 electrons: UKS doublet
+    assert "CHARGE -1" in minus and "MULTIPLICITY 2" in minus and "UNRESTRICTED_KOHN_SHAM ON" in minus
+    assert "REL_CUTOFF [Ry] 30" in minus and "&SMEAR ON" in minus and "POTENTIAL GTH-PBE" in minus
+    assert minus.count("EPS_SCF") == 1 and "EPS_SCF 1e-5" in minus  # user template wins, no duplicate
+    cutoff_ev = float(re.search(r"CUTOFF \[eV\] (\S+)", minus).group(1))
+    assert cutoff_ev == pytest.approx(200 * 13.605693, rel=1e-6)
+    plus = eng.render_input(s, +1, tmp_path)
+    assert "CHARGE 1" in plus and "MULTIPLICITY 2" in plus
+    on = CP2KEngine({**FAST, "spin": "on"}).render_input(s, 0, tmp_path)
+    assert "UNRESTRICTED_KOHN_SHAM ON" in on and "MULTIPLICITY 1" in on
+
+
+def test_merge_inputs_keeps_repeatable_sections():
+    merged = merge_inputs("&A\n  X 1\n  &B\n    Y 2\n  &END B\n&END A", "&A\n  X 3\n  &C\n  &END C\n&END A")
+    assert "X 3" in merged and "X 1" not in merged and "Y 2" in merged and "&C" in merged
+
+
+def test_parse_scf():
+    assert parse_scf("  *** SCF run converged in    13 steps ***\n") == (True, 13)
+    assert parse_scf(" *** WARNING in qs_scf.F:601 :: SCF run NOT converged ***\n") == (False, None)
+    assert parse_scf("") == (True, None)
+
+
+@needs_data
+def test_hse06_input(tmp_path):
+    eng = CP2KEngine({"xc": "HSE06", "mpi_procs": 1})
+    text = eng.render_input(si_vacancy(), -1, tmp_path)
+    for piece in ("&XWPBE", "OMEGA 0.11", "POTENTIAL_TYPE SHORTRANGE", "FRACTION 0.25", "&SCREENING",
+                  "BASIS_SET AUX_FIT cFIT3", "BASIS_ADMM", "&OT", "&AUXILIARY_DENSITY_MATRIX_METHOD",
+                  "MULTIPLICITY 2"):
+        assert piece in text, piece
+    assert "&SMEAR" not in text and "STRESS_TENSOR" not in text
+    if shutil.which("cp2k.psmp"):  # CP2K's own parser accepts it (1 s, no SCF)
+        (tmp_path / "hse.inp").write_text(text)
+        res = subprocess.run(
+            ["cp2k.psmp", "--check", "hse.inp"], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+        assert "SUCCESS" in res.stdout, res.stdout[-2000:]
+
+
+# -- set-up errors -------------------------------------------------------------------------------------------
+def test_missing_executable_names_debian_package():
+    eng = CP2KEngine({"command": "no_such_cp2k_shell_xyz"})
+    with pytest.raises(EngineError, match="apt install cp2k"):
+        eng.check(si_vacancy())
+
+
+@needs_cp2k
+def test_missing_basis_names_element_and_file():
+    eu = Structure(Lattice.cubic(5.0), ["Eu", "O"], [[0, 0, 0], [0.5, 0.5, 0.5]])  # no Eu DZVP-MOLOPT-SR-GTH
+    with pytest.raises(EngineError, match=r"basis set 'DZVP-MOLOPT-SR-GTH' for element Eu in .*BASIS_MOLOPT"):
+        CP2KEngine().check(eu)
+    with pytest.raises(EngineError, match=r"pseudopotential 'GTH-NOPE' for element Si in .*GTH_POTENTIALS"):
+        CP2KEngine({"potential": "GTH-NOPE"}).check(si_vacancy())
+    with pytest.raises(EngineError, match="not found"):
+        CP2KEngine({"data_dir": "/nonexistent"}).check(si_vacancy())
+    fr = Structure(Lattice.cubic(5.0), ["Si", "Ru"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    CP2KEngine().check(fr)  # Ru has both: no error
+    with pytest.raises(EngineError, match="ADMM auxiliary basis set 'cFIT3' for element Ru"):
+        CP2KEngine({"xc": "HSE06"}).check(fr)
+
+
+# -- real CP2K runs ------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def single_points(tmp_path_factory):
+    """q → Frame on the 7-atom Si vacancy, computed once per module and charge."""
+    eng = CP2KEngine(FAST)
+    root = tmp_path_factory.mktemp("cp2k_sp")
+    cache = {}
+
+    def get(q):
+        if q not in cache:
+            cache[q] = eng.single_point(si_vacancy(), q, root / f"q{q:+d}")
+        return cache[q]
+
+    return get
+
+
+@needs_cp2k
+@pytest.mark.dft
+def test_single_point_neutral(single_points):
+    f = single_points(0)
+    assert f.error is None and f.scf_converged
+    assert math.isfinite(f.energy) and f.charge == 0 and f.structure.charge == 0 and f.engine == "cp2k"
+    assert np.asarray(f.forces).shape == (7, 3) and len(f.stress) == 6
+    # measured -740.668 eV: ~ -3.89 Ha per Si atom with GTH-PBE (valence only)
+    assert -107.0 < f.energy / 7 < -104.5
+    assert np.abs(np.asarray(f.forces).sum(axis=0)).max() < 0.05  # translational invariance (eV/Å)
+    assert 0.5 < f.fmax < 2.0  # unrelaxed vacancy neighbours: measured 1.04 eV/Å
+    assert f.magnetization is None
+    assert _children() == []  # cp2k_shell and mpirun reaped
+
+
+@needs_cp2k
+@pytest.mark.dft
+@pytest.mark.slow
+def test_single_point_charged_is_spin_polarised(single_points):
+    f0, fm = single_points(0), single_points(-1)
+    assert fm.error is None and fm.scf_converged and fm.charge == -1
+    assert math.isfinite(fm.energy) and np.asarray(fm.forces).shape == (7, 3)
+    assert fm.magnetization == 1.0  # 29 valence electrons → UKS doublet
+    # E(q=-1) - E(0) ≈ Fermi level on CP2K's absolute scale (measured +4.72 eV, Fermi level 5.03 eV)
+    assert 2.0 < fm.energy - f0.energy < 8.0
+    assert _children() == []
+
+
+@needs_cp2k
+@pytest.mark.dft
+@pytest.mark.slow
+def test_relax_reuses_wavefunction(tmp_path):
+    eng = CP2KEngine(FAST)
+    tmp_path = tmp_path / "dir with space"
+    traj = eng.relax(si_vacancy(rattle=0.05, seed=1), 0, tmp_path, fmax=0.01, max_steps=2)
+    assert traj.status == "unconverged" and traj.error and traj.charge == 0
+    assert len(traj.frames) == 3 and [f.step for f in traj.frames] == [0, 1, 2]
+    energies = [f.energy for f in traj.frames]
+    assert all(b < a for a, b in zip(energies, energies[1:])), energies  # measured -740.75, -740.85, -741.87
+    assert all(f.scf_converged for f in traj.frames)
+    steps = [int(n) for n in re.findall(r"SCF run converged in\s+(\d+)", (tmp_path / "cp2k.out").read_text())]
+    assert len(steps) == 3 and max(steps[1:]) < steps[0], steps  # ASPC extrapolation: measured 21, 15, 15
+    assert _children() == []
+
+
+@needs_cp2k
+@pytest.mark.dft
+def test_unconverged_scf_is_recorded_not_raised(tmp_path):
+    eng = CP2KEngine({**FAST, "max_scf": 3})
+    traj = eng.relax(si_vacancy(rattle=0.05, seed=1), 0, tmp_path, max_steps=3)
+    assert traj.status == "failed" and "SCF" in traj.error
+    assert len(traj.frames) == 1  # stopped after the first unconverged step, which is kept
+    f = traj.frames[0]
+    assert not f.scf_converged and "max_scf=3" in f.error and math.isfinite(f.energy)
+    assert _children() == []
