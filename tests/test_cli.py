@@ -55,3 +55,32 @@ def test_engines_lists_local_engines():
 
     names = {row["engine"] for row in json.loads(r.stdout)}
     assert {"qe", "cp2k", "vasp"} <= names
+
+
+SMALL = """\
+name: cli-small
+host:
+  structure: {poscar}
+  supercell: {{matrix: [[2,0,0],[0,2,0],[0,0,2]]}}
+  oxidation_states: {{Si: 4}}
+defects: {{include: [v_Si]}}
+charges: [0, 1]
+distortions: {{bond_distortions: [-0.3, 0.3], dimer: false}}
+fidelities:
+  low: {{engine: ase, calculator: tblite.ase.TBLite, xc: GFN1-xTB, kwargs: {{method: GFN1-xTB, verbosity: 0}}}}
+  high: {{engine: ase, calculator: tblite.ase.TBLite, xc: GFN2-xTB, kwargs: {{method: GFN2-xTB, verbosity: 0}}}}
+relax: {{fmax: 0.3, max_steps: 3}}
+"""
+
+
+def test_run_executes_steps_1_2_and_reports(tmp_path):
+    (tmp_path / "c.yaml").write_text(SMALL.format(poscar=ROOT / "workflows/structures/Si.POSCAR"))
+    r = subprocess.run([EXE, "run", "c.yaml", "--quiet"], capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    work = tmp_path / "runs" / "cli-small"
+    assert "not built yet" in r.stderr  # says plainly which steps are still missing
+    rows = [ln for ln in r.stdout.splitlines() if "v_Si" in ln and "│" in ln]
+    assert len(rows) == 2 and "+0" in rows[0] and "+1" in rows[1]
+    assert (work / "training_lf.xyz").stat().st_size > 0
+    assert (work / "store").is_dir() and any((work / "plots" / "distortions").glob("v_Si_*.png"))
+    assert "jobs in" in r.stdout

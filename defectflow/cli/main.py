@@ -34,14 +34,13 @@ EPILOG = """\
 examples:
   defectflow validate workflows/quickstart.yaml     check a campaign, print its summary
   defectflow engines                                which engines can run on this machine
-  defectflow run workflows/quickstart.yaml          run a campaign locally (embedded store)
+  defectflow run workflows/quickstart.yaml          run a campaign locally (embedded store, steps 1-2 today)
   defectflow schema > campaign.schema.json          JSON schema of the campaign file
   defectflow schema --markdown                      every campaign key, its type, default and units
 
 exit status: 0 ok, 2 invalid input (one line per problem, naming the field), 3 not built yet."""
 
 PLANNED = {
-    "run": ("run a campaign locally with the embedded store, with progress", "issue #5 (steps 1-5 end to end)"),
     "submit": ("submit a campaign to FireWorks or jobflow-remote", "issue #6 (executors and MongoDB)"),
     "status": ("per-step progress of a campaign", "issue #6"),
     "results": ("ground states, CTLs, model metrics and cost per step", "issue #6"),
@@ -77,6 +76,68 @@ def _cmd_validate(args) -> int:
     print(f"  surrogate   MACE {campaign.mlip.multi_fidelity}, charge embedding "
           f"{'on' if campaign.mlip.charge_embedding else 'off'}")
     print(f"  store       {campaign.execution.store} → {campaign.work_dir()}")
+    return 0
+
+
+def _cmd_run(args) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from defectflow.campaign import Campaign, CampaignError
+    from defectflow.engines import EngineError
+    from defectflow.submit import BUILT_STEPS, run_campaign
+
+    console = Console(stderr=True)
+    try:
+        campaign = Campaign.from_yaml(args.campaign)
+        campaign.host_structure()
+    except CampaignError as exc:
+        for line in str(exc).splitlines():
+            print(f"error: {line}", file=sys.stderr)
+        return EXIT_INVALID
+    if args.work_dir:
+        campaign.execution.work_dir = args.work_dir
+    console.print(f"[bold]defectflow run[/] {campaign.name} → {campaign.work_dir()}")
+    console.print(f"steps run locally: {', '.join(BUILT_STEPS)}  (selection, HF labelling, MACE training, "
+                  "search and levels are not built yet: issues #4 and #5)")
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("[dim]{task.fields[current]}")]
+    with Progress(*columns, console=console, transient=False, disable=args.quiet) as bar:
+        task = bar.add_task("jobs", total=None, current="building the graph (doped + ShakeNBreak)")
+
+        def progress(event, name, done, total):
+            bar.update(task, total=total, completed=done, current=name if event == "starting" else "")
+
+        try:
+            result = run_campaign(campaign, progress=progress)
+        except (CampaignError, EngineError) as exc:
+            bar.stop()
+            for line in str(exc).splitlines():
+                print(f"error: {line}", file=sys.stderr)
+            return EXIT_INVALID
+    table = Table(title=f"Low-fidelity ShakeNBreak search ({campaign.fidelities.low.engine} "
+                        f"{campaign.fidelities.low.xc})")
+    for col in ("defect", "q", "ground state", "ΔE vs Unperturbed (eV)", "converged", "failed"):
+        table.add_column(col)
+    for name, s in result.summaries.items():
+        lowering = "-" if s.energy_lowering is None else f"{s.energy_lowering:+.3f}"
+        gs = (s.ground_state or "-").replace("Bond_Distortion_", "")
+        table.add_row(s.defect, f"{s.charge:+d}", gs, lowering,
+                      f"{s.n_converged}/{len(s.status)}", str(s.n_failed))
+    out = Console()
+    out.print(table)
+    ts = result.training_set
+    if ts:
+        out.print(f"training set: {ts['n_frames']} frames of {ts['n_candidates']} ionic steps, "
+                  f"charges {ts['charges']} → {ts['path']}")
+    for p in result.plots:
+        out.print(f"plot: {p}")
+    out.print(f"{result.n_jobs} jobs in {result.wall_seconds:.0f} s; store: {campaign.execution.store} "
+              f"({result.work_dir / 'store'})")
+    if result.failed_jobs:
+        out.print(f"[red]{len(result.failed_jobs)} job(s) did not finish:[/] {', '.join(result.failed_jobs[:5])}")
+        return 1
     return 0
 
 
@@ -150,6 +211,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the full validated campaign (with defaults) as JSON")
     p.set_defaults(func=_cmd_validate)
 
+    p = sub.add_parser("run", help="run a campaign locally (embedded store) with progress",
+                       description="Build the campaign graph and run it on this machine into the store named in\n"
+                       "execution.store (default: embedded sqlite under the work directory). Today this runs\n"
+                       "steps 1-2: doped + ShakeNBreak generation, low-fidelity relaxation of every distortion,\n"
+                       "ShakeNBreak energy-vs-distortion summaries and plots, and the training-set harvest.\n"
+                       "HF selection, MACE training, surrogate search and CTLs follow (issues #4, #5).",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("campaign", help="campaign YAML file")
+    p.add_argument("--work-dir", help="override execution.work_dir")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_run)
+
     p = sub.add_parser("engines", help="which engines (QE, CP2K, VASP, ASE calculators) can run here")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_engines)
@@ -174,6 +247,10 @@ def main(argv: list[str] | None = None) -> int:
 
         print(__version__)
         return 0
+    import warnings
+
+    # monty's `cd` helper prints this deprecation once per job; it says nothing to a defectflow user
+    warnings.filterwarnings("ignore", message=r"(?s).*contextlib\.chdir")
     logging.basicConfig(
         level=logging.WARNING - 10 * min(args.verbose, 2), format="%(levelname)s %(name)s: %(message)s"
     )

@@ -146,7 +146,9 @@ def generate(campaign: Campaign, processes: int = 1) -> GenerationResult:
         gen_kwargs["generate_supercell"] = False
     else:
         gen_kwargs["supercell_gen_kwargs"] = supercell_kwargs
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()) as doped_out:
+    # doped prints a table and a tqdm bar; keep them out of the terminal (the table goes to the log)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()) as doped_out, \
+            contextlib.redirect_stderr(io.StringIO()):
         warnings.simplefilter("ignore")
         dg = DefectsGenerator(host, **gen_kwargs)
     logger.info("doped: %s", doped_out.getvalue().strip().replace("\n", " | ")[:500])
@@ -195,7 +197,8 @@ def generate(campaign: Campaign, processes: int = 1) -> GenerationResult:
             mc_kwargs["stdev"] = dist.rattle_stdev
         if dist.d_min is not None:
             mc_kwargs["d_min"] = dist.d_min
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
             snb = Distortions(
                 entries,
