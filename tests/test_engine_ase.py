@@ -59,9 +59,9 @@ def test_charge_energies_are_convex_at_fixed_geometry(energies):
     assert e[1] > e[0] > e[-1]
 
 
-def test_relaxation_keeps_every_step_and_lowers_the_energy():
+def test_relaxation_keeps_every_step_and_lowers_the_energy(tmp_path):
     engine = get_engine(GFN1)
-    traj = engine.relax(si_vac15(rattle=0.05), -1, fmax=0.3, max_steps=6)
+    traj = engine.relax(si_vac15(rattle=0.05), -1, tmp_path, fmax=0.3, max_steps=6)
     assert traj.status in ("converged", "unconverged"), traj.error
     assert traj.n_steps >= 2
     assert [f.step for f in traj.frames] == list(range(traj.n_steps))
@@ -71,8 +71,8 @@ def test_relaxation_keeps_every_step_and_lowers_the_energy():
         assert traj.final.fmax < 0.3
 
 
-def test_step_limit_is_recorded_as_unconverged():
-    traj = get_engine(GFN1).relax(si_vac15(rattle=0.05), 0, fmax=1e-4, max_steps=2)
+def test_step_limit_is_recorded_as_unconverged(tmp_path):
+    traj = get_engine(GFN1).relax(si_vac15(rattle=0.05), 0, tmp_path, fmax=1e-4, max_steps=2)
     assert traj.status == "unconverged"
     assert "within 2 steps" in traj.error
     assert 1 <= traj.n_steps <= 3
@@ -92,10 +92,10 @@ class Exploding(Calculator):
         self.results = {"energy": 1.0, "forces": np.full((len(atoms), 3), 0.3)}
 
 
-def test_failed_calculation_is_recorded_not_raised():
+def test_failed_calculation_is_recorded_not_raised(tmp_path):
     Exploding.calls = 0
     engine = get_engine({"engine": "ase", "calculator": f"{__name__}.Exploding"})
-    traj = engine.relax(si_vac15(), 0, fmax=0.01, max_steps=5)
+    traj = engine.relax(si_vac15(), 0, tmp_path, fmax=0.01, max_steps=5)
     assert traj.status == "failed" and "SCF not converged" in traj.error
     assert traj.n_steps == 1  # the frame computed before the failure is kept
     frame = engine.single_point(si_vac15(), 0)
