@@ -64,6 +64,16 @@ class Frame(BaseModel):
     step: int = Field(0, description="Ionic step index within its relaxation (0 for single points)")
     scf_converged: bool = Field(True, description="Whether the electronic SCF converged")
     magnetization: float | None = Field(None, description="Total magnetic moment in μB, when spin-polarised")
+    vbm: float | None = Field(
+        None, description="Highest occupied Kohn-Sham level in eV (engine's absolute scale), when the engine reports it"
+    )
+    cbm: float | None = Field(None, description="Lowest unoccupied Kohn-Sham level in eV, when reported")
+    fermi_level: float | None = Field(None, description="Fermi level in eV, when reported")
+
+    @property
+    def band_gap(self) -> float | None:
+        """cbm − vbm in eV, or None."""
+        return None if self.vbm is None or self.cbm is None else self.cbm - self.vbm
     error: str | None = Field(None, description="Why the calculation failed, if it did")
 
     @property

@@ -150,6 +150,9 @@ class Engine(ABC):
         scf_converged: bool = True,
         magnetization: float | None = None,
         error: str | None = None,
+        vbm: float | None = None,
+        cbm: float | None = None,
+        fermi_level: float | None = None,
     ) -> Frame:
         s = Structure(structure.lattice, structure.species, structure.frac_coords, charge=int(charge))
         return Frame(
@@ -167,6 +170,9 @@ class Engine(ABC):
             scf_converged=scf_converged,
             magnetization=magnetization,
             error=error,
+            vbm=vbm,
+            cbm=cbm,
+            fermi_level=fermi_level,
         )
 
     def failed_frame(self, structure: Structure, charge: int, error: str, wall_seconds: float = 0.0) -> Frame:
