@@ -3,7 +3,7 @@
 :class:`DefectCampaignMaker` builds, from a :class:`~defectflow.campaign.Campaign`:
 
 * ``generation``        the doped + ShakeNBreak output (one document),
-* ``bulk LF/HF static`` pristine-supercell single points (reference energies),
+* ``bulk LF/HF static`` pristine-supercell single points, ``bulk reference`` (energies, HF band edges),
 * ``relax_lf …``        one job per distorted structure per (defect, q), low fidelity, every ionic step kept,
 * ``summary …``         ShakeNBreak energy-vs-distortion summary and plot per (defect, q),
 * ``harvest_lf``        the low-fidelity training set (extxyz).
@@ -23,6 +23,7 @@ from defectflow.campaign import Campaign
 from defectflow.engines import get_engine
 from defectflow.engines.jobs import single_point
 from defectflow.generate import GenerationResult, generate
+from defectflow.label import bulk_reference
 from defectflow.relax import HarvestFilter, harvest_training_set, relax_structure, summarize_distortions
 
 __all__ = ["DefectCampaignMaker", "record_generation"]
@@ -80,7 +81,9 @@ class DefectCampaignMaker(Maker):
         bulk_lf.name = "bulk LF static"
         bulk_hf = single_point(bulk, 0, high, "high", label="bulk_hf")
         bulk_hf.name = "bulk HF static"
-        jobs += [bulk_lf, bulk_hf]
+        bulk_ref = bulk_reference(bulk_lf.output, bulk_hf.output)
+        bulk_ref.name = "bulk reference"
+        jobs += [bulk_lf, bulk_hf, bulk_ref]
 
         plot_dir = str(campaign.work_dir() / "plots" / "distortions")
         relax_outputs = []
@@ -117,7 +120,7 @@ class DefectCampaignMaker(Maker):
         jobs.append(harvest)
         output: dict[str, Any] = {
             "generation": gen_job.output,
-            "bulk": {"low": bulk_lf.output, "high": bulk_hf.output},
+            "bulk": bulk_ref.output,
             "summaries": summaries,
             "training_set_lf": harvest.output,
         }

@@ -1,0 +1,130 @@
+"""Step 3b: high-fidelity labels for the selected frames, and the bulk reference.
+
+* :func:`label_selected` — a dynamic job: once the selection is known it replaces itself by one HF single-point job
+  per selected frame (so FireWorks / jobflow-remote spread them) plus :func:`collect_labels`.
+* :func:`collect_labels` — HF frames → extxyz for the HF head, carrying the LF labels of the same geometry
+  (``LF_energy``, ``LF_forces``) for Δ-learning; failed HF calculations are listed, not fatal.
+* :func:`bulk_reference` — pristine-supercell energies and band edges for the levels step.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from typing import Any
+
+import numpy as np
+from jobflow import Flow, Response, job
+from pydantic import BaseModel, Field
+
+from defectflow.engines.jobs import single_point
+from defectflow.schemas import Frame
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["LabelledSet", "BulkReference", "label_selected", "collect_labels", "bulk_reference", "hf_extxyz"]
+
+
+class LabelledSet(BaseModel):
+    """High-fidelity labels of the selected frames."""
+
+    fidelity: str = "high"
+    head: str = "hf"
+    n_requested: int = Field(description="Frames sent to the HF engine")
+    n_labelled: int = Field(description="Frames with a successful HF energy and forces")
+    failed: list[dict[str, Any]] = Field(default_factory=list, description="defect, charge, distortion, step, error")
+    per_group: dict[str, int] = Field(default_factory=dict, description="'defect q' → HF frames")
+    hf_seconds: float = Field(0.0, description="Sum of HF wall times in s")
+    frames: list[Frame] = Field(default_factory=list, description="The HF frames (data store)")
+    extxyz: str = Field("", description="HF frames as extxyz: REF_* = HF labels, LF_* = LF labels (data store)")
+
+
+def _get(obj, key):
+    return obj[key] if isinstance(obj, dict) else getattr(obj, key)
+
+
+def hf_extxyz(pairs: list[tuple[Frame, Frame, dict[str, Any]]], head: str = "hf") -> str:
+    """extxyz of HF frames with MACE keys (REF_energy, REF_forces, total_charge, head) plus LF_energy/LF_forces."""
+    from ase.io import write
+
+    from defectflow.engines.base import structure_to_atoms
+
+    images = []
+    for hf, lf, meta in pairs:
+        atoms = structure_to_atoms(hf.structure, hf.charge)
+        atoms.info.pop("charge", None)
+        atoms.info.update({"REF_energy": hf.energy, "total_charge": hf.charge, "head": head, "fidelity": "high",
+                           **meta})
+        atoms.arrays["REF_forces"] = hf.forces_array
+        if lf is not None and lf.energy is not None:
+            atoms.info["LF_energy"] = lf.energy
+            atoms.arrays["LF_forces"] = lf.forces_array
+        images.append(atoms)
+    buf = io.StringIO()
+    write(buf, images, format="extxyz")
+    return buf.getvalue()
+
+
+@job(data=["frames", "extxyz"])
+def collect_labels(hf_frames: list[Frame], selection) -> LabelledSet:
+    """Pair every HF single point with its selected LF frame; record failures."""
+    chosen = _get(selection, "chosen")
+    pairs, failed, per_group, seconds = [], [], {}, 0.0
+    good = []
+    for hf, sel in zip(hf_frames, chosen, strict=True):
+        hf = Frame.model_validate(hf) if isinstance(hf, dict) else hf
+        lf = _get(sel, "frame")
+        lf = Frame.model_validate(lf) if isinstance(lf, dict) else lf
+        meta = {"defect": _get(sel, "defect"), "distortion": _get(sel, "distortion"), "step": _get(sel, "step")}
+        seconds += hf.wall_seconds
+        if hf.energy is None or not hf.scf_converged or hf.forces is None or not np.all(np.isfinite(hf.forces_array)):
+            failed.append({**meta, "charge": hf.charge, "error": hf.error or "SCF not converged"})
+            continue
+        pairs.append((hf, lf, meta))
+        good.append(hf)
+        key = f"{meta['defect']} {hf.charge:+d}"
+        per_group[key] = per_group.get(key, 0) + 1
+    if failed:
+        logger.warning("%d of %d HF single points failed", len(failed), len(chosen))
+    return LabelledSet(n_requested=len(chosen), n_labelled=len(pairs), failed=failed, per_group=per_group,
+                       hf_seconds=seconds, frames=good, extxyz=hf_extxyz(pairs))
+
+
+@job
+def label_selected(selection, fidelity: dict[str, Any], fidelity_name: str = "high") -> Response:
+    """Replace this job by one HF single point per selected frame plus :func:`collect_labels`."""
+    jobs = []
+    for sel in _get(selection, "chosen"):
+        frame = _get(sel, "frame")
+        frame = Frame.model_validate(frame) if isinstance(frame, dict) else frame
+        label = f"{_get(sel, 'defect')}_{frame.charge:+d}_{_get(sel, 'distortion')}_step{_get(sel, 'step')}"
+        j = single_point(frame.structure.to_json(), frame.charge, fidelity, fidelity_name, label=label)
+        j.name = f"single_hf {label}"
+        jobs.append(j)
+    collect = collect_labels([j.output for j in jobs], selection)
+    collect.name = "collect_hf"
+    return Response(replace=Flow([*jobs, collect], output=collect.output, name="single_hf"))
+
+
+class BulkReference(BaseModel):
+    """The pristine supercell at both fidelities: reference energies and (HF) band edges."""
+
+    natoms: int
+    energy_lf: float | None = Field(None, description="LF total energy of the bulk supercell in eV")
+    energy_hf: float | None = Field(None, description="HF total energy of the bulk supercell in eV")
+    vbm: float | None = Field(None, description="HF valence-band maximum in eV (HF engine's scale)")
+    cbm: float | None = Field(None, description="HF conduction-band minimum in eV")
+    band_gap: float | None = Field(None, description="HF band gap in eV (Γ-only supercell sampling unless set)")
+    vbm_lf: float | None = Field(None, description="LF valence-band maximum in eV, when reported")
+    band_gap_lf: float | None = Field(None, description="LF band gap in eV, when reported")
+    errors: list[str] = Field(default_factory=list)
+
+
+@job
+def bulk_reference(lf: Frame, hf: Frame) -> BulkReference:
+    """Collect the bulk LF/HF single points into one reference document."""
+    lf = Frame.model_validate(lf) if isinstance(lf, dict) else lf
+    hf = Frame.model_validate(hf) if isinstance(hf, dict) else hf
+    errors = [f"{name}: {f.error}" for name, f in (("low", lf), ("high", hf)) if f.error]
+    return BulkReference(natoms=len(hf.structure), energy_lf=lf.energy, energy_hf=hf.energy, vbm=hf.vbm,
+                         cbm=hf.cbm, band_gap=hf.band_gap, vbm_lf=lf.vbm, band_gap_lf=lf.band_gap, errors=errors)
