@@ -1,0 +1,193 @@
+"""Step 5a: surrogate ground-state search.
+
+For one (defect, q), :func:`search_ground_state` relaxes every ShakeNBreak start plus extra rattled starts with a
+surrogate ASE calculator (the trained MACE model's HF head, a Δ-model, or a foundation model for the baseline),
+groups identical minima (energy within a tolerance and pymatgen ``StructureMatcher`` match), ranks them and keeps
+the energy-vs-distortion landscape. :func:`rmsd` compares two structures with the same atom order under periodic
+boundary conditions (the paper's ground-state RMSD).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+from defectflow.schemas import Structure
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["SearchStart", "Minimum", "SearchResult", "search_ground_state", "rattled_starts", "rmsd", "group_minima"]
+
+
+class SearchStart(BaseModel):
+    label: str = Field(description="ShakeNBreak label, or '<label>+rattle<k>' for an extra start")
+    bond_distortion: float | None = None
+    structure: Structure
+
+
+class Minimum(BaseModel):
+    """A distinct local minimum found by the surrogate."""
+
+    energy: float = Field(description="Surrogate energy in eV")
+    structure: Structure
+    labels: list[str] = Field(description="Starts that relaxed into this minimum")
+    relative_energy: float = Field(0.0, description="Energy above the lowest minimum in eV")
+
+
+class SearchResult(BaseModel):
+    """Surrogate search outcome for one (defect, q)."""
+
+    defect: str
+    charge: int
+    model: str = Field(description="What relaxed the starts (e.g. 'mace:hf', 'chgnet')")
+    n_starts: int
+    n_failed: int = 0
+    landscape: dict[str, float] = Field(description="Start label → final surrogate energy in eV")
+    unconverged: list[str] = Field(default_factory=list, description="Starts that hit the step limit")
+    minima: list[Minimum] = Field(description="Distinct minima, lowest first")
+    ground_state: Minimum | None = None
+    ground_state_label: str | None = None
+    wall_seconds: float = 0.0
+    structures_per_second: float = Field(0.0, description="Relaxed starts per second of wall time")
+    plot: str | None = None
+
+
+def rmsd(a, b) -> float:
+    """Root-mean-square displacement in Å between two structures with the same atoms in the same order,
+    using the minimum-image convention in ``a``'s lattice."""
+    if len(a) != len(b):
+        raise ValueError(f"rmsd: structures have {len(a)} and {len(b)} sites")
+    d = np.asarray(b.frac_coords) - np.asarray(a.frac_coords)
+    d -= np.round(d)
+    cart = a.lattice.get_cartesian_coords(d)
+    return float(np.sqrt(np.mean(np.sum(cart**2, axis=1))))
+
+
+def rattled_starts(starts: list[SearchStart], n_extra: int, stdev: float, seed: int) -> list[SearchStart]:
+    """``n_extra`` Gaussian-rattled copies (stdev in Å) of every start, deterministic for ``seed``."""
+    from pymatgen.core import Structure as PmgStructure
+
+    out = []
+    rng = np.random.default_rng(seed)
+    for s in starts:
+        for k in range(n_extra):
+            st = s.structure
+            cart = st.cart_coords + rng.normal(0.0, stdev, (len(st), 3))
+            new = PmgStructure(st.lattice, st.species, cart, coords_are_cartesian=True, charge=st.charge)
+            out.append(SearchStart(label=f"{s.label}+rattle{k + 1}", bond_distortion=s.bond_distortion, structure=new))
+    return out
+
+
+def group_minima(results: list[tuple[str, float, Any]], energy_tolerance: float = 0.01,
+                 matcher_kwargs: dict | None = None) -> list[Minimum]:
+    """Group (label, energy, structure) into distinct minima: same group when |ΔE| ≤ tol (eV) and the structures
+    match under pymatgen's StructureMatcher (defaults: ltol 0.2, stol 0.3, angle_tol 5)."""
+    from pymatgen.analysis.structure_matcher import StructureMatcher
+
+    matcher = StructureMatcher(**{"ltol": 0.2, "stol": 0.3, "angle_tol": 5, "primitive_cell": False,
+                                  "scale": False, "attempt_supercell": False, **(matcher_kwargs or {})})
+    minima: list[Minimum] = []
+    for label, energy, structure in sorted(results, key=lambda r: r[1]):
+        for m in minima:
+            if abs(m.energy - energy) <= energy_tolerance:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    same = matcher.fit(m.structure, structure)
+                if same:
+                    m.labels.append(label)
+                    break
+        else:
+            minima.append(Minimum(energy=energy, structure=structure, labels=[label]))
+    if minima:
+        e0 = minima[0].energy
+        for m in minima:
+            m.relative_energy = m.energy - e0
+    return minima
+
+
+def search_ground_state(
+    defect: str,
+    charge: int,
+    starts: list[SearchStart],
+    calculator_factory: Callable[[], Any],
+    model: str = "surrogate",
+    fmax: float = 0.02,
+    max_steps: int = 300,
+    energy_tolerance: float = 0.01,
+    plot_dir: str | Path | None = None,
+) -> SearchResult:
+    """Relax every start with the surrogate at charge ``charge`` and return the ranked distinct minima."""
+    from ase.optimize import FIRE
+
+    from defectflow.engines.base import atoms_to_structure, structure_to_atoms
+
+    calc = calculator_factory()
+    t0 = time.perf_counter()
+    finals, landscape, unconverged, failed = [], {}, [], 0
+    for s in starts:
+        atoms = structure_to_atoms(s.structure, charge)
+        atoms.calc = calc
+        try:
+            opt = FIRE(atoms, logfile=None)
+            ok = opt.run(fmax=fmax, steps=max_steps)
+            energy = float(atoms.get_potential_energy())
+        except Exception as exc:  # noqa: BLE001 - one bad start must not stop the search
+            logger.warning("surrogate relaxation of %s q=%+d %s failed: %s", defect, charge, s.label, exc)
+            failed += 1
+            continue
+        if not np.isfinite(energy):
+            failed += 1
+            continue
+        if not ok:
+            unconverged.append(s.label)
+        landscape[s.label] = energy
+        finals.append((s.label, energy, atoms_to_structure(atoms, charge)))
+    wall = time.perf_counter() - t0
+    minima = group_minima(finals, energy_tolerance)
+    gs = minima[0] if minima else None
+    result = SearchResult(
+        defect=defect, charge=charge, model=model, n_starts=len(starts), n_failed=failed, landscape=landscape,
+        unconverged=unconverged, minima=minima, ground_state=gs,
+        ground_state_label=min(landscape, key=landscape.get) if landscape else None,
+        wall_seconds=wall, structures_per_second=len(finals) / wall if wall > 0 else 0.0,
+    )
+    if plot_dir is not None and landscape:
+        result.plot = plot_landscape(result, starts, Path(plot_dir))
+    return result
+
+
+def plot_landscape(result: SearchResult, starts: list[SearchStart], plot_dir: Path) -> str:
+    """Energy (relative to the ground state) vs bond distortion of every start, extra rattles as small dots."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    e0 = min(result.landscape.values())
+    fig, ax = plt.subplots(figsize=(5, 4))
+    by_label = {s.label: s for s in starts}
+    special = {"Unperturbed": 0.0}
+    for label, e in result.landscape.items():
+        s = by_label[label]
+        x = s.bond_distortion if s.bond_distortion is not None else special.get(label.split("+")[0], 0.7)
+        extra = "+rattle" in label
+        ax.scatter(100 * x, e - e0, s=12 if extra else 40, c="0.6" if extra else "C0",
+                   marker="o" if s.bond_distortion is not None or extra else "D", zorder=3 if not extra else 2)
+    ax.set_xlabel("Bond distortion (%)  [Dimer at 70 %]")
+    ax.set_ylabel("Surrogate energy − ground state (eV)")
+    ax.set_title(f"{result.defect} q={result.charge:+d} ({result.model})")
+    ax.axhline(0, color="k", lw=0.5)
+    fig.tight_layout()
+    name = f"{result.defect}_{result.charge:+d}_{result.model.replace(':', '-')}.png"
+    path = plot_dir / name
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+    return str(path)

@@ -1,0 +1,67 @@
+"""Surrogate search: minima grouping, RMSD, rattled starts, and a real search with an ASE calculator."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from pymatgen.core import Lattice, Structure
+
+from defectflow.search import SearchStart, group_minima, rattled_starts, rmsd, search_ground_state
+
+
+def cell(shift=0.0):
+    s = Structure.from_spacegroup("Fd-3m", Lattice.cubic(5.431), ["Si"], [[0, 0, 0]])
+    s.remove_sites([0])
+    if shift:
+        s.translate_sites([0], [shift, 0, 0], frac_coords=False)
+    return s
+
+
+def test_rmsd_known_values_and_periodic_images():
+    a = cell()
+    b = cell(0.7)  # one of 7 atoms moved 0.7 Å
+    assert rmsd(a, b) == pytest.approx(0.7 / np.sqrt(7))
+    c = a.copy()
+    c.translate_sites(list(range(len(c))), [1, 0, 0], frac_coords=True, to_unit_cell=False)  # a full lattice vector
+    assert rmsd(a, c) == pytest.approx(0.0, abs=1e-10)
+    with pytest.raises(ValueError, match="7 and 6 sites"):
+        rmsd(a, Structure(a.lattice, a.species[:6], a.frac_coords[:6]))
+
+
+def test_group_minima_identical_and_different():
+    a, b = cell(), cell()
+    b.translate_sites(list(range(len(b))), [0.1, 0.1, 0.1])  # same structure, rigidly translated
+    d = cell(0.8)
+    minima = group_minima([("A", -10.0, a), ("B", -10.004, b), ("D", -9.5, d)], energy_tolerance=0.01)
+    assert len(minima) == 2
+    assert sorted(minima[0].labels) == ["A", "B"] and minima[0].energy == -10.004
+    assert minima[1].labels == ["D"] and minima[1].relative_energy == pytest.approx(0.504)
+    # same structure but energies further apart than the tolerance: kept apart
+    assert len(group_minima([("A", -10.0, a), ("B", -9.9, b)], energy_tolerance=0.01)) == 2
+
+
+def test_rattled_starts_are_deterministic_and_labelled():
+    starts = [SearchStart(label="Unperturbed", structure=cell())]
+    r1 = rattled_starts(starts, 3, 0.1, seed=7)
+    r2 = rattled_starts(starts, 3, 0.1, seed=7)
+    assert [s.label for s in r1] == ["Unperturbed+rattle1", "Unperturbed+rattle2", "Unperturbed+rattle3"]
+    assert all(np.allclose(x.structure.cart_coords, y.structure.cart_coords) for x, y in zip(r1, r2))
+    assert 0.05 < rmsd(starts[0].structure, r1[0].structure) < 0.3
+
+
+def test_search_with_a_real_calculator_finds_the_ground_state(tmp_path):
+    pytest.importorskip("tblite")
+    from tblite.ase import TBLite
+
+    base = cell()
+    starts = [SearchStart(label="Unperturbed", structure=base),
+              SearchStart(label="Bond_Distortion_-30.0%", bond_distortion=-0.3, structure=cell(0.3))]
+    starts += rattled_starts(starts, 1, 0.05, seed=1)
+    res = search_ground_state("v_Si", 0, starts, lambda: TBLite(method="GFN1-xTB", verbosity=0, charge=0),
+                              model="gfn1", fmax=0.5, max_steps=30, plot_dir=tmp_path)
+    assert res.n_starts == 4 and len(res.landscape) + res.n_failed == 4
+    assert res.ground_state is not None
+    assert res.ground_state.energy == pytest.approx(min(res.landscape.values()))
+    assert sum(len(m.labels) for m in res.minima) == len(res.landscape)
+    assert res.structures_per_second > 0
+    assert res.plot and (tmp_path / "v_Si_+0_gfn1.png").stat().st_size > 5000
