@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import si_vacancy
+from conftest import si_conventional, si_vacancy
 from pymatgen.core import Lattice, Structure
 
 from defectflow.engines.base import EngineError
@@ -24,6 +24,7 @@ from defectflow.engines.cp2k import (
     CP2KEngine,
     CP2KSettings,
     merge_inputs,
+    parse_band_edges,
     parse_scf,
     spin_state,
     valence_electrons,
@@ -111,6 +112,46 @@ def test_parse_scf():
     assert parse_scf("") == (True, None)
 
 
+_MO_UKS = """
+ MO| ALPHA EIGENVALUES AND OCCUPATION NUMBERS
+ MO|
+ MO|  Index      Eigenvalue [a.u.]        Eigenvalue [eV]             Occupation
+ MO|     16             0.19248773             5.23785756             0.99999999
+ MO|     17             0.21162036             5.75848295             0.16731931
+ MO| Sum:                                                            16.99983607
+ MO| E(Fermi):          0.21009578 a.u.        5.71699701 eV
+
+ MO| BETA EIGENVALUES AND OCCUPATION NUMBERS
+ MO|
+ MO|  Index      Eigenvalue [a.u.]        Eigenvalue [eV]             Occupation
+ MO|     16             0.19506650             5.30802932             0.99999987
+ MO|     17             0.22005921             5.98811554             0.00002789
+ MO| Sum:                                                            16.00016393
+ MO| E(Fermi):          0.21009578 a.u.        5.71699701 eV
+"""
+
+
+def test_parse_band_edges():
+    # unrestricted: half = 0.5 per spin channel; VBM/CBM over both channels (as CP2K 2023.1 prints them)
+    assert parse_band_edges(_MO_UKS) == (5.30802932, 5.75848295, 5.71699701)
+    # restricted: occupations up to 2, threshold 1
+    rks = _MO_UKS.split("\n\n")[0].replace("ALPHA ", "").replace("0.99999999", "1.99999753")
+    rks = rks.replace("0.16731931", "0.90000000")
+    assert parse_band_edges(rks) == (5.23785756, 5.75848295, 5.71699701)
+    # only the last table of an evaluation counts
+    assert parse_band_edges(rks.replace("5.23785756", "9.0") + "\n" + rks)[0] == 5.23785756
+    assert parse_band_edges("  *** SCF run converged in    13 steps ***\n") == (None, None, None)
+
+
+@needs_data
+def test_mo_print_only_with_diagonalisation(tmp_path):
+    s = si_vacancy()
+    assert "&MO ON" in CP2KEngine(FAST).render_input(s, 0, tmp_path)
+    assert "MO_INDEX_RANGE 1 -1" in CP2KEngine(FAST).render_input(s, 0, tmp_path)
+    assert "&MO ON" not in CP2KEngine({**FAST, "scf": "ot"}).render_input(s, 0, tmp_path)
+    assert "&MO ON" not in CP2KEngine({**FAST, "xc": "HSE06"}).render_input(s, 0, tmp_path)
+
+
 @needs_data
 def test_hse06_input(tmp_path):
     eng = CP2KEngine({"xc": "HSE06", "mpi_procs": 1})
@@ -179,7 +220,31 @@ def test_single_point_neutral(single_points):
     assert np.abs(np.asarray(f.forces).sum(axis=0)).max() < 0.05  # translational invariance (eV/Å)
     assert 0.5 < f.fmax < 2.0  # unrelaxed vacancy neighbours: measured 1.04 eV/Å
     assert f.magnetization is None
+    assert f.vbm is not None and f.cbm is not None and f.vbm < f.fermi_level < f.cbm
     assert _children() == []  # cp2k_shell and mpirun reaped
+
+
+@needs_cp2k
+@pytest.mark.dft
+def test_bulk_band_edges(tmp_path):
+    """Bulk Si, 8-atom conventional cell, Γ only (CP2K's GPW here is Γ-only), q = 0, ~3-6 s.
+
+    Γ of the 8-atom cell folds in the primitive X points but misses the conduction-band minimum (85 % Γ–X),
+    and the DZVP basis is not converged for empty states: measured gap 0.68 eV (a = 5.431 Å; 0.72 eV at
+    5.468 Å), vs ~0.6 eV converged PBE. The test checks self-consistency, not the value: VBM < E_F < CBM,
+    a gap in 0.3-1.2 eV
+    (neither a metal nor a mis-parsed table), and the VBM equal to the highest doubly-occupied MO printed.
+    """
+    f = CP2KEngine(FAST).single_point(si_conventional(), 0, tmp_path)
+    assert f.error is None and f.scf_converged and f.charge == 0
+    assert f.vbm is not None and f.cbm is not None and f.fermi_level is not None
+    assert f.vbm < f.fermi_level < f.cbm
+    assert 0.3 < f.band_gap < 1.2
+    rows = re.findall(r"MO\|\s+(\d+)\s+\S+\s+(\S+)\s+(\S+)", (tmp_path / "cp2k.out").read_text())
+    eig = {int(i): float(e) for i, e, _ in rows}
+    assert len(eig) == 16 + 20  # 32 electrons / 2 + ADDED_MOS 20
+    assert f.vbm == pytest.approx(eig[16]) and f.cbm == pytest.approx(eig[17])
+    assert _children() == []
 
 
 @needs_cp2k
@@ -207,6 +272,7 @@ def test_relax_reuses_wavefunction(tmp_path):
     energies = [f.energy for f in traj.frames]
     assert all(b < a for a, b in zip(energies, energies[1:])), energies  # measured -740.75, -740.85, -741.87
     assert all(f.scf_converged for f in traj.frames)
+    assert all(f.vbm is not None and f.cbm is not None for f in traj.frames)  # every ionic step
     steps = [int(n) for n in re.findall(r"SCF run converged in\s+(\d+)", (tmp_path / "cp2k.out").read_text())]
     assert len(steps) == 3 and max(steps[1:]) < steps[0], steps  # ASPC extrapolation: measured 21, 15, 15
     assert _children() == []

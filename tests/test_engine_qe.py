@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import have, si_vacancy
+from conftest import have, si_conventional, si_vacancy
 from pymatgen.core import Lattice, Structure
 
 from defectflow.engines.base import EngineError
@@ -25,6 +25,8 @@ from defectflow.engines.qe import (
     QESettings,
     UPFInfo,
     make_pw_input,
+    n_bands,
+    parse_band_edges,
     read_upf_header,
     select_pseudopotentials,
 )
@@ -139,6 +141,67 @@ def test_input_relax_thresholds_and_extras():
     assert "K_POINTS automatic\n  2 2 2 0 0 0" in text
     with pytest.raises(EngineError, match="unknown namelist"):
         make_pw_input(_si7(), 0, QESettings(input_data={"cell": {}}, **FAST), _si_pseudos())
+
+
+def test_empty_bands_set_nbnd():
+    assert n_bands(28) == 14 + 4  # max(4, 10 % of 14 occupied)
+    assert n_bands(29) == 15 + 4  # odd count: the half-filled band is occupied
+    assert n_bands(252) == 126 + 13  # 63-atom Si cell: 10 % of 126, rounded up
+    assert n_bands(28, 1) == 15 and n_bands(28, 10) == 24
+    s = _si7()  # 28 electrons
+    text = make_pw_input(s, 0, QESettings(**FAST), _si_pseudos())
+    assert _namelist_value(text, "nbnd") == "18"
+    assert _namelist_value(text, "verbosity") == "'high'"  # QE prints occupations only then
+    anion = make_pw_input(s, -1, QESettings(empty_bands=7, **FAST), _si_pseudos())
+    assert _namelist_value(anion, "nbnd") == "22"
+
+
+_BANDS_NSPIN2 = """
+     End of self-consistent calculation
+
+ ------ SPIN UP ------------
+
+
+          k = 0.0000 0.0000 0.0000 (  1743 PWs)   bands (ev):
+
+    -5.7072  -1.6365   3.2624   6.0647   6.4000
+
+     occupation numbers 
+     1.0000   1.0000   1.0000   1.0000   0.6000
+
+ ------ SPIN DOWN ----------
+
+
+          k = 0.0000 0.0000 0.0000 (  1743 PWs)   bands (ev):
+
+    -5.6000  -1.6000   3.3000   6.1000   6.5000
+
+     occupation numbers 
+     1.0000   1.0000   1.0000   0.9000   0.0100
+
+     the Fermi energy is     6.4379 ev
+
+!    total energy              =     -62.90407522 Ry
+"""
+
+
+def test_parse_band_edges_occupations_and_fallback():
+    # VBM: highest level with occupation > 0.5 (spin up 6.40 at 0.6), CBM: lowest < 0.5 (spin down 6.50)
+    assert parse_band_edges(_BANDS_NSPIN2.splitlines()) == (6.4, 6.5, 6.4379)
+    # without printed occupations (verbosity low) the Fermi level splits occupied from empty
+    no_occ = re.sub(r"occupation numbers \n.*?\n", "", _BANDS_NSPIN2)
+    assert "occupation" not in no_occ
+    assert parse_band_edges(no_occ.splitlines()) == (6.4, 6.5, 6.4379)
+    # an earlier SCF's table (e.g. the first EXX loop) is ignored: only the last one counts
+    earlier = _BANDS_NSPIN2.replace("6.4000", "9.9000").replace("6.5000", "9.9500")
+    assert parse_band_edges((earlier + _BANDS_NSPIN2).splitlines())[:2] == (6.4, 6.5)
+    # fixed occupations, no table printed: QE's own line
+    fixed = (
+        "     End of self-consistent calculation\n"
+        "     highest occupied, lowest unoccupied level (ev):     6.0647    6.8190\n"
+    )
+    assert parse_band_edges(fixed.splitlines()) == (6.0647, 6.819, None)
+    assert parse_band_edges(["nothing here"]) == (None, None, None)
 
 
 def test_digest_ignores_parallelisation():
@@ -298,6 +361,7 @@ def test_pbe_relax_records_every_step(tmp_path):
     for f in traj.frames:
         assert f.forces_array.shape == (7, 3) and f.scf_converged and f.charge == 0
         assert f.wall_seconds > 0
+        assert f.vbm is not None and f.cbm is not None and f.fermi_level is not None  # every ionic step
     assert sum(f.wall_seconds for f in traj.frames) == pytest.approx(traj.wall_seconds, rel=1e-6)
     # frame 0 is the input geometry; later frames moved
     assert np.allclose(traj.frames[0].structure.cart_coords, start.cart_coords, atol=1e-8)
@@ -344,3 +408,34 @@ def test_hse06_single_point(tmp_path, pbe_pair):
     assert f.energy != pytest.approx(f_pbe.energy, abs=0.05)
     assert abs(f.energy - f_pbe.energy) < 5  # same pseudopotential, same cell: a fraction of an eV per atom
     assert f.settings_digest != f_pbe.settings_digest
+    # band edges from the EXX-converged eigenvalues (the last table, not the first EXX loop's)
+    assert f.vbm is not None and f.cbm is not None and f.vbm < f.cbm
+    assert f_pbe.vbm is not None and f_pbe.cbm is not None
+
+
+@pytest.mark.dft
+@needs_pw
+@needs_debian_pseudo
+def test_bulk_band_edges(tmp_path):
+    """Bulk Si (8-atom conventional cell, q = 0, 2×2×2 mesh containing Γ): the bulk reference's VBM and gap.
+
+    The 2×2×2 mesh of the conventional cell folds Γ, X and L-type points of the primitive zone, but not the
+    conduction-band minimum (85 % of Γ–X), so the gap is above the converged PBE gap (~0.6 eV): measured
+    0.72 eV here (VBM 6.28 eV at Γ, ecutwfc 20 Ry, a = 5.431 Å; 0.75 eV at a = 5.468 Å). 0.5-1.1 eV
+    brackets it with room for cutoff and
+    pseudopotential changes while excluding a metal (0) or a mis-parsed table (several eV).
+    """
+    engine = QEEngine({**FAST, "kpts": (2, 2, 2)})
+    f = engine.single_point(si_conventional(), 0, tmp_path)
+    assert f.scf_converged and f.error is None and f.charge == 0
+    assert f.vbm is not None and f.cbm is not None and f.fermi_level is not None
+    assert f.vbm < f.fermi_level < f.cbm
+    assert 0.5 < f.band_gap < 1.1
+    assert "nbnd = 20" in (tmp_path / "pw.in").read_text()  # 16 occupied + 4 empty
+    # self-consistency with QE's own printout: the VBM is the highest occupied eigenvalue at Γ
+    text = (tmp_path / "pw.out").read_text()
+    gamma = re.search(
+        r"k = 0\.0000 0\.0000 0\.0000 \(.*?bands \(ev\):\s*\n(.*?)occupation", text, re.DOTALL
+    )
+    levels = [float(x) for x in re.findall(r"-?\d+\.\d+", gamma.group(1))]
+    assert f.vbm == pytest.approx(levels[15], abs=1e-4)

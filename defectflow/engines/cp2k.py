@@ -35,6 +35,11 @@ Physics choices
   stress. Cost, honestly: 706 s for one 7-atom single point on 2 cores (98 s with loose screening), estimated
   over 1 h at 63 atoms; cells under ~29 Å warn that the short-range cutoff exceeds half the cell. The
   generated HSE06 input passes ``cp2k.psmp --check``, but no HSE06 SCF is run in the tests.
+* Band edges (``scf: smear`` only): ``&DFT/&PRINT/&MO`` prints every MO's eigenvalue and occupation (occupied
+  + ``added_mos``) once per evaluation into ``cp2k.out``; each frame gets ``vbm`` (highest eigenvalue with
+  occupation > half the maximum), ``cbm`` (lowest below half) and ``fermi_level`` (``E(Fermi)``), in eV on
+  CP2K's scale (:func:`parse_band_edges`). No extra cost beyond a table in the output. With OT (``scf: ot``
+  and HSE06) they stay None: CP2K 2023.1 printed wrong (shifted) eigenvalues for an OT run of bulk Si.
 * SCF non-convergence is recorded, never raised. CP2K 2023.1 carries on after ``SCF run NOT converged`` (it
   has no ``IGNORE_CONVERGENCE_FAILURE`` yet); the engine reads the part of ``cp2k.out`` (work directory; CP2K
   appends to it) written during each evaluation and sets ``Frame.scf_converged=False`` with an ``error``,
@@ -91,6 +96,7 @@ __all__ = [
     "find_basis",
     "find_potential",
     "merge_inputs",
+    "parse_band_edges",
 ]
 
 DEFAULT_DATA_DIR = "/usr/share/cp2k"
@@ -316,6 +322,25 @@ def hse06_xc(settings: CP2KSettings) -> str:
 &END AUXILIARY_DENSITY_MATRIX_METHOD"""
 
 
+# Kohn-Sham eigenvalues and occupations of all MOs (occupied + ADDED_MOS), once per energy/force evaluation
+# (after the last SCF step), into the main output: the source of Frame.vbm/cbm/fermi_level. Diagonalisation
+# only: with OT, CP2K 2023.1 printed the unoccupied eigenvalues under the occupied indices (measured on bulk
+# Si), and computing LUMOs there costs an extra eigensolver run.
+MO_PRINT = """
+&PRINT
+  &MO ON
+    ENERGIES TRUE
+    OCCUPATION_NUMBERS TRUE
+    NDIGITS 8
+    MO_INDEX_RANGE 1 -1
+    ADD_LAST NUMERIC
+    &EACH
+      QS_SCF 0
+    &END EACH
+  &END MO
+&END PRINT"""
+
+
 def input_template(settings: CP2KSettings, elements: list[str]) -> str:
     """The CP2K input template handed to ASE (ASE adds cell, coordinates, charge, UKS, cutoff, basis and
     potential names)."""
@@ -333,6 +358,8 @@ POTENTIAL_FILE_NAME {_resolve(settings.potential_file, ddir)}
 &QS
   EXTRAPOLATION ASPC
 &END QS""" + scf_section(settings, hybrid) + (hse06_xc(settings) if hybrid else "")
+    if settings.scf == "smear" and not hybrid:
+        dft += MO_PRINT
     kinds = ""
     if hybrid:
         aux = settings.aux_basis_set
@@ -364,6 +391,50 @@ def parse_scf(text: str) -> tuple[bool, int | None]:
     return True, None  # nothing printed (e.g. PRINT_LEVEL SILENT): assume converged
 
 
+_MO_ROW = re.compile(r"^\s*MO\|\s+(\d+)\s+(\S+)\s+(\S+)\s+(\S+)\s*$")
+_MO_FERMI = re.compile(r"MO\|\s*E\(Fermi\):.*?(\S+)\s+eV")
+
+
+def parse_band_edges(text: str) -> tuple[float | None, float | None, float | None]:
+    """(VBM, CBM, Fermi level) in eV from the ``MO|`` eigenvalue tables of one evaluation (see ``MO_PRINT``).
+
+    VBM = highest eigenvalue with occupation > half the maximum (2 restricted, 1 per spin channel
+    unrestricted), CBM = lowest one below half, over both spins; the Fermi level is CP2K's ``E(Fermi)`` (with
+    smearing). Only the last table per spin channel counts. Nones when CP2K printed no table.
+    """
+    tables: dict[str, list[tuple[float, float]]] = {}
+    fermi = None
+    label = None
+    for ln in text.splitlines():
+        if "EIGENVALUES AND OCCUPATION NUMBERS" in ln and ln.lstrip().startswith("MO|"):
+            label = "beta" if "BETA" in ln else ("alpha" if "ALPHA" in ln else "restricted")
+            tables[label] = []
+            continue
+        if label is None:
+            continue
+        m = _MO_ROW.match(ln)
+        if m:
+            try:
+                tables[label].append((float(m.group(3)), float(m.group(4))))
+            except ValueError:  # "****" overflow
+                pass
+            continue
+        m = _MO_FERMI.search(ln)
+        if m:
+            try:
+                fermi = float(m.group(1))
+            except ValueError:
+                pass
+    occupied, empty = [], []
+    for name, rows in tables.items():
+        half = 1.0 if name == "restricted" else 0.5
+        occupied += [e for e, o in rows if o > half]
+        empty += [e for e, o in rows if o < half]
+    if not tables:
+        return None, None, None
+    return (max(occupied) if occupied else None, min(empty) if empty else None, fermi)
+
+
 # -- the engine ----------------------------------------------------------------------------------------------
 def _calculator_class():
     from ase.calculators.cp2k import CP2K
@@ -391,6 +462,7 @@ def _calculator_class():
             converged, steps = parse_scf(text)
             self.results["scf_converged"] = converged
             self.results["scf_steps"] = steps
+            self.results["vbm"], self.results["cbm"], self.results["fermi_level"] = parse_band_edges(text)
             if not hasattr(self, "scf_log"):
                 self.scf_log = []
             self.scf_log.append((converged, steps))
@@ -535,7 +607,11 @@ class CP2KEngine(AseDrivenEngine):
     def _frame_from_atoms(self, atoms, charge, t0, step):
         calc = atoms.calc
         frame = super()._frame_from_atoms(atoms, charge, t0, step)
-        update: dict = {}
+        update: dict = {
+            key: calc.results[key]
+            for key in ("vbm", "cbm", "fermi_level")
+            if calc.results.get(key) is not None
+        }
         uks, mult = getattr(calc, "_defectflow_uks", (False, None))
         if uks and mult:
             update["magnetization"] = float(mult - 1)
