@@ -126,3 +126,15 @@ def test_bad_calculator_path_is_one_clear_error():
     engine = get_engine({"engine": "ase", "calculator": "no_such_pkg.Calc"})
     with pytest.raises(EngineError, match="calculator: cannot import module 'no_such_pkg'"):
         engine.single_point(si_vac15(), 0)
+
+
+def test_tblite_reports_band_edges_for_bulk_si(tmp_path):
+    from conftest import si_conventional
+
+    bulk = si_conventional()
+    bulk.make_supercell(2)
+    f = get_engine({**GFN1, "kwargs": {"method": "GFN2-xTB", "verbosity": 0}}).single_point(bulk, 0, tmp_path)
+    assert f.vbm is not None and f.cbm is not None
+    # GFN2-xTB, 64-atom Si at Γ: a gap of ~1.7 eV (xTB is not DFT; this checks the edges are real levels)
+    assert 0.5 < f.band_gap < 3.0
+    assert -12.0 < f.vbm < -3.0  # vacuum-referenced xTB levels

@@ -19,9 +19,10 @@ import inspect
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+import numpy as np
 from pydantic import Field, field_validator
 
-from defectflow.engines.base import AseDrivenEngine, EngineError, EngineSettings
+from defectflow.engines.base import AseDrivenEngine, EngineError, EngineSettings, edges_from_levels
 
 # Calculators we know how to hand a total charge and spin to.  name → (charge kwarg, multiplicity kwarg)
 KNOWN_CHARGE_KWARGS: dict[str, tuple[str | None, str | None]] = {
@@ -107,6 +108,30 @@ class AseEngine(AseDrivenEngine):
 
     def check(self, structure) -> None:
         load_calculator_class(self.settings.calculator)
+
+    def band_edges(self, calc):
+        """Band edges from tblite's orbital energies, or from ASE's get_eigenvalues/get_occupation_numbers."""
+        from ase.units import Hartree
+
+        res = getattr(calc, "_res", None)  # tblite keeps its tblite.interface.Result here
+        if res is not None and hasattr(res, "get"):
+            eps = np.asarray(res.get("orbital-energies")) * Hartree
+            occ = np.asarray(res.get("orbital-occupations"))
+            vbm, cbm = edges_from_levels(eps, occ, 2.0 if eps.ndim == 1 else 1.0)
+            return vbm, cbm, None
+        if hasattr(calc, "get_eigenvalues") and hasattr(calc, "get_occupation_numbers"):
+            nspin = calc.get_number_of_spins() if hasattr(calc, "get_number_of_spins") else 1
+            nk = len(calc.get_ibz_k_points()) if hasattr(calc, "get_ibz_k_points") else 1
+            eps, occ = [], []
+            for k in range(nk):
+                for sp in range(nspin):
+                    eps.append(calc.get_eigenvalues(kpt=k, spin=sp))
+                    w = calc.get_k_point_weights()[k] if hasattr(calc, "get_k_point_weights") else 1.0
+                    occ.append(np.asarray(calc.get_occupation_numbers(kpt=k, spin=sp)) / (w or 1.0))
+            ef = calc.get_fermi_level() if hasattr(calc, "get_fermi_level") else None
+            vbm, cbm = edges_from_levels(eps, occ, 2.0 / nspin)
+            return vbm, cbm, ef
+        return None, None, None
 
     def make_calculator(self, atoms, charge: int, workdir: Path):
         factory = load_calculator_class(self.settings.calculator)

@@ -192,6 +192,14 @@ class Engine(ABC):
         )
 
 
+def edges_from_levels(eigenvalues, occupations, max_occupation: float) -> tuple[float | None, float | None]:
+    """VBM = highest level with occupation > max/2, CBM = lowest with occupation < max/2 (eV in, eV out)."""
+    e = np.asarray(eigenvalues, dtype=float).ravel()
+    o = np.asarray(occupations, dtype=float).ravel()
+    occ, emp = e[o > max_occupation / 2], e[o < max_occupation / 2]
+    return (float(occ.max()) if occ.size else None, float(emp.min()) if emp.size else None)
+
+
 class AseDrivenEngine(Engine):
     """An engine whose single points come from an ASE calculator and whose relaxations are driven by an ASE
     optimizer (BFGS by default), recording every ionic step. Subclasses implement :meth:`make_calculator`.
@@ -208,6 +216,10 @@ class AseDrivenEngine(Engine):
     def close_calculator(self, calc) -> None:  # noqa: B027 - optional hook
         """Release resources (e.g. a ``cp2k_shell`` process)."""
 
+    def band_edges(self, calc) -> tuple[float | None, float | None, float | None]:
+        """(vbm, cbm, fermi_level) in eV from the calculator, or Nones. Subclasses override for their codes."""
+        return None, None, None
+
     def _frame_from_atoms(self, atoms, charge, t0, step) -> Frame:
         energy = atoms.get_potential_energy()
         forces = atoms.get_forces()
@@ -223,6 +235,10 @@ class AseDrivenEngine(Engine):
                 mag = float(atoms.calc.results["magmom"])
         except Exception:
             mag = None
+        try:
+            vbm, cbm, ef = self.band_edges(atoms.calc)
+        except Exception:  # band edges are optional information
+            vbm = cbm = ef = None
         return self.make_frame(
             atoms_to_structure(atoms, charge),
             charge,
@@ -232,6 +248,9 @@ class AseDrivenEngine(Engine):
             wall_seconds=time.perf_counter() - t0,
             step=step,
             magnetization=mag,
+            vbm=vbm,
+            cbm=cbm,
+            fermi_level=ef,
         )
 
     def single_point(self, structure, charge, workdir="."):
