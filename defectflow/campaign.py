@@ -243,6 +243,39 @@ class SelectionSpec(_Section):
     per_group_min: int = Field(1, ge=1, description="At least this many HF frames per (defect, q)")
     per_group_max: int | None = Field(None, ge=1, description="At most this many HF frames per (defect, q)")
     seed: int = Field(0, description="Random seed (selection is deterministic for a seed)")
+    # -- minima ---------------------------------------------------------------------------------------------------
+    energy_tolerance: float = Field(
+        0.01, ge=0,
+        description="minima: two relaxation end points are the same minimum when their LF energies differ by at most "
+        "this (eV, total energy of the cell) AND pymatgen's StructureMatcher matches them",
+    )
+    match_ltol: float = Field(
+        0.2, gt=0, description="minima: StructureMatcher fractional length tolerance ltol (pymatgen default 0.2)"
+    )
+    match_stol: float = Field(
+        0.1, gt=0,
+        description="minima: StructureMatcher site tolerance stol, a fraction of (V/N)^(1/3): 0.1 lets no atom "
+        "differ by more than ≈ 0.28 Å in Si (pymatgen's default 0.3, ≈ 0.8 Å, merges distinct reconstructions)",
+    )
+    match_angle_tol: float = Field(
+        5.0, gt=0, description="minima: StructureMatcher angle tolerance in degrees (pymatgen default 5°)"
+    )
+    # -- fps ------------------------------------------------------------------------------------------------------
+    soap_r_cut: float = Field(5.0, gt=0, description="fps: SOAP cutoff radius in Å (dscribe r_cut)")
+    soap_n_max: int = Field(6, ge=1, description="fps: SOAP number of radial basis functions (dscribe n_max)")
+    soap_l_max: int = Field(4, ge=0, description="fps: SOAP maximum spherical-harmonic degree (dscribe l_max)")
+    soap_sigma: float = Field(0.5, gt=0, description="fps: SOAP Gaussian width of the atomic densities in Å")
+    fps_within_group: bool = Field(
+        True,
+        description="fps: measure the distance of a candidate to the frames already chosen for its own (defect, q) "
+        "only (True: the same geometry at another charge is new information) or to all chosen frames (False)",
+    )
+    # -- stratified -----------------------------------------------------------------------------------------------
+    strata: int | None = Field(
+        None, ge=1,
+        description="stratified: number of equal-width energy bins between a group's lowest and highest candidate "
+        "energy (None: as many bins as frames the group receives)",
+    )
 
 
 class MlipSpec(_Section):
@@ -252,7 +285,10 @@ class MlipSpec(_Section):
         "multihead", description="multihead: shared body, LF and HF heads; delta: HF correction on an LF model"
     )
     charge_embedding: bool = Field(True, description="Condition on the total charge q (embedding_specs total_charge)")
-    embedding_readout: bool = Field(False, description="Add the charge-dependent energy readout (use_embedding_readout)")
+    embedding_readout: bool = Field(
+        True, description="Add the charge-dependent energy readout (use_embedding_readout): charged cells differ by "
+        "eV per q, which a charge-dependent readout captures directly"
+    )
     r_max: float = Field(5.0, gt=0, description="Cutoff radius in Å")
     hidden_irreps: str = Field("32x0e + 32x1o", description="MACE hidden irreps (model size)")
     num_interactions: int = Field(2, ge=1)
@@ -266,6 +302,22 @@ class MlipSpec(_Section):
     device: Literal["cpu", "cuda", "auto"] = Field("auto", description="Training device (auto: cuda when available)")
     ablations: list[Literal["no_charge", "hf_only", "lf_only"]] = Field(
         default_factory=list, description="Extra models trained side by side for comparison"
+    )
+    valid_fraction: float = Field(
+        0.1, gt=0, lt=1, description="Fraction of the LF frames and of the non-test HF frames used for validation "
+        "(at least 1 frame each)"
+    )
+    energy_weight: float = Field(1.0, ge=0, description="Weight of the energy term of the loss (mace energy_weight)")
+    forces_weight: float = Field(100.0, ge=0, description="Weight of the force term of the loss (mace forces_weight)")
+    num_threads: int | None = Field(
+        None, ge=1, description="CPU threads of the training process (OMP_NUM_THREADS); None: the environment's "
+        "OMP_NUM_THREADS, or 1 when unset and training on cpu (small models train ~50x faster than with 2 "
+        "contended threads)"
+    )
+    extra_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Extra mace_run_train options, e.g. {ema: null, ema_decay: 0.995}; a null value passes a bare "
+        "flag (store_true options)",
     )
 
 

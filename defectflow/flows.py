@@ -6,7 +6,15 @@
 * ``bulk LF/HF static`` pristine-supercell single points, ``bulk reference`` (energies, HF band edges),
 * ``relax_lf …``        one job per distorted structure per (defect, q), low fidelity, every ionic step kept,
 * ``summary …``         ShakeNBreak energy-vs-distortion summary and plot per (defect, q),
-* ``harvest_lf``        the low-fidelity training set (extxyz).
+* ``harvest_lf``        the low-fidelity training set (extxyz),
+* ``select``            frames for HF single points within the budget (``selection.strategy``),
+* ``single_hf``         one HF single point per selected frame (dynamic: replaced once the selection is known),
+* ``train round 0``     the charge-embedded multi-fidelity MACE surrogate (+ ablations, metrics, plots),
+* ``baseline …``        optional foundation-model (CHGNet) search per (defect, q),
+* ``start search``      joins the above, then per (defect, q): ``search …`` (surrogate) → ``verify …`` (HF),
+                        and ``finalize`` (top-up retraining while verification disagrees, then doped levels).
+
+``steps="lf"`` stops after the harvest (steps 1-2 only).
 
 Generation runs while the graph is built (doped + ShakeNBreak take seconds), so the graph is static and its size is
 known before anything runs; pass ``generation=`` to reuse an earlier :func:`~defectflow.generate.generate` result.
@@ -14,6 +22,7 @@ known before anything runs; pass ``generation=`` to reuse an earlier :func:`~def
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,12 +63,15 @@ class DefectCampaignMaker(Maker):
     check_engines
         Run each engine's set-up check (executables, pseudopotentials) while building, so a missing
         pseudopotential fails at once instead of in every job.
+    steps
+        "all" (default) or "lf" (stop after the low-fidelity harvest).
     """
 
     name: str = "defectflow"
     harvest_filter: HarvestFilter = field(default_factory=HarvestFilter)
     min_e_diff: float = 0.05
     check_engines: bool = True
+    steps: str = "all"
 
     def make(self, campaign: Campaign, generation: GenerationResult | None = None) -> Flow:
         generation = generation or generate(campaign)
@@ -124,7 +136,50 @@ class DefectCampaignMaker(Maker):
             "summaries": summaries,
             "training_set_lf": harvest.output,
         }
+        if self.steps == "all":
+            output.update(self._steps_3_to_5(campaign, generation, jobs, relax_outputs, harvest, bulk_ref, high))
+        elif self.steps != "lf":
+            raise ValueError(f"steps: expected 'all' or 'lf', got {self.steps!r}")
         return Flow(jobs, output=output, name=f"{self.name} {campaign.name}")
+
+    def _steps_3_to_5(self, campaign, generation, jobs, relax_outputs, harvest, bulk_ref, high) -> dict[str, Any]:
+        from defectflow.label import label_selected
+        from defectflow.search.jobs import baseline_search, start_search, starts_payload
+        from defectflow.select import select_job
+        from defectflow.train.jobs import train_job
+
+        plots = campaign.work_dir() / "plots"
+        sel = select_job(relax_outputs, campaign.selection.model_dump(mode="json"))
+        sel.name = "select"
+        lab = label_selected(sel.output, high, "high")
+        lab.name = "single_hf"
+        train = train_job(harvest.output, lab.output, campaign.mlip.model_dump(mode="json"), str(plots / "model"))
+        train.name = "train round 0"
+        jobs += [sel, lab, train]
+        starts = {f"{ds.defect} {ds.charge:+d}": starts_payload(ds) for ds in generation.distortion_sets}
+        baselines = []
+        if campaign.search.foundation_baseline:
+            for ds in generation.distortion_sets:
+                b = baseline_search(ds.defect, ds.charge, starts[f"{ds.defect} {ds.charge:+d}"],
+                                    campaign.search.model_dump(mode="json"), campaign.search.foundation_baseline,
+                                    str(plots / "search"))
+                b.name = f"baseline {ds.name}"
+                jobs.append(b)
+                baselines.append(b.output)
+        context = {
+            "campaign": json.loads(campaign.model_dump_json()),
+            "round": 0,
+            "starts": starts,
+            "defect_entries": {f"{ds.defect} {ds.charge:+d}": ds.defect_entry for ds in generation.distortion_sets},
+            "plot_dir": str(plots / "search"),
+            "bulk_structure": generation.bulk_supercell.to_json(),
+            "hf_calls": 1,  # the bulk HF single point
+            "history": [],
+        }
+        st = start_search(train.output, lab.output, harvest.output, bulk_ref.output, baselines, json.dumps(context))
+        st.name = "start search"
+        jobs.append(st)
+        return {"selection": sel.output, "hf_labels": lab.output, "training": train.output, "result": st.output}
 
 
 def _neighbour_element(ds, host_elements: set[str]) -> str | None:

@@ -88,7 +88,7 @@ def test_unknown_defect_name_is_one_clear_error(tmp_path):
 
 
 def test_graph_shape_and_names(generation, tmp_path):
-    flow = DefectCampaignMaker().make(small_campaign(tmp_path, charges=(-1, 0, 1), dimer=True), generation)
+    flow = DefectCampaignMaker(steps="lf").make(small_campaign(tmp_path, charges=(-1, 0, 1), dimer=True), generation)
     names = [j.name for j in flow.jobs]
     n_structures = sum(len(d.structures) for d in generation.distortion_sets)
     relax = [n for n in names if n.startswith("relax_lf ")]
@@ -112,14 +112,14 @@ def test_engine_setup_error_fails_at_build_time(generation, tmp_path):
     c.fidelities.high = {"engine": "ase", "calculator": "no_such_module.Calc"}
     c = Campaign.from_dict(c.model_dump(mode="json"))
     with pytest.raises(EngineError, match="cannot import module 'no_such_module'"):
-        DefectCampaignMaker().make(c, generation)
+        DefectCampaignMaker(steps="lf").make(c, generation)
 
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     work = tmp_path_factory.mktemp("run")
     campaign = small_campaign(work)
-    flow = DefectCampaignMaker().make(campaign)
+    flow = DefectCampaignMaker(steps="lf").make(campaign)
     store = make_store("embedded", work)
     responses = run_locally(flow, store=store, create_folders=True, root_dir=str(work / "jobs"), log=False)
     store.connect()

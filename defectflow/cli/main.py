@@ -34,7 +34,7 @@ EPILOG = """\
 examples:
   defectflow validate workflows/quickstart.yaml     check a campaign, print its summary
   defectflow engines                                which engines can run on this machine
-  defectflow run workflows/quickstart.yaml          run a campaign locally (embedded store, steps 1-2 today)
+  defectflow run workflows/quickstart.yaml          run a campaign locally (embedded store), all five steps
   defectflow schema > campaign.schema.json          JSON schema of the campaign file
   defectflow schema --markdown                      every campaign key, its type, default and units
 
@@ -99,8 +99,8 @@ def _cmd_run(args) -> int:
     if args.work_dir:
         campaign.execution.work_dir = args.work_dir
     console.print(f"[bold]defectflow run[/] {campaign.name} → {campaign.work_dir()}")
-    console.print(f"steps run locally: {', '.join(BUILT_STEPS)}  (selection, HF labelling, MACE training, "
-                  "search and levels are not built yet: issues #4 and #5)")
+    steps = "lf" if args.lf_only else "all"
+    console.print(f"steps: {', '.join(BUILT_STEPS if steps == 'all' else BUILT_STEPS[:5])}")
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("[dim]{task.fields[current]}")]
     with Progress(*columns, console=console, transient=False, disable=args.quiet) as bar:
@@ -110,7 +110,7 @@ def _cmd_run(args) -> int:
             bar.update(task, total=total, completed=done, current=name if event == "starting" else "")
 
         try:
-            result = run_campaign(campaign, progress=progress)
+            result = run_campaign(campaign, progress=progress, steps=steps)
         except (CampaignError, EngineError) as exc:
             bar.stop()
             for line in str(exc).splitlines():
@@ -127,6 +127,34 @@ def _cmd_run(args) -> int:
                       f"{s.n_converged}/{len(s.status)}", str(s.n_failed))
     out = Console()
     out.print(table)
+    res = result.result
+    if res is not None:
+        gs = Table(title=f"Ground states (surrogate search, verified with {campaign.fidelities.high.engine} "
+                         f"{campaign.fidelities.high.xc})")
+        for col in ("defect", "q", "from start", "E_HF (eV)", "|E_HF − E_MLIP| (meV/atom)", "minima",
+                    "baseline RMSD (Å)"):
+            gs.add_column(col)
+        for r in sorted(res.ground_states, key=lambda r: (r.defect, r.charge)):
+            err = "-" if r.verification_error_mev_per_atom is None else f"{r.verification_error_mev_per_atom:.1f}"
+            base = "-" if r.baseline_rmsd is None else f"{r.baseline_rmsd:.3f}"
+            e = "-" if r.hf_energy is None else f"{r.hf_energy:.4f}"
+            gs.add_row(r.defect, f"{r.charge:+d}", (r.ground_state_label or "-").replace("Bond_Distortion_", ""),
+                       e, err, str(r.n_minima), base)
+        Console().print(gs)
+        if res.levels is not None:
+            lv = Table(title=f"Charge-transition levels (VBM = 0, gap {res.levels.band_gap:.2f} eV, "
+                             f"correction: {res.levels.correction_scheme})")
+            for col in ("defect", "level", "eV above VBM", "in gap"):
+                lv.add_column(col)
+            for t in res.levels.transition_levels:
+                lv.add_row(t.defect, f"ε({t.q_from:+d}/{t.q_to:+d})", f"{t.level:.3f}", "yes" if t.in_gap else "no")
+            Console().print(lv)
+            if not res.levels.transition_levels:
+                Console().print("no transition level within [VBM − 1 eV, CBM + 1 eV]")
+        else:
+            Console().print(f"[yellow]levels not computed:[/] {res.levels_error}")
+        Console().print(f"HF calculations: {res.hf_calls} ({res.hf_seconds:.0f} s); verification rounds: "
+                        f"{len(res.rounds)}")
     ts = result.training_set
     if ts:
         out.print(f"training set: {ts['n_frames']} frames of {ts['n_candidates']} ionic steps, "
@@ -135,8 +163,12 @@ def _cmd_run(args) -> int:
         out.print(f"plot: {p}")
     out.print(f"{result.n_jobs} jobs in {result.wall_seconds:.0f} s; store: {campaign.execution.store} "
               f"({result.work_dir / 'store'})")
-    if result.failed_jobs:
+    if result.failed_jobs or result.failures:
         out.print(f"[red]{len(result.failed_jobs)} job(s) did not finish:[/] {', '.join(result.failed_jobs[:5])}")
+        for name, why in result.failures.items():
+            out.print(f"[red]  {name}:[/] {why}")
+        if result.failures:
+            out.print(f"full tracebacks: {result.work_dir / 'failures.log'}")
         return 1
     return 0
 
@@ -213,13 +245,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run a campaign locally (embedded store) with progress",
                        description="Build the campaign graph and run it on this machine into the store named in\n"
-                       "execution.store (default: embedded sqlite under the work directory). Today this runs\n"
-                       "steps 1-2: doped + ShakeNBreak generation, low-fidelity relaxation of every distortion,\n"
-                       "ShakeNBreak energy-vs-distortion summaries and plots, and the training-set harvest.\n"
-                       "HF selection, MACE training, surrogate search and CTLs follow (issues #4, #5).",
+                       "execution.store (default: embedded sqlite under the work directory):\n"
+                       "  1 doped + ShakeNBreak generation    2 LF relaxation of every distortion (+ plots)\n"
+                       "  3 HF single points on selected frames  4 charge-embedded multi-fidelity MACE\n"
+                       "  5 surrogate search, HF verification, doped CTLs and formation-energy diagram\n"
+                       "Ends with tables of ground states and CTLs and the paths of the plots.",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("campaign", help="campaign YAML file")
     p.add_argument("--work-dir", help="override execution.work_dir")
+    p.add_argument("--lf-only", action="store_true", help="stop after step 2 (generation + LF relaxations)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_run)
 
@@ -251,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # monty's `cd` helper prints this deprecation once per job; it says nothing to a defectflow user
     warnings.filterwarnings("ignore", message=r"(?s).*contextlib\.chdir")
+    # mace-torch sets TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD itself and then warns about it on every model load
+    warnings.filterwarnings("ignore", message=r"Environment variable TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
     logging.basicConfig(
         level=logging.WARNING - 10 * min(args.verbose, 2), format="%(levelname)s %(name)s: %(message)s"
     )

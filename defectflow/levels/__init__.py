@@ -20,16 +20,21 @@ from __future__ import annotations
 import logging
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, BeforeValidator, Field
 
 from defectflow.schemas import Structure
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["LevelEntry", "TransitionLevel", "LevelsResult", "compute_levels", "image_charge_correction"]
+
+
+def _as_dict(v: Any) -> Any:
+    """jobflow decodes MSONable dicts into objects when a job runs: accept the DefectEntry itself too."""
+    return v.as_dict() if hasattr(v, "as_dict") else v
 
 
 class LevelEntry(BaseModel):
@@ -39,7 +44,9 @@ class LevelEntry(BaseModel):
     charge: int
     energy: float = Field(description="High-fidelity total energy of the defect supercell in eV")
     structure: Structure = Field(description="Ground-state structure")
-    defect_entry: dict[str, Any] = Field(description="doped DefectEntry (as_dict) from the generation step")
+    defect_entry: Annotated[dict[str, Any], BeforeValidator(_as_dict)] = Field(
+        description="doped DefectEntry (or its as_dict) from the generation step"
+    )
 
 
 class TransitionLevel(BaseModel):

@@ -18,15 +18,18 @@ from typing import Any
 
 from defectflow.campaign import Campaign
 from defectflow.relax import DistortionSummary
+from defectflow.search.jobs import CampaignResult
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["run_campaign", "CampaignRun", "BUILT_STEPS"]
 
-#: Pipeline steps the local run executes today (the rest are planned in issues #4 and #5).
-BUILT_STEPS = ("generate", "bulk", "relax_lf", "summary", "harvest_lf")
+#: Pipeline steps a local run executes.
+BUILT_STEPS = ("generate", "bulk", "relax_lf", "summary", "harvest_lf", "select", "single_hf", "train", "search",
+               "verify", "levels")
 
 _JOB_RE = re.compile(r"^(Starting|Finished) job - (.+) \(([0-9a-f-]+)")
+_FAIL_RE = re.compile(r"^(.+) failed with exception:\s*(.*)", re.S)
 
 
 class _JobProgress(logging.Handler):
@@ -35,11 +38,21 @@ class _JobProgress(logging.Handler):
     def __init__(self, callback: Callable[[str, str], None]):
         super().__init__(logging.INFO)
         self.callback = callback
+        self.failures: dict[str, str] = {}
+        self.tracebacks: dict[str, str] = {}
 
     def emit(self, record: logging.LogRecord) -> None:
-        m = _JOB_RE.match(record.getMessage())
+        msg = record.getMessage()
+        m = _JOB_RE.match(msg)
         if m:
             self.callback(m.group(1).lower(), m.group(2))
+            return
+        m = _FAIL_RE.match(msg)
+        if m:  # keep the last line of the traceback: the exception itself
+            text = m.group(2).strip()
+            lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("    For further")]
+            self.failures[m.group(1)] = lines[-1] if lines else "unknown error"
+            self.tracebacks[m.group(1)] = text
 
 
 @dataclass
@@ -52,20 +65,27 @@ class CampaignRun:
     wall_seconds: float
     summaries: dict[str, DistortionSummary] = field(default_factory=dict)
     training_set: dict[str, Any] | None = None
+    result: CampaignResult | None = None
     failed_jobs: list[str] = field(default_factory=list)
+    failures: dict[str, str] = field(default_factory=dict, metadata={"doc": "job name → exception"})
 
     @property
     def plots(self) -> list[str]:
-        return [s.plot for s in self.summaries.values() if s.plot]
+        out = [s.plot for s in self.summaries.values() if s.plot]
+        if self.result:
+            out += [p for p in self.result.plots.values() if p]
+        return out
 
 
 def run_campaign(
     campaign: Campaign | str | Path,
     progress: Callable[[str, str, int, int], None] | None = None,
+    steps: str = "all",
 ) -> CampaignRun:
     """Build the campaign graph and run it locally into the embedded (or configured) store.
 
-    ``progress(event, job_name, done, total)`` is called when a job starts or finishes.
+    ``progress(event, job_name, done, total)`` is called when a job starts or finishes; ``total`` grows when
+    dynamic steps (HF fan-out, search rounds) add jobs. ``steps="lf"`` stops after step 2.
     """
     from jobflow import run_locally
 
@@ -77,17 +97,25 @@ def run_campaign(
     work = campaign.work_dir()
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    flow = DefectCampaignMaker().make(campaign)
-    total = len(flow.jobs)
+    flow = DefectCampaignMaker(steps=steps).make(campaign)
+    total = {"n": len(flow.jobs)}
     store = make_store(campaign.execution.store, work)
 
     done = {"n": 0}
 
+    seen: set[str] = set()
+
     def on_job(event: str, name: str) -> None:
+        if event == "starting" and name not in known and name not in seen:
+            total["n"] += 1  # a job added by a dynamic step
+        seen.add(name)
         if event == "finished":
             done["n"] += 1
+        total["n"] = max(total["n"], done["n"])  # replaced jobs run under their old names too
         if progress:
-            progress(event, name, done["n"], total)
+            progress(event, name, done["n"], total["n"])
+
+    known = {j.name for j in flow.jobs}
 
     handler = _JobProgress(on_job)
     jf_logger = logging.getLogger("jobflow")
@@ -106,14 +134,23 @@ def run_campaign(
         jf_logger.setLevel(old_level)
         jf_logger.propagate = old_propagate
 
+    if handler.tracebacks:
+        (work / "failures.log").write_text(
+            "".join(f"=== {name}\n{tb}\n\n" for name, tb in handler.tracebacks.items()))
     store.connect()
     uuids = {j.uuid: j.name for j in flow.jobs}
     failed = [name for uuid, name in uuids.items() if uuid not in responses]
+    result = None
+    mine = {"hosts": flow.uuid}  # every job of this run, dynamic ones included, lists the flow in its hosts
+    finals = [d for d in store.query({**mine, "name": {"$regex": "^finalize round "}}, load=True)
+              if isinstance(d.get("output"), dict) and "ground_states" in d["output"]]
+    if finals:
+        result = CampaignResult.model_validate(max(finals, key=lambda d: d["name"])["output"])
     summaries = {}
-    for doc in store.query({"uuid": {"$in": list(uuids)}, "name": {"$regex": "^summary "}}):
+    for doc in store.query({**mine, "name": {"$regex": "^summary "}}):
         s = DistortionSummary.model_validate(doc["output"])
         summaries[doc["name"].removeprefix("summary ")] = s
-    harvest = store.query_one({"uuid": {"$in": list(uuids)}, "name": "harvest_lf"}, load=True)
+    harvest = store.query_one({**mine, "name": "harvest_lf"}, load=True)
     ts = None
     if harvest:
         ts = {k: v for k, v in harvest["output"].items() if k != "extxyz"}
@@ -121,5 +158,6 @@ def run_campaign(
         path.write_text(harvest["output"]["extxyz"])
         ts["path"] = str(path)
     ordered = dict(sorted(summaries.items(), key=lambda kv: (kv[1].defect, kv[1].charge)))
-    return CampaignRun(campaign=campaign, work_dir=work, n_jobs=total, wall_seconds=time.perf_counter() - t0,
-                       summaries=ordered, training_set=ts, failed_jobs=failed)
+    return CampaignRun(campaign=campaign, work_dir=work, n_jobs=total["n"], wall_seconds=time.perf_counter() - t0,
+                       summaries=ordered, training_set=ts, result=result, failed_jobs=failed,
+                       failures=dict(handler.failures))

@@ -1,0 +1,305 @@
+"""Jobs of step 5: surrogate search, foundation-model baseline, HF verification, top-up retraining and levels.
+
+``finalize`` is dynamic: when a verified HF energy disagrees with the surrogate by more than
+``verify.energy_threshold`` (meV/atom) and top-up rounds remain, it replaces itself by: retrain with the
+disagreeing frames added → search → verify → finalize (next round). Otherwise it computes the levels and the
+campaign result. What happened in each round is recorded in :class:`CampaignResult`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from jobflow import Flow, Response, job
+from pydantic import BaseModel, Field
+
+from defectflow.engines import get_engine
+from defectflow.label import hf_extxyz
+from defectflow.levels import LevelEntry, LevelsResult, compute_levels
+from defectflow.relax import frames_to_extxyz
+from defectflow.schemas import Frame, Structure, as_structure
+from defectflow.search import SearchResult, SearchStart, rattled_starts, rmsd, search_ground_state
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "Verification",
+    "GroundStateRecord",
+    "CampaignResult",
+    "surrogate_search",
+    "baseline_search",
+    "verify_ground_state",
+    "finalize",
+    "start_search",
+    "build_search_round",
+    "starts_payload",
+]
+
+
+def starts_payload(distortion_set) -> list[dict[str, Any]]:
+    """ShakeNBreak starts of one (defect, q) as light dicts (structure as JSON) for job arguments."""
+    return [{"label": s.label, "bond_distortion": s.bond_distortion, "structure": s.structure.to_json()}
+            for s in distortion_set.structures]
+
+
+def _starts(payload: list[dict[str, Any]], search_spec: dict[str, Any], seed: int) -> list[SearchStart]:
+    base = [SearchStart(label=p["label"], bond_distortion=p["bond_distortion"], structure=as_structure(p["structure"]))
+            for p in payload]
+    return base + rattled_starts(base, int(search_spec.get("extra_starts", 0)),
+                                 float(search_spec.get("rattle_stdev", 0.15)), seed)
+
+
+def _model(training) -> Any:
+    models = training["models"] if isinstance(training, dict) else training.models
+    return models["main"]
+
+
+@job(data=["minima", "landscape"])
+def surrogate_search(training, defect: str, charge: int, starts: list[dict[str, Any]], search_spec: dict[str, Any],
+                     plot_dir: str | None = None, seed: int = 0) -> SearchResult:
+    """Relax every ShakeNBreak start (+ rattled copies) with the trained surrogate's HF head at charge q."""
+    from defectflow.train.surrogate import load_calculator
+
+    model = _model(training)
+    return search_ground_state(
+        defect, charge, _starts(starts, search_spec, seed), lambda: load_calculator(model, head="hf"),
+        model="mace:hf", fmax=search_spec.get("fmax", 0.02), max_steps=search_spec.get("max_steps", 300),
+        energy_tolerance=search_spec.get("energy_tolerance", 0.01), plot_dir=plot_dir,
+    )
+
+
+@job(data=["minima", "landscape"])
+def baseline_search(defect: str, charge: int, starts: list[dict[str, Any]], search_spec: dict[str, Any],
+                    model: str = "chgnet", plot_dir: str | None = None) -> SearchResult:
+    """The same ShakeNBreak starts relaxed with a foundation model (CHGNet: no charge input, weights ship
+    with the package) for the baseline ground-state RMSD."""
+    if model != "chgnet":
+        raise ValueError(f"search.foundation_baseline: expected 'chgnet', got {model!r}")
+
+    def factory():
+        from chgnet.model.dynamics import CHGNetCalculator
+
+        return CHGNetCalculator(use_device="cpu")
+
+    return search_ground_state(defect, charge, _starts(starts, {"extra_starts": 0}, 0), factory, model="chgnet",
+                               fmax=search_spec.get("fmax", 0.02), max_steps=search_spec.get("max_steps", 300),
+                               energy_tolerance=search_spec.get("energy_tolerance", 0.01), plot_dir=plot_dir)
+
+
+class Verification(BaseModel):
+    """High-fidelity check of one surrogate ground state."""
+
+    defect: str
+    charge: int
+    mode: str = Field(description="single_point or relax")
+    ground_state_label: str | None = Field(None, description="Start that led to the surrogate ground state")
+    structure: Structure | None = Field(None, description="Verified ground-state structure (HF-relaxed in relax mode)")
+    surrogate_energy: float | None = Field(None, description="Surrogate (HF head) energy in eV")
+    hf_energy: float | None = Field(None, description="HF energy in eV at the verified structure")
+    error_mev_per_atom: float | None = Field(None, description="|E_HF − E_surrogate| in meV/atom at the surrogate minimum")
+    agrees: bool = Field(False, description="error below verify.energy_threshold")
+    rmsd_to_hf_relaxed: float | None = Field(None, description="RMSD surrogate vs HF-relaxed ground state, Å")
+    rmsd_success: bool | None = Field(None, description="rmsd_to_hf_relaxed ≤ verify.rmsd_threshold")
+    hf_frame: Frame | None = Field(None, description="HF single point at the surrogate minimum")
+    lf_frame: Frame | None = Field(None, description="LF single point at the same geometry (top-up data)")
+    hf_seconds: float = 0.0
+    error: str | None = None
+
+
+@job(data=["hf_frame", "lf_frame"])
+def verify_ground_state(search, high: dict[str, Any], low: dict[str, Any], verify_spec: dict[str, Any]) -> Verification:
+    """HF single point (or HF relaxation) on the surrogate ground state; LF single point too when it disagrees."""
+    search = SearchResult.model_validate(search) if isinstance(search, dict) else search
+    mode = verify_spec.get("mode", "single_point")
+    v = Verification(defect=search.defect, charge=search.charge, mode=mode,
+                     ground_state_label=search.ground_state_label)
+    if search.ground_state is None:
+        v.error = "the surrogate search produced no minimum"
+        return v
+    gs = search.ground_state.structure
+    v.surrogate_energy = search.ground_state.energy
+    engine = get_engine(high, fidelity="high")
+    tag = f"{search.defect}_{search.charge:+d}_verify"
+    t0 = time.perf_counter()
+    hf = engine.single_point(gs, search.charge, workdir=Path.cwd() / tag)
+    v.hf_frame = hf
+    v.structure = gs
+    if hf.energy is None:
+        v.error = hf.error or "HF single point failed"
+        v.hf_seconds = time.perf_counter() - t0
+        return v
+    v.hf_energy = hf.energy
+    v.error_mev_per_atom = 1000 * abs(hf.energy - v.surrogate_energy) / len(gs)
+    v.agrees = v.error_mev_per_atom <= verify_spec.get("energy_threshold", 5.0)
+    if mode == "relax":
+        traj = engine.relax(gs, search.charge, workdir=Path.cwd() / (tag + "_relax"))
+        final = traj.final
+        if final is not None:
+            v.structure, v.hf_energy = final.structure, final.energy
+            v.rmsd_to_hf_relaxed = rmsd(gs, final.structure)
+            v.rmsd_success = v.rmsd_to_hf_relaxed <= verify_spec.get("rmsd_threshold", 0.1)
+        else:
+            v.error = f"HF relaxation failed: {traj.error}"
+    v.hf_seconds = time.perf_counter() - t0
+    if not v.agrees:
+        v.lf_frame = get_engine(low, fidelity="low").single_point(gs, search.charge, workdir=Path.cwd() / (tag + "_lf"))
+    return v
+
+
+class GroundStateRecord(BaseModel):
+    """Per (defect, q): what a user queries."""
+
+    defect: str
+    charge: int
+    ground_state_label: str | None = Field(None, description="ShakeNBreak start that led to the ground state")
+    structure: Structure | None = None
+    surrogate_energy: float | None = Field(None, description="eV")
+    hf_energy: float | None = Field(None, description="eV")
+    verification_error_mev_per_atom: float | None = None
+    rmsd_to_hf_relaxed: float | None = Field(None, description="Å (verify.mode: relax)")
+    n_minima: int = 0
+    landscape: dict[str, float] = Field(default_factory=dict, description="Start label → surrogate energy, eV")
+    landscape_plot: str | None = None
+    baseline_rmsd: float | None = Field(None, description="Foundation-model ground state vs this one, Å")
+    baseline_label: str | None = None
+
+
+class CampaignResult(BaseModel):
+    """Everything the campaign produced, in one document."""
+
+    campaign: str
+    ground_states: list[GroundStateRecord]
+    levels: LevelsResult | None = None
+    levels_error: str | None = None
+    rounds: list[dict[str, Any]] = Field(default_factory=list, description="Per verification round: disagreements")
+    model_comparison: list[dict[str, Any]] = Field(default_factory=list, description="Training metrics, main first")
+    hf_calls: int = Field(0, description="HF calculations: bulk + selected single points + verifications")
+    hf_seconds: float = Field(0.0, description="Wall seconds spent in HF calculations")
+    plots: dict[str, str] = Field(default_factory=dict)
+
+
+def _val(obj, key, default=None):
+    if obj is None:
+        return default
+    return obj.get(key, default) if isinstance(obj, dict) else getattr(obj, key, default)
+
+
+@job
+def finalize(verifications: list, searches: list, baselines: list, training, context: dict[str, Any]) -> Response:
+    """Top up and retrain when verification disagrees (rounds permitting), else compute levels and the result."""
+    verifications = [Verification.model_validate(v) if isinstance(v, dict) else v for v in verifications]
+    searches = [SearchResult.model_validate(s) if isinstance(s, dict) else s for s in searches]
+    round_no = context["round"]
+    spec = context["campaign"]
+    disagree = [v for v in verifications if v.hf_energy is not None and not v.agrees and v.lf_frame is not None
+                and v.lf_frame.energy is not None]
+    history = [*context.get("history", []), {
+        "round": round_no,
+        "errors_mev_per_atom": {f"{v.defect} {v.charge:+d}": v.error_mev_per_atom for v in verifications},
+        "disagreeing": [f"{v.defect} {v.charge:+d}" for v in disagree],
+        "retrained": bool(disagree) and round_no < spec["verify"]["max_rounds"],
+    }]
+    hf_calls = context["hf_calls"] + len(verifications)
+    hf_seconds = context["hf_seconds"] + sum(v.hf_seconds for v in verifications)
+    if disagree and round_no < spec["verify"]["max_rounds"]:
+        from defectflow.train.jobs import train_job
+
+        meta = [{"defect": v.defect, "distortion": f"verify_round{round_no}", "step": 0} for v in disagree]
+        lf_xyz = context["lf_extxyz"] + frames_to_extxyz([(v.lf_frame, m) for v, m in zip(disagree, meta)], "lf")
+        hf_xyz = context["hf_extxyz"] + hf_extxyz([(v.hf_frame, v.lf_frame, m) for v, m in zip(disagree, meta)])
+        new_context = {**context, "round": round_no + 1, "lf_extxyz": lf_xyz, "hf_extxyz": hf_xyz,
+                       "history": history, "hf_calls": hf_calls, "hf_seconds": hf_seconds}
+        flow = build_search_round(lf_xyz, hf_xyz, new_context, baselines)
+        return Response(replace=flow)
+
+    # levels from the verified HF energies
+    entries_by_group = context["defect_entries"]
+    records, level_entries = [], []
+    baseline_by = {(_val(b, "defect"), _val(b, "charge")): b for b in baselines if b is not None}
+    for v, s in zip(verifications, searches, strict=True):
+        rec = GroundStateRecord(defect=v.defect, charge=v.charge, ground_state_label=v.ground_state_label,
+                                structure=v.structure, surrogate_energy=v.surrogate_energy, hf_energy=v.hf_energy,
+                                verification_error_mev_per_atom=v.error_mev_per_atom,
+                                rmsd_to_hf_relaxed=v.rmsd_to_hf_relaxed, n_minima=len(s.minima),
+                                landscape=s.landscape, landscape_plot=s.plot)
+        b = baseline_by.get((v.defect, v.charge))
+        if b is not None:
+            b = SearchResult.model_validate(b) if isinstance(b, dict) else b
+            if b.ground_state is not None and v.structure is not None:
+                rec.baseline_rmsd = rmsd(v.structure, b.ground_state.structure)
+                rec.baseline_label = b.ground_state_label
+        records.append(rec)
+        if v.hf_energy is not None and v.structure is not None:
+            level_entries.append(LevelEntry(defect=v.defect, charge=v.charge, energy=v.hf_energy,
+                                            structure=v.structure,
+                                            defect_entry=entries_by_group[f"{v.defect} {v.charge:+d}"]))
+    bulk = context["bulk"]
+    levels, levels_error = None, None
+    lv = spec["levels"]
+    gap = lv.get("band_gap") if lv.get("band_gap") is not None else _val(bulk, "band_gap")
+    vbm = _val(bulk, "vbm")
+    try:
+        if _val(bulk, "energy_hf") is None:
+            raise ValueError("bulk HF energy missing (the bulk HF single point failed)")
+        if vbm is None or gap is None:
+            raise ValueError("the HF engine reported no band edges for the bulk: set levels.band_gap and use an "
+                             "engine that reports eigenvalues (qe, cp2k with smearing)")
+        levels = compute_levels(level_entries, as_structure(context["bulk_structure"]), _val(bulk, "energy_hf"),
+                                vbm, gap, correction=lv.get("correction", "auto"), dielectric=lv.get("dielectric"),
+                                chemical_potentials=lv.get("chemical_potentials"), plot_dir=context["plot_dir"])
+    except ValueError as exc:
+        levels_error = str(exc)
+        logger.warning("levels not computed: %s", exc)
+    comparison = [r if isinstance(r, dict) else r.model_dump() for r in _val(training, "comparison", [])]
+    plots = {f"landscape {r.defect} {r.charge:+d}": r.landscape_plot for r in records if r.landscape_plot}
+    if levels and levels.plot:
+        plots["formation_energies"] = levels.plot
+    result = CampaignResult(campaign=spec["name"], ground_states=records, levels=levels, levels_error=levels_error,
+                            rounds=history, model_comparison=comparison, hf_calls=hf_calls, hf_seconds=hf_seconds,
+                            plots={**plots, **(_val(training, "plots", {}) or {})})
+    return Response(output=result)
+
+
+def build_search_round(lf_xyz: str, hf_xyz: str, context: dict[str, Any], baselines: list | None,
+                       training=None) -> Flow:
+    """train (unless ``training`` given) → one search + verify per (defect, q) → finalize."""
+    from defectflow.train.jobs import train_job
+
+    spec = context["campaign"]
+    jobs = []
+    if training is None:
+        t = train_job(lf_xyz, hf_xyz, spec["mlip"], context["plot_dir"])
+        t.name = f"train round {context['round']}"
+        jobs.append(t)
+        training = t.output
+    searches, verifies = [], []
+    for group, starts in context["starts"].items():
+        defect, q = group.rsplit(" ", 1)
+        s = surrogate_search(training, defect, int(q), starts, spec["search"], context["plot_dir"],
+                             seed=spec["distortions"]["seed"])
+        s.name = f"search {group} round {context['round']}"
+        v = verify_ground_state(s.output, spec["fidelities"]["high"], spec["fidelities"]["low"], spec["verify"])
+        v.name = f"verify {group} round {context['round']}"
+        jobs += [s, v]
+        searches.append(s.output)
+        verifies.append(v.output)
+    f = finalize(verifies, searches, baselines or [], training, context)
+    f.name = f"finalize round {context['round']}"
+    jobs.append(f)
+    return Flow(jobs, output=f.output, name=f"search round {context['round']}")
+
+
+@job
+def start_search(training, labelled, lf_training_set, bulk, baselines: list, context_json: str) -> Response:
+    """Join point after training: fill the runtime context (LF/HF data, bulk reference) and start round 0."""
+    context = json.loads(context_json)
+    context.update({"lf_extxyz": _val(lf_training_set, "extxyz", ""), "hf_extxyz": _val(labelled, "extxyz", ""),
+                    "bulk": bulk if isinstance(bulk, dict) else bulk.model_dump(),
+                    "hf_calls": context["hf_calls"] + int(_val(labelled, "n_requested", 0)),
+                    "hf_seconds": float(_val(labelled, "hf_seconds", 0.0))})
+    flow = build_search_round(context["lf_extxyz"], context["hf_extxyz"], context, baselines, training=training)
+    return Response(replace=flow)

@@ -1,0 +1,147 @@
+"""The training step as one plain function and one jobflow job: the surrogate, its ablations, metrics and plots."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from jobflow import job
+from pydantic import BaseModel, Field
+
+from defectflow.campaign import MlipSpec
+from defectflow.train.data import read_frames
+from defectflow.train.metrics import Metrics, evaluate, plot_pca
+from defectflow.train.surrogate import TrainedModel, train_kind
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ComparisonRow", "TrainingResult", "train_models", "train_job", "as_extxyz"]
+
+
+class ComparisonRow(BaseModel):
+    """One model's headline numbers, for the side-by-side ablation table."""
+
+    model: str = Field(description="main, no_charge, hf_only, lf_only")
+    kind: str = Field(description="multihead | delta | hf_only | lf_only")
+    charge_embedding: bool
+    hf_test_energy_rmse: float | None = Field(None, description="Held-out HF energy RMSE, meV/atom")
+    hf_test_energy_mae: float | None = Field(None, description="Held-out HF energy MAE, meV/atom")
+    hf_test_force_rmse: float | None = Field(None, description="Held-out HF force RMSE, meV/Å")
+    hf_test_force_mae: float | None = Field(None, description="Held-out HF force MAE, meV/Å")
+    lf_valid_energy_rmse: float | None = Field(None, description="LF validation energy RMSE (LF head), meV/atom")
+    lf_valid_force_rmse: float | None = Field(None, description="LF validation force RMSE (LF head), meV/Å")
+    pca_separation_ratio: dict[str, float] = Field(
+        default_factory=dict, description="Descriptor-PCA charge separation / spread per q pair (dimensionless)")
+    wall_seconds: float = Field(description="Training wall time, s")
+
+
+class TrainingResult(BaseModel):
+    """Output of the training step: the surrogate (``models['main']``), its ablations and their metrics."""
+
+    spec: dict[str, Any] = Field(description="MlipSpec used")
+    models: dict[str, TrainedModel] = Field(description="'main' and each ablation → trained model (bytes in the "
+                                                        "data store)")
+    metrics: dict[str, Metrics] = Field(description="Same keys → accuracy on held-out frames")
+    comparison: list[ComparisonRow] = Field(description="Side-by-side headline numbers, main first")
+    plots: dict[str, str] = Field(default_factory=dict, description="Plot name → PNG path")
+    n_lf_frames: int = Field(description="LF frames given")
+    n_hf_frames: int = Field(description="HF frames given")
+    wall_seconds: float = Field(description="Wall time of the whole step (training + evaluation), s")
+
+    @property
+    def main(self) -> TrainedModel:
+        return self.models["main"]
+
+
+_ABLATION_KIND = {"hf_only": "hf_only", "lf_only": "lf_only"}
+
+
+def train_models(lf_extxyz: str, hf_extxyz: str, spec: MlipSpec | dict, workdir: str | Path,
+                 plot_dir: str | Path | None = None) -> TrainingResult:
+    """Train the surrogate (``spec.multi_fidelity``) and each of ``spec.ablations`` on the same split; evaluate all.
+
+    Ablations: ``no_charge`` = the same model without charge embedding; ``hf_only`` = single HF head on the HF
+    training frames; ``lf_only`` = single LF head on the LF frames, predicting HF with its LF head (with
+    ``multi_fidelity='delta'`` this is the LF component of the main model, reused rather than retrained).
+    Plots (``plot_dir``): ``parity_<model>.png``, ``pca_<model>.png`` and, with ``no_charge``,
+    ``pca_charge_embedding.png`` (charge-embedded vs not, side by side: the paper's Fig. 3a).
+    """
+    spec = MlipSpec.model_validate(spec) if isinstance(spec, dict) else spec
+    t0 = time.perf_counter()
+    workdir = Path(workdir)
+    models: dict[str, TrainedModel] = {"main": train_kind(lf_extxyz, hf_extxyz, spec, workdir / "main",
+                                                          kind=spec.multi_fidelity, label="main")}
+    for name in spec.ablations:
+        if name == "no_charge":
+            models[name] = train_kind(lf_extxyz, hf_extxyz, spec, workdir / name, kind=spec.multi_fidelity,
+                                      label=name, charge_embedding=False)
+        elif name == "lf_only" and spec.multi_fidelity == "delta":
+            main = models["main"]
+            models[name] = main.model_copy(update={
+                "label": name, "kind": "lf_only", "heads": ["lf"], "prediction_head": "lf",
+                "model_files": {"main": main.model_files["lf"]},
+                "components": [c for c in main.components if c.name == "lf"],
+                "wall_seconds": sum(c.wall_seconds for c in main.components if c.name == "lf"),
+            })
+        else:
+            models[name] = train_kind(lf_extxyz, hf_extxyz, spec, workdir / name, kind=_ABLATION_KIND[name],
+                                      label=name)
+    pcas: dict[str, Any] = {}
+    metrics = {name: evaluate(m, plot_dir=plot_dir, descriptor_extxyz=lf_extxyz, _keep_pca=pcas)
+               for name, m in models.items()}
+    plots = {f"{k}_{name}": v for name, mt in metrics.items() for k, v in mt.plots.items()}
+    if plot_dir is not None and "no_charge" in pcas and "main" in pcas:
+        plots["pca_charge_embedding"] = plot_pca(
+            {"charge-embedded": pcas["main"], "no charge embedding": pcas["no_charge"]},
+            Path(plot_dir) / "pca_charge_embedding.png")
+    rows = []
+    for name, mt in metrics.items():
+        rows.append(ComparisonRow(
+            model=name, kind=mt.kind, charge_embedding=mt.charge_embedding,
+            hf_test_energy_rmse=mt.hf_test.overall.energy_rmse if mt.hf_test else None,
+            hf_test_energy_mae=mt.hf_test.overall.energy_mae if mt.hf_test else None,
+            hf_test_force_rmse=mt.hf_test.overall.force_rmse if mt.hf_test else None,
+            hf_test_force_mae=mt.hf_test.overall.force_mae if mt.hf_test else None,
+            lf_valid_energy_rmse=mt.lf_valid.overall.energy_rmse if mt.lf_valid else None,
+            lf_valid_force_rmse=mt.lf_valid.overall.force_rmse if mt.lf_valid else None,
+            pca_separation_ratio=mt.pca.separation_ratio if mt.pca else {},
+            wall_seconds=models[name].wall_seconds,
+        ))
+    return TrainingResult(
+        spec=spec.model_dump(mode="json"), models=models, metrics=metrics, comparison=rows, plots=plots,
+        n_lf_frames=len(read_frames(lf_extxyz)), n_hf_frames=len(read_frames(hf_extxyz)),
+        wall_seconds=time.perf_counter() - t0,
+    )
+
+
+def as_extxyz(value: Any) -> str:
+    """extxyz text from a TrainingSet (document or dict with 'extxyz'), a list of them, or text."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple)):
+        return "".join(as_extxyz(v) for v in value)
+    if isinstance(value, dict) and "extxyz" in value:
+        return value["extxyz"]
+    if hasattr(value, "extxyz"):
+        return value.extxyz
+    raise TypeError(f"expected extxyz text or a TrainingSet, got {type(value).__name__}")
+
+
+@job(data=["model_files", "hf_test_extxyz", "lf_valid_extxyz"])
+def train_job(lf_training_set, hf_frames_extxyz, spec_dict: dict[str, Any] | None = None,
+              plot_dir: str | None = None) -> TrainingResult:
+    """Train the surrogate and ablations in the job's directory; model bytes and extxyz go to the ``data`` store.
+
+    ``lf_training_set``: the LF :class:`~defectflow.relax.TrainingSet` (or its dict, or extxyz text);
+    ``hf_frames_extxyz``: HF frames as extxyz text (or a TrainingSet / list of them); for delta learning they need
+    ``LF_energy``/``LF_forces`` or matching LF frames. ``plot_dir``: where PNGs go (default: ``plots`` in the job
+    directory).
+    """
+    spec = MlipSpec.model_validate(spec_dict or {})
+    plot_dir = plot_dir or str(Path.cwd() / "plots")
+    return train_models(as_extxyz(lf_training_set), as_extxyz(hf_frames_extxyz), spec, Path.cwd() / "train",
+                        plot_dir=plot_dir)

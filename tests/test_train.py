@@ -1,0 +1,365 @@
+"""Training step, for real: tblite GFN1-xTB (LF) and GFN2-xTB (HF) labels on rattled 15-atom Si vacancy cells at
+q = 0 and +1, a tiny MACE trained with mace_run_train (multi-head + charge embedding, delta, ablations).
+
+Every geometry is labelled at both q = 0 and q = +1, so a model that ignores the charge cannot tell the pairs apart:
+that is what the charge-embedding assertions rely on. (q = −1 is left out: GFN2 loses SCF convergence for rattled
+cells of this size.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import si_conventional
+from pymatgen.core import Structure
+
+pytest.importorskip("tblite")
+pytest.importorskip("mace")
+
+from defectflow.campaign import MlipSpec  # noqa: E402
+from defectflow.engines import get_engine  # noqa: E402
+from defectflow.relax import frames_to_extxyz  # noqa: E402
+from defectflow.train import (  # noqa: E402
+    DeltaCalculator,
+    TrainedModel,
+    TrainingError,
+    attach_lf_labels,
+    evaluate,
+    load_calculator,
+    split_frames,
+    train_models,
+    train_surrogate,
+)
+from defectflow.train.data import read_frames  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+GFN1 = {"engine": "ase", "calculator": "tblite.ase.TBLite", "xc": "GFN1-xTB",
+        "kwargs": {"method": "GFN1-xTB", "verbosity": 0}}
+GFN2 = {**GFN1, "xc": "GFN2-xTB", "kwargs": {"method": "GFN2-xTB", "verbosity": 0}}
+TINY = dict(hidden_irreps="8x0e", max_L=0, num_interactions=2, correlation=2, r_max=4.0, max_epochs=6,
+            batch_size=4, lr=0.01, device="cpu", seed=1)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2 cores shared with other work: tiny models are fastest on one thread
+    yield
+    torch.set_num_threads(old)
+
+
+def si_vac15(rattle: float, seed: int) -> Structure:
+    prim = si_conventional().get_primitive_structure()
+    prim.make_supercell(2)
+    prim.remove_sites([0])
+    rng = np.random.default_rng(seed)
+    return Structure(prim.lattice, prim.species, prim.cart_coords + rng.normal(0, rattle, (len(prim), 3)),
+                     coords_are_cartesian=True)
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    """LF: 12 geometries × q ∈ {0, +1} (GFN1); HF: every other geometry × both q (GFN2). extxyz texts."""
+    lf_engine, hf_engine = get_engine(GFN1, fidelity="low"), get_engine(GFN2, fidelity="high")
+    lf, hf = [], []
+    for i in range(12):
+        s = si_vac15(0.05, 100 + i)
+        for q in (0, 1):
+            f = lf_engine.single_point(s, q)
+            if f.energy is None or not f.scf_converged:
+                continue
+            meta = {"defect": "v_Si", "distortion": f"rattle{i}"}
+            lf.append((f, meta))
+            if i % 2 == 0:
+                h = hf_engine.single_point(s, q)
+                if h.energy is not None and h.scf_converged:
+                    hf.append((h, meta))
+    assert len(lf) >= 20 and len(hf) >= 8, (len(lf), len(hf))
+    return frames_to_extxyz(lf, "lf"), frames_to_extxyz(hf, "hf")
+
+
+@pytest.fixture(scope="module")
+def trained(dataset, tmp_path_factory):
+    lf, hf = dataset
+    work = tmp_path_factory.mktemp("train")
+    spec = MlipSpec(**TINY, embedding_readout=True, ablations=["no_charge", "hf_only", "lf_only"])
+    return train_models(lf, hf, spec, work / "run", plot_dir=work / "plots"), work
+
+
+@pytest.fixture(scope="module")
+def delta(dataset, tmp_path_factory):
+    lf, hf = dataset
+    spec = MlipSpec(**TINY, multi_fidelity="delta", embedding_readout=True)
+    return train_surrogate(lf, hf, spec, tmp_path_factory.mktemp("delta"))
+
+
+def same_geometry(q: int):
+    from defectflow.engines.base import structure_to_atoms
+
+    return structure_to_atoms(si_vac15(0.05, 999), q)  # sets atoms.info["charge"] = q
+
+
+def energy(calc, q: int) -> float:
+    atoms = same_geometry(q)
+    atoms.calc = calc
+    return atoms.get_potential_energy()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def test_split_is_deterministic_and_holds_out_hf_frames():
+    from ase import Atoms
+
+    def frames(n):
+        return [Atoms("Si", info={"total_charge": i % 2, "REF_energy": 0.0}) for i in range(n)]
+
+    a = split_frames(frames(20), frames(10), 0.2, 0.1, seed=1).as_dict()
+    assert a == split_frames(frames(20), frames(10), 0.2, 0.1, seed=1).as_dict()
+    assert a != split_frames(frames(20), frames(10), 0.2, 0.1, seed=2).as_dict()
+    assert len(a["hf_test"]) == 2 and {i % 2 for i in a["hf_test"]} == {0, 1}  # both charges tested
+    assert sorted(a["hf_test"] + a["hf_valid"] + a["hf_train"]) == list(range(10))
+    assert sorted(a["lf_valid"] + a["lf_train"]) == list(range(20)) and len(a["lf_valid"]) == 2
+    assert len(split_frames(frames(5), frames(3), 0.01, 0.1, 0).hf_test) == 1  # ≥ 1 test frame from 3 HF
+    assert split_frames(frames(5), frames(2), 0.5, 0.1, 0).hf_test == []
+
+
+def test_inconsistent_max_L_is_refused(dataset, tmp_path):
+    spec = MlipSpec(**{**TINY, "max_L": 1})
+    with pytest.raises(ValueError, match="mlip.max_L: 1 does not match mlip.hidden_irreps '8x0e'"):
+        train_surrogate(*dataset, spec, tmp_path)
+
+
+def test_mace_failure_raises_with_log_tail(dataset, tmp_path):
+    spec = MlipSpec(**TINY, extra_args={"no_such_option": 1})
+    with pytest.raises(TrainingError) as err:
+        train_surrogate(*dataset, spec, tmp_path)
+    msg = str(err.value)
+    assert "exit status 2" in msg and "unrecognized arguments: --no_such_option" in msg
+    assert "command: " in msg and "mace_run_train" in msg
+
+
+def test_training_document(trained):
+    result, _ = trained
+    main = result.main
+    assert main.kind == "multihead" and main.heads == ["lf", "hf"] and main.charge_embedding
+    (run,) = main.components
+    assert run.epochs == TINY["max_epochs"] and run.seconds_per_epoch > 0
+    for flag in ("--heads", "--embedding_specs", "--total_charge_key total_charge", "--use_embedding_readout True",
+                 "--default_dtype float64", "--hidden_irreps 8x0e", "--max_num_epochs 6", "--seed 1"):
+        assert flag in run.command, flag
+    # E0s 'average' fitted per head: GFN1 and GFN2 have different per-atom reference energies
+    assert set(run.e0s) == {"lf", "hf"} and abs(run.e0s["lf"]["14"] - run.e0s["hf"]["14"]) > 0.5
+    assert len(main.model_bytes()) > 10_000 and main.model_bytes()[:2] == b"PK"  # torch.save zip archive
+    # held-out HF frames never reach the training files
+    hf_train = read_frames(Path(run.workdir) / "hf_train.xyz") + read_frames(Path(run.workdir) / "hf_valid.xyz")
+    test_idx = set(main.split["hf_test"])
+    assert test_idx and not test_idx & {a.info["source_index"] for a in hf_train}
+    assert run.n_train["hf"] + run.n_valid["hf"] + len(test_idx) == result.n_hf_frames
+    no_charge = result.models["no_charge"].components[0].command
+    assert "--embedding_specs" not in no_charge and "--total_charge_key" not in no_charge
+
+
+def test_charge_embedding_changes_energy_and_ablation_does_not(trained):
+    result, _ = trained
+    calc = load_calculator(result.main, "hf")
+    e0, e1 = energy(calc, 0), energy(calc, 1)
+    assert abs(e1 - e0) > 1e-2  # same geometry, same calculator object: only q changed
+    flat = load_calculator(result.models["no_charge"], "hf")
+    assert energy(flat, 0) == pytest.approx(energy(flat, 1), abs=1e-10)
+
+
+def test_hf_head_differs_from_lf_head(trained):
+    result, _ = trained
+    hf, lf = load_calculator(result.main, "hf"), load_calculator(result.main, "lf")
+    a, b = same_geometry(0), same_geometry(0)
+    a.calc, b.calc = hf, lf
+    assert abs(a.get_potential_energy() - b.get_potential_energy()) > 1.0  # different E0s and readouts
+    assert np.abs(a.get_forces() - b.get_forces()).max() > 1e-4  # forces: readouts differ, not just E0
+    with pytest.raises(ValueError, match="has no head 'lf'; available: hf"):
+        load_calculator(result.models["hf_only"], "lf")
+
+
+def test_model_bytes_load_identically_in_a_fresh_process(trained, tmp_path):
+    result, _ = trained
+    main = result.main
+    doc = tmp_path / "model.json"
+    doc.write_text(main.model_dump_json())
+    raw = tmp_path / "raw.model"
+    raw.write_bytes(main.model_bytes())
+    frames = read_frames(main.hf_test_extxyz)
+    calc = load_calculator(main, "hf")
+    ref = []
+    for a in frames:
+        a = a.copy()
+        a.info["charge"] = int(a.info["total_charge"])
+        a.calc = calc
+        ref.append([a.get_potential_energy(), a.get_forces().tolist()])
+    (tmp_path / "test.xyz").write_text(main.hf_test_extxyz)
+    code = f"""
+import json
+from mace.calculators import MACECalculator
+from defectflow.train import TrainedModel, load_calculator
+from defectflow.train.data import read_frames
+m = TrainedModel.model_validate_json(open({str(doc)!r}).read())
+calcs = [load_calculator(m, "hf"),
+         MACECalculator(model_paths={str(raw)!r}, head="hf", default_dtype="float64", device="cpu")]
+out = []
+for calc in calcs:
+    rows = []
+    for a in read_frames({str(tmp_path / 'test.xyz')!r}):
+        a.info["charge"] = int(a.info["total_charge"])
+        a.calc = calc
+        rows.append([a.get_potential_energy(), a.get_forces().tolist()])
+    out.append(rows)
+print("RESULT" + json.dumps(out))
+"""
+    env = {**os.environ, "DEFECTFLOW_MODEL_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.split("RESULT", 1)[1])
+    assert list((tmp_path / "cache").glob("*.model"))  # the fresh process wrote the bytes itself
+    for rows in out:
+        for (e, f), (e_ref, f_ref) in zip(rows, ref, strict=True):
+            assert e == pytest.approx(e_ref, abs=1e-9)
+            np.testing.assert_allclose(f, f_ref, atol=1e-9)
+
+
+def _independent_errors(calc, frames):
+    """RMSE/MAE in meV/atom and meV/Å, overall and per q, computed here from plain ASE predictions."""
+    rows = []
+    for a in frames:
+        b = a.copy()
+        b.info["charge"] = int(a.info["total_charge"])
+        b.calc = calc
+        rows.append((int(a.info["total_charge"]), (b.get_potential_energy() - a.info["REF_energy"]) / len(a),
+                     (b.get_forces() - a.arrays["REF_forces"]).ravel()))
+
+    def stats(sel):
+        de = np.array([r[1] for r in sel]) * 1000
+        df = np.concatenate([r[2] for r in sel]) * 1000
+        return (np.sqrt(np.mean(de**2)), np.mean(np.abs(de)), np.sqrt(np.mean(df**2)), np.mean(np.abs(df)))
+
+    out = {"all": stats(rows)}
+    for q in {r[0] for r in rows}:
+        out[f"+{q}" if q > 0 else str(q)] = stats([r for r in rows if r[0] == q])
+    return out
+
+
+def _as_tuple(s):
+    return (s.energy_rmse, s.energy_mae, s.force_rmse, s.force_mae)
+
+
+def test_metrics_match_independent_computation(trained):
+    result, _ = trained
+    main, m = result.main, result.metrics["main"]
+    hf = read_frames(main.hf_test_extxyz)
+    want = _independent_errors(load_calculator(main, "hf"), hf)
+    assert set(m.hf_test.per_charge) == {"0", "+1"} == set(want) - {"all"}
+    assert m.hf_test.overall.n_frames == len(hf) == len(main.split["hf_test"]) >= 2
+    np.testing.assert_allclose(_as_tuple(m.hf_test.overall), want["all"], rtol=1e-9)
+    for q, stats in m.hf_test.per_charge.items():
+        np.testing.assert_allclose(_as_tuple(stats), want[q], rtol=1e-9)
+    lf = read_frames(main.lf_valid_extxyz)
+    want_lf = _independent_errors(load_calculator(main, "lf"), lf)
+    np.testing.assert_allclose(_as_tuple(m.lf_valid.overall), want_lf["all"], rtol=1e-9)
+    # evaluate() on explicit text gives the same numbers as the stored document
+    again = evaluate(main, hf_test_extxyz=main.hf_test_extxyz)
+    assert again.hf_test.overall == m.hf_test.overall
+
+
+def test_ablations_side_by_side(trained):
+    result, _ = trained
+    rows = {r.model: r for r in result.comparison}
+    assert list(rows) == ["main", "no_charge", "hf_only", "lf_only"]
+    assert rows["hf_only"].lf_valid_energy_rmse is None and rows["hf_only"].hf_test_energy_rmse is not None
+    assert result.models["lf_only"].prediction_head == "lf"
+    # The LF head predicts HF with LF reference energies: off by the GFN1-GFN2 offset (~3 eV/atom)
+    assert rows["lf_only"].hf_test_energy_rmse > 1000 > rows["main"].hf_test_energy_rmse
+    # Without the charge, q = 0 and q = +1 at the same geometry get one energy: the q splitting (~0.4 eV/atom here)
+    # stays in the error
+    assert rows["no_charge"].lf_valid_energy_rmse > 100 and rows["no_charge"].lf_valid_energy_rmse > \
+        rows["main"].lf_valid_energy_rmse
+    # Descriptor PCA: charge states separate only with the embedding (identical geometries at both q)
+    assert rows["no_charge"].pca_separation_ratio["0|+1"] < 1e-6
+    assert rows["main"].pca_separation_ratio["0|+1"] > 0.3
+    pca = result.metrics["main"].pca
+    assert len(pca.explained_variance_ratio) == 2 and 0 < sum(pca.explained_variance_ratio) <= 1 + 1e-12
+    assert set(pca.centroids) == {"0", "+1"}
+
+
+def test_plots_written(trained):
+    result, work = trained
+    expected = {"parity_main", "pca_main", "parity_no_charge", "parity_hf_only", "parity_lf_only",
+                "pca_charge_embedding"}
+    assert expected <= set(result.plots)
+    for key in expected:
+        path = Path(result.plots[key])
+        assert path.parent == work / "plots"
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 20_000
+
+
+def test_delta_mode_trains_and_predicts_lf_plus_delta(delta, dataset):
+    assert delta.kind == "delta" and [c.name for c in delta.components] == ["lf", "delta"]
+    lf_run, d_run = delta.components
+    assert "--heads" in d_run.command and '"delta"' in d_run.command
+    # Δ targets: E_HF − E_LF of the same geometry (GFN2 − GFN1 ≈ +44 eV per 15-atom cell)
+    d_frames = read_frames(Path(d_run.workdir) / "delta_train.xyz")
+    hf_all = read_frames(dataset[1])
+    lf_all = attach_lf_labels(hf_all, read_frames(dataset[0]))
+    for a in d_frames:
+        src = lf_all[a.info["source_index"]]
+        assert a.info["REF_energy"] == pytest.approx(src.info["REF_energy"] - src.info["LF_energy"], abs=1e-9)
+        np.testing.assert_allclose(a.arrays["REF_forces"], src.arrays["REF_forces"] - src.arrays["LF_forces"],
+                                   atol=1e-9)
+    calc = load_calculator(delta, "hf")
+    assert isinstance(calc, DeltaCalculator)
+    lf_calc = load_calculator(delta, "lf")
+    from defectflow.train.surrogate import _mace_calc, model_path
+
+    d_calc = _mace_calc(model_path(delta, "delta"), "delta", "cpu")
+    for q in (0, 1):
+        assert energy(calc, q) == pytest.approx(energy(lf_calc, q) + energy(d_calc, q), abs=1e-9)
+    assert abs(energy(calc, 0) - energy(lf_calc, 0)) > 10  # the Δ model carries the GFN2−GFN1 offset
+    assert abs(energy(calc, 1) - energy(calc, 0)) > 1e-2  # charge-dependent (DeltaCalculator sees info changes)
+    m = evaluate(delta)
+    assert m.hf_test.overall.n_frames == len(delta.split["hf_test"]) and m.hf_test.head == "hf"
+    assert m.hf_test.overall.energy_rmse < 1000  # LF + Δ lands on the HF scale, unlike the LF model alone
+
+
+def test_delta_needs_lf_labels_of_hf_frames(dataset):
+    lf = read_frames(dataset[0])
+    hf = read_frames(dataset[1])
+    hf[0].positions[0] += 0.3  # no LF frame has this geometry
+    with pytest.raises(ValueError, match="HF frame 0 .*no LF frame with the same geometry"):
+        attach_lf_labels(hf, lf)
+
+
+def test_train_job_keeps_model_bytes_in_data_store(dataset, tmp_path):
+    from jobflow import run_locally
+
+    from defectflow.store import embedded_store
+    from defectflow.train import train_job
+
+    lf, hf = dataset
+    spec = MlipSpec(**{**TINY, "max_epochs": 2}).model_dump()
+    j = train_job({"extxyz": lf, "n_frames": 0}, hf, spec, plot_dir=str(tmp_path / "plots"))
+    store = embedded_store(tmp_path / "store")
+    run_locally(j, store=store, create_folders=True, root_dir=str(tmp_path / "jobs"), log=False)
+    store.connect()
+    raw = store.query_one({"uuid": j.uuid}, load=False)["output"]
+    stub = raw["models"]["main"]["model_files"]
+    assert isinstance(stub, dict) and "blob_uuid" in stub and stub.get("store") == "data", stub  # not the bytes
+    loaded = store.query_one({"uuid": j.uuid}, load=True)["output"]
+    model = TrainedModel.model_validate(loaded["models"]["main"])
+    assert model.model_bytes()[:2] == b"PK" and read_frames(model.hf_test_extxyz)
+    e = energy(load_calculator(model, "hf"), 0)
+    assert np.isfinite(e)
+    assert Path(loaded["plots"]["parity_main"]).is_file()
