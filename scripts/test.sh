@@ -7,4 +7,4 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$here/scripts/setup.sh"
 cd "$here"
 export OMP_NUM_THREADS=1 MPLBACKEND=Agg
-exec "$here/.venv/bin/python" -m pytest "$@"
+exec "$here/.venv/bin/python" -m pytest --durations=15 "$@"

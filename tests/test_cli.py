@@ -18,7 +18,7 @@ def run(*args, cwd=ROOT):
 def test_help_lists_planned_subcommands():
     r = run("--help")
     assert r.returncode == 0
-    for cmd in ("run", "submit", "status", "results", "query", "plot", "benchmark", "validate", "engines"):
+    for cmd in ("run", "submit", "status", "results", "query", "plot", "benchmark", "validate", "engines", "schema"):
         assert f"  {cmd} " in r.stdout or f"    {cmd}" in r.stdout, cmd
     assert "not built yet" in r.stdout
 
@@ -73,12 +73,15 @@ relax: {{fmax: 0.3, max_steps: 3}}
 """
 
 
-def test_run_executes_steps_1_2_and_reports(tmp_path):
+def test_run_lf_only_executes_steps_1_2_and_reports(tmp_path):
+    """`defectflow run --lf-only` as a user runs it (the full pipeline is tested in test_pipeline.py)."""
     (tmp_path / "c.yaml").write_text(SMALL.format(poscar=ROOT / "workflows/structures/Si.POSCAR"))
-    r = subprocess.run([EXE, "run", "c.yaml", "--quiet"], capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    r = subprocess.run([EXE, "run", "c.yaml", "--quiet", "--lf-only"], capture_output=True, text=True, cwd=tmp_path,
+                       timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     work = tmp_path / "runs" / "cli-small"
-    assert "not built yet" in r.stderr  # says plainly which steps are still missing
+    assert "steps: generate, bulk, relax_lf, summary, harvest_lf\n" in r.stderr
+    assert "Ground states" not in r.stdout
     rows = [ln for ln in r.stdout.splitlines() if "v_Si" in ln and "│" in ln]
     assert len(rows) == 2 and "+0" in rows[0] and "+1" in rows[1]
     assert (work / "training_lf.xyz").stat().st_size > 0

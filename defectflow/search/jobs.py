@@ -178,6 +178,7 @@ class CampaignResult(BaseModel):
     rounds: list[dict[str, Any]] = Field(default_factory=list, description="Per verification round: disagreements")
     model_comparison: list[dict[str, Any]] = Field(default_factory=list, description="Training metrics, main first")
     hf_calls: int = Field(0, description="HF calculations: bulk + selected single points + verifications")
+    n_hf_selected: int = Field(0, description="Frames selected for HF single points (step 3)")
     hf_seconds: float = Field(0.0, description="Wall seconds spent in HF calculations")
     plots: dict[str, str] = Field(default_factory=dict)
 
@@ -260,6 +261,7 @@ def finalize(verifications: list, searches: list, baselines: list, training, con
         plots["formation_energies"] = levels.plot
     result = CampaignResult(campaign=spec["name"], ground_states=records, levels=levels, levels_error=levels_error,
                             rounds=history, model_comparison=comparison, hf_calls=hf_calls, hf_seconds=hf_seconds,
+                            n_hf_selected=context.get("n_hf_selected", 0),
                             plots={**plots, **(_val(training, "plots", {}) or {})})
     return Response(output=result)
 
@@ -300,6 +302,7 @@ def start_search(training, labelled, lf_training_set, bulk, baselines: list, con
     context.update({"lf_extxyz": _val(lf_training_set, "extxyz", ""), "hf_extxyz": _val(labelled, "extxyz", ""),
                     "bulk": bulk if isinstance(bulk, dict) else bulk.model_dump(),
                     "hf_calls": context["hf_calls"] + int(_val(labelled, "n_requested", 0)),
+                    "n_hf_selected": int(_val(labelled, "n_requested", 0)),
                     "hf_seconds": float(_val(labelled, "hf_seconds", 0.0))})
     flow = build_search_round(context["lf_extxyz"], context["hf_extxyz"], context, baselines, training=training)
     return Response(replace=flow)
