@@ -28,6 +28,25 @@ def si_vacancy(supercell=(1, 1, 1), rattle: float = 0.0, seed: int = 0) -> Struc
     return s
 
 
+def si_vac15(rattle: float = 0.0, seed: int = 3) -> Structure:
+    """15-atom Si vacancy cell (2×2×2 primitive cell, one site removed), optionally Gaussian-rattled (stdev in Å,
+    deterministic for ``seed``). GFN1-xTB converges on it for q = -1, 0, +1 unrattled; GFN2 for q = 0, +1."""
+    prim = si_conventional().get_primitive_structure()
+    prim.make_supercell(2)
+    prim.remove_sites([0])
+    if rattle:
+        rng = np.random.default_rng(seed)
+        prim = Structure(prim.lattice, prim.species, prim.cart_coords + rng.normal(0, rattle, (len(prim), 3)),
+                         coords_are_cartesian=True)
+    return prim
+
+
+#: tblite settings used as cheap real "low" and "high" fidelities in tests
+GFN1 = {"engine": "ase", "calculator": "tblite.ase.TBLite", "xc": "GFN1-xTB",
+        "kwargs": {"method": "GFN1-xTB", "verbosity": 0}}
+GFN2 = {**GFN1, "xc": "GFN2-xTB", "kwargs": {"method": "GFN2-xTB", "verbosity": 0}}
+
+
 @pytest.fixture
 def si_vac7() -> Structure:
     return si_vacancy()

@@ -6,27 +6,14 @@ import numpy as np
 import pytest
 from ase.calculators.calculator import Calculator, all_changes
 from pymatgen.core import Structure
-from conftest import si_conventional
+from conftest import GFN1, si_conventional, si_vac15
 
 from defectflow.engines import EngineError, get_engine
 from defectflow.engines.base import structure_to_atoms
 
 pytest.importorskip("tblite")
 
-GFN1 = {"engine": "ase", "calculator": "tblite.ase.TBLite", "xc": "GFN1-xTB",
-        "kwargs": {"method": "GFN1-xTB", "verbosity": 0}}
 
-
-def si_vac15(rattle=0.0, seed=3):
-    """15-atom Si vacancy cell (2×2×2 primitive cell, one site removed): GFN1 converges for q = -1, 0, +1."""
-    prim = si_conventional().get_primitive_structure()
-    prim.make_supercell(2)
-    prim.remove_sites([0])
-    if rattle:
-        rng = np.random.default_rng(seed)
-        prim = Structure(prim.lattice, prim.species, prim.cart_coords + rng.normal(0, rattle, (len(prim), 3)),
-                         coords_are_cartesian=True)
-    return prim
 
 
 @pytest.fixture(scope="module")

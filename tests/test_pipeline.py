@@ -10,12 +10,12 @@ import math
 from pathlib import Path
 
 import pytest
+from conftest import GFN1, GFN2
 
 from defectflow.campaign import Campaign
 from defectflow.submit import run_campaign
 
 ROOT = Path(__file__).resolve().parents[1]
-GFN = {"engine": "ase", "calculator": "tblite.ase.TBLite"}
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +28,7 @@ def run(tmp_path_factory):
         "defects": {"include": ["v_Si"]},
         "charges": [0, 1],
         "distortions": {"bond_distortions": [-0.3, 0.3], "dimer": False},
-        "fidelities": {"low": {**GFN, "xc": "GFN1-xTB", "kwargs": {"method": "GFN1-xTB", "verbosity": 0}},
-                       "high": {**GFN, "xc": "GFN2-xTB", "kwargs": {"method": "GFN2-xTB", "verbosity": 0}}},
+        "fidelities": {"low": GFN1, "high": GFN2},
         "relax": {"fmax": 0.3, "max_steps": 6},
         "selection": {"strategy": "minima", "budget": 6},
         "mlip": {"hidden_irreps": "8x0e", "max_L": 0, "num_interactions": 2, "correlation": 2, "r_max": 4.0,

@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 from jobflow import run_locally
 
+from conftest import GFN1
+
 from defectflow.campaign import Campaign
 from defectflow.flows import DefectCampaignMaker
 from defectflow.generate import bond_distortion_grid, generate
 from defectflow.store import make_store
 
 ROOT = Path(__file__).resolve().parents[1]
-GFN1 = {"engine": "ase", "calculator": "tblite.ase.TBLite", "xc": "GFN1-xTB",
-        "kwargs": {"method": "GFN1-xTB", "verbosity": 0}}
 
 
 def small_campaign(work_dir, charges=(-1, 0), distortions=(-0.3, 0.3), dimer=False, **extra) -> Campaign:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from pymatgen.core import Structure
 
-from conftest import si_conventional
+from conftest import GFN1, si_vac15
 from defectflow.campaign import SelectionSpec
 from defectflow.relax import RelaxRecord
 from defectflow.schemas import Frame, RelaxTrajectory
@@ -22,21 +22,8 @@ from defectflow.select import (
     select_job,
 )
 
-GFN1 = {"engine": "ase", "calculator": "tblite.ase.TBLite", "xc": "GFN1-xTB",
-        "kwargs": {"method": "GFN1-xTB", "verbosity": 0}}
 BUILTIN = ("minima", "fps", "stratified")
 
-
-def si_vac15(rattle=0.0, seed=3) -> Structure:
-    """15-atom Si vacancy cell (2×2×2 primitive cell, one site removed), as in test_engine_ase."""
-    prim = si_conventional().get_primitive_structure()
-    prim.make_supercell(2)
-    prim.remove_sites([0])
-    if rattle:
-        rng = np.random.default_rng(seed)
-        prim = Structure(prim.lattice, prim.species, prim.cart_coords + rng.normal(0, rattle, (len(prim), 3)),
-                         coords_are_cartesian=True)
-    return prim
 
 
 # ---------------------------------------------------------------------------------------------------------------

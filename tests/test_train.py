@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import si_conventional
+from conftest import GFN1, GFN2, si_vac15
 from pymatgen.core import Structure
 
 pytest.importorskip("tblite")
@@ -39,9 +39,6 @@ from defectflow.train import (  # noqa: E402
 from defectflow.train.data import read_frames  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-GFN1 = {"engine": "ase", "calculator": "tblite.ase.TBLite", "xc": "GFN1-xTB",
-        "kwargs": {"method": "GFN1-xTB", "verbosity": 0}}
-GFN2 = {**GFN1, "xc": "GFN2-xTB", "kwargs": {"method": "GFN2-xTB", "verbosity": 0}}
 TINY = dict(hidden_irreps="8x0e", max_L=0, num_interactions=2, correlation=2, r_max=4.0, max_epochs=6,
             batch_size=4, lr=0.01, device="cpu", seed=1)
 
@@ -55,14 +52,6 @@ def _one_thread():
     yield
     torch.set_num_threads(old)
 
-
-def si_vac15(rattle: float, seed: int) -> Structure:
-    prim = si_conventional().get_primitive_structure()
-    prim.make_supercell(2)
-    prim.remove_sites([0])
-    rng = np.random.default_rng(seed)
-    return Structure(prim.lattice, prim.species, prim.cart_coords + rng.normal(0, rattle, (len(prim), 3)),
-                     coords_are_cartesian=True)
 
 
 @pytest.fixture(scope="module")
