@@ -65,3 +65,25 @@ def test_search_with_a_real_calculator_finds_the_ground_state(tmp_path):
     assert sum(len(m.labels) for m in res.minima) == len(res.landscape)
     assert res.structures_per_second > 0
     assert res.plot and (tmp_path / "v_Si_+0_gfn1.png").stat().st_size > 5000
+
+
+def test_chgnet_baseline_search_runs_offline(tmp_path):
+    """The foundation baseline: CHGNet's bundled weights (no download) relax the same ShakeNBreak starts."""
+    pytest.importorskip("chgnet")
+    from jobflow import run_locally
+
+    from defectflow.search.jobs import baseline_search
+    from defectflow.store import make_store
+
+    starts = [{"label": "Unperturbed", "bond_distortion": None, "structure": cell().to_json()},
+              {"label": "Bond_Distortion_-30.0%", "bond_distortion": -0.3, "structure": cell(0.3).to_json()}]
+    job = baseline_search("v_Si", 0, starts, {"fmax": 0.1, "max_steps": 50}, "chgnet", str(tmp_path))
+    store = make_store("embedded", tmp_path)
+    run_locally(job, store=store, create_folders=True, root_dir=str(tmp_path), log=False, ensure_success=True)
+    store.connect()
+    res = store.query_one({"uuid": job.uuid}, load=True)["output"]
+    assert res["model"] == "chgnet" and res["n_starts"] == 2 and res["n_failed"] == 0
+    assert set(res["landscape"]) == {"Unperturbed", "Bond_Distortion_-30.0%"}
+    assert res["ground_state"]["energy"] == pytest.approx(min(res["landscape"].values()))
+    with pytest.raises(ValueError, match="search.foundation_baseline: expected 'chgnet'"):
+        baseline_search.original("v_Si", 0, starts, {}, "mace_mp")
