@@ -172,6 +172,7 @@ class DefectCampaignMaker(Maker):
             "starts": starts,
             "defect_entries": {f"{ds.defect} {ds.charge:+d}": ds.defect_entry for ds in generation.distortion_sets},
             "plot_dir": str(plots / "search"),
+            "model_plot_dir": str(plots / "model"),
             "bulk_structure": generation.bulk_supercell.to_json(),
             "hf_calls": 1,  # the bulk HF single point
             "history": [],

@@ -274,7 +274,7 @@ def build_search_round(lf_xyz: str, hf_xyz: str, context: dict[str, Any], baseli
     spec = context["campaign"]
     jobs = []
     if training is None:
-        t = train_job(lf_xyz, hf_xyz, spec["mlip"], context["plot_dir"])
+        t = train_job(lf_xyz, hf_xyz, spec["mlip"], context.get("model_plot_dir", context["plot_dir"]))
         t.name = f"train round {context['round']}"
         jobs.append(t)
         training = t.output
