@@ -359,7 +359,8 @@ class LevelsSpec(_Section):
         "auto", description="Finite-size correction: auto = eFNV/FNV when the engine gives potentials, else image charge"
     )
     chemical_potentials: dict[str, float] | None = Field(
-        None, description="Elemental chemical potentials in eV/atom (optional; CTLs never need them)"
+        None, description="Absolute elemental chemical potentials in eV/atom, on the HF engine's energy scale "
+        "(optional; default for an elemental host: its bulk energy per atom; CTLs never need them)"
     )
     band_gap: float | None = Field(None, ge=0, description="Override the band gap in eV (default: bulk HF calculation)")
 

@@ -48,9 +48,16 @@ def test_ctls_by_hand_through_doped(generation, tmp_path):
     levels = {(t.q_from, t.q_to): t for t in res.transition_levels}
     assert levels[(1, 0)].level == pytest.approx(-0.5 - vbm) and not levels[(1, 0)].in_gap
     assert levels[(0, -1)].level == pytest.approx(1.0 - vbm) and levels[(0, -1)].in_gap
-    # formation energy at E_F = VBM: E_q - E_bulk + q E_VBM
-    assert res.formation_energies_vbm["v_Si +1"] == pytest.approx(-99.5 + 110.0 + vbm)
-    assert res.formation_energies_vbm["v_Si -1"] == pytest.approx(-99.0 + 110.0 - vbm)
+    # formation energy at E_F = VBM: E_q - E_bulk + mu_Si + q E_VBM, with mu_Si = E_bulk / N for elemental Si
+    mu = -110.0 / 16
+    assert res.formation_energies_vbm["v_Si +1"] == pytest.approx(-99.5 + 110.0 + mu + vbm)
+    assert res.formation_energies_vbm["v_Si -1"] == pytest.approx(-99.0 + 110.0 + mu - vbm)
+    assert any("elemental host" in n for n in res.notes)
+    # user chemical potentials replace that reference and leave the CTLs unchanged
+    user = compute_levels(_entries(generation, energies), generation.bulk_supercell, -110.0, vbm, gap,
+                          correction="none", chemical_potentials={"Si": -7.0})
+    assert user.formation_energies_vbm["v_Si +0"] == pytest.approx(-100.0 + 110.0 - 7.0)
+    assert [t.level for t in user.transition_levels] == pytest.approx([t.level for t in res.transition_levels])
     assert res.correction_scheme == "none" and Path(res.plot).stat().st_size > 10_000
 
 

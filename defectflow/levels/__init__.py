@@ -70,8 +70,8 @@ class LevelsResult(BaseModel):
     transition_levels: list[TransitionLevel] = Field(default_factory=list)
     formation_energies_vbm: dict[str, float] = Field(
         default_factory=dict,
-        description="'defect q' → formation energy in eV at E_F = VBM (μ terms omitted unless chemical "
-        "potentials are given)",
+        description="'defect q' → formation energy in eV at E_F = VBM (μ: user values, or the bulk energy per "
+        "atom for an elemental host; omitted otherwise, see notes)",
     )
     chemical_potentials: dict[str, float] | None = None
     plot: str | None = Field(None, description="Formation-energy diagram PNG")
@@ -151,10 +151,26 @@ def compute_levels(
         corrections[f"{e.defect} {e.charge:+d}"] = corr
         doped_entries.append(de)
 
+    # Chemical potentials (they shift formation energies, never CTLs): user values are absolute eV/atom
+    # references; an elemental host's own bulk energy per atom is the natural reference when none is given.
+    elements = sorted({el.symbol for el in bulk_structure.composition})
+    el_refs = None
+    if chemical_potentials:
+        missing = [el for el in elements if el not in chemical_potentials]
+        if missing:
+            raise ValueError(f"levels.chemical_potentials: missing {', '.join(missing)} (eV/atom, absolute)")
+        el_refs = {el: float(mu) for el, mu in chemical_potentials.items()}
+        notes.append("chemical potentials: user values (absolute, eV/atom)")
+    elif len(elements) == 1:
+        el_refs = {elements[0]: float(bulk_energy) / len(bulk_structure)}
+        notes.append(f"elemental host: μ_{elements[0]} = bulk energy per atom ({el_refs[elements[0]]:.4f} eV)")
+    else:
+        notes.append("no chemical potentials: formation energies omit the μ terms (CTLs are unaffected)")
+    chempots = {el: 0.0 for el in el_refs} if el_refs else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         thermo = DefectThermodynamics(doped_entries, vbm=vbm, band_gap=band_gap, check_compatibility=False,
-                                      chempots=None)
+                                      chempots=chempots, el_refs=el_refs)
         levels = []
         for defect, tls in thermo.transition_level_map.items():
             for level, (q_from, q_to) in sorted(tls.items()):
@@ -162,13 +178,11 @@ def compute_levels(
                                               in_gap=bool(0.0 <= level <= band_gap)))
         ef_vbm = {}
         for e, de in zip(entries, doped_entries, strict=True):
-            ef = thermo.get_formation_energy(de, fermi_level=0.0, chempots=None)
+            ef = thermo.get_formation_energy(de, fermi_level=0.0)
             ef_vbm[f"{e.defect} {e.charge:+d}"] = float(ef)
         plot = None
         if plot_dir is not None:
             plot = _plot(thermo, Path(plot_dir))
-    if chemical_potentials:
-        notes.append("chemical potentials given but not yet applied to the diagram (formation energies omit μ)")
     return LevelsResult(vbm=vbm, band_gap=band_gap, correction_scheme=scheme, dielectric=eps,
                         corrections=corrections, transition_levels=levels, formation_energies_vbm=ef_vbm,
                         chemical_potentials=chemical_potentials, plot=plot, notes=notes)
