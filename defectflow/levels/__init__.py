@@ -192,15 +192,10 @@ def _plot(thermo, plot_dir: Path) -> str | None:
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from defectflow.plotting import save_figure
 
-    plot_dir.mkdir(parents=True, exist_ok=True)
     try:
-        fig = thermo.plot()
-        path = plot_dir / "formation_energies.png"
-        fig.savefig(path, dpi=150, bbox_inches="tight")
-        plt.close(fig)
-        return str(path)
+        return save_figure(thermo.plot(), plot_dir / "formation_energies.png", dpi=150)
     except Exception as exc:  # noqa: BLE001 - a plot must not fail the campaign
         logger.warning("formation-energy plot failed: %s", exc)
         return None

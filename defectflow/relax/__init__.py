@@ -220,12 +220,9 @@ def _plot(snb: dict, defect: str, charge: int, plot_dir: str, nn: int | None, at
                               save_plot=False, close_figure=False, max_energy_above_unperturbed=5.0)
         if fig is None:
             return None
-        path = out / f"{species}.png"
-        fig.savefig(path, dpi=150, bbox_inches="tight")
-        import matplotlib.pyplot as plt
+        from defectflow.plotting import save_figure
 
-        plt.close(fig)
-        return str(path)
+        return save_figure(fig, out / f"{species}.png", dpi=150)
     except Exception as exc:  # noqa: BLE001 - a plot must never fail the campaign
         logger.warning("energy-vs-distortion plot for %s failed: %s", species, exc)
         return None

@@ -170,7 +170,6 @@ def plot_landscape(result: SearchResult, starts: list[SearchStart], plot_dir: Pa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    plot_dir.mkdir(parents=True, exist_ok=True)
     e0 = min(result.landscape.values())
     fig, ax = plt.subplots(figsize=(5, 4))
     by_label = {s.label: s for s in starts}
@@ -186,8 +185,6 @@ def plot_landscape(result: SearchResult, starts: list[SearchStart], plot_dir: Pa
     ax.set_title(f"{result.defect} q={result.charge:+d} ({result.model})")
     ax.axhline(0, color="k", lw=0.5)
     fig.tight_layout()
-    name = f"{result.defect}_{result.charge:+d}_{result.model.replace(':', '-')}.png"
-    path = plot_dir / name
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
-    return str(path)
+    from defectflow.plotting import save_figure
+
+    return save_figure(fig, plot_dir / f"{result.defect}_{result.charge:+d}_{result.model.replace(':', '-')}.png", dpi=150)

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, Field
 
+from defectflow.plotting import save_figure
 from defectflow.train.data import charge_label, charge_of, read_frames
 from defectflow.train.surrogate import TrainedModel, load_calculator, predict, torch_threads
 
@@ -206,11 +207,7 @@ def plot_parity(title: str, sets: list[tuple[SetMetrics, dict[str, Any]]], path:
         ax.legend(frameon=False)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, bbox_inches="tight")
-    plt.close(fig)
-    return str(path)
+    return save_figure(fig, path)
 
 
 def _diag(ax):
@@ -240,11 +237,7 @@ def plot_pca(panels: dict[str, tuple[PCAResult, np.ndarray, np.ndarray]], path: 
         ax.set_title(f"{title}\nseparation/spread {sep}", fontsize=9)
         ax.legend(frameon=False, markerscale=2)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, bbox_inches="tight")
-    plt.close(fig)
-    return str(path)
+    return save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------------------------
