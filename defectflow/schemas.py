@@ -14,7 +14,7 @@ import numpy as np
 from pydantic import BaseModel, BeforeValidator, Field, PlainSerializer
 from pymatgen.core import Structure as _Structure
 
-__all__ = ["Frame", "RelaxTrajectory", "Structure", "as_structure", "settings_digest"]
+__all__ = ["Frame", "RelaxTrajectory", "Structure", "as_model", "as_structure", "get_field", "settings_digest"]
 
 
 def _as_structure(v: Any) -> Any:
@@ -33,6 +33,18 @@ def settings_digest(settings: dict[str, Any]) -> str:
     """Stable 12-hex-digit digest of a settings dictionary (key order does not matter)."""
     blob = json.dumps(settings, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def as_model(cls, value):
+    """``cls`` instance from an instance or its dict (jobflow hands job outputs to jobs in either form)."""
+    return cls.model_validate(value) if isinstance(value, dict) else value
+
+
+def get_field(obj: Any, key: str, default: Any = None) -> Any:
+    """``obj[key]`` for a dict, ``obj.key`` otherwise (a document or its dict), ``default`` when absent."""
+    if obj is None:
+        return default
+    return obj.get(key, default) if isinstance(obj, dict) else getattr(obj, key, default)
 
 
 def as_structure(value: Any) -> _Structure:

@@ -16,16 +16,20 @@ def si_conventional() -> Structure:
     return Structure.from_spacegroup("Fd-3m", Lattice.cubic(SI_A), ["Si"], [[0, 0, 0]])
 
 
+def _rattled(s: Structure, rattle: float, seed: int) -> Structure:
+    """Gaussian rattle (stdev ``rattle`` in Å), deterministic for ``seed``; unchanged when ``rattle`` is 0."""
+    if not rattle:
+        return s
+    rng = np.random.default_rng(seed)
+    return Structure(s.lattice, s.species, s.cart_coords + rng.normal(0, rattle, (len(s), 3)), coords_are_cartesian=True)
+
+
 def si_vacancy(supercell=(1, 1, 1), rattle: float = 0.0, seed: int = 0) -> Structure:
     """Si cell with one vacancy (site 0 removed): 7 atoms for the conventional cell, 63 for 2×2×2."""
     s = si_conventional()
     s.make_supercell(supercell)
     s.remove_sites([0])
-    if rattle:
-        rng = np.random.default_rng(seed)
-        s = Structure(s.lattice, s.species, s.cart_coords + rng.normal(0, rattle, (len(s), 3)),
-                      coords_are_cartesian=True)
-    return s
+    return _rattled(s, rattle, seed)
 
 
 def si_vac15(rattle: float = 0.0, seed: int = 3) -> Structure:
@@ -34,11 +38,7 @@ def si_vac15(rattle: float = 0.0, seed: int = 3) -> Structure:
     prim = si_conventional().get_primitive_structure()
     prim.make_supercell(2)
     prim.remove_sites([0])
-    if rattle:
-        rng = np.random.default_rng(seed)
-        prim = Structure(prim.lattice, prim.species, prim.cart_coords + rng.normal(0, rattle, (len(prim), 3)),
-                         coords_are_cartesian=True)
-    return prim
+    return _rattled(prim, rattle, seed)
 
 
 #: tblite settings used as cheap real "low" and "high" fidelities in tests

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import time
 from abc import ABC, abstractmethod
@@ -36,6 +37,7 @@ __all__ = [
     "structure_to_atoms",
     "atoms_to_structure",
     "mpi_prefix",
+    "safe_name",
 ]
 
 
@@ -60,6 +62,11 @@ class EngineSettings(BaseModel):
         return settings_digest(data)
 
     _digest_exclude: ClassVar[tuple[str, ...]] = ("mpi_procs", "command", "omp_threads")
+
+
+def safe_name(label: str) -> str:
+    """A label made safe as a directory name (anything but letters, digits, ``_.+-`` becomes ``_``)."""
+    return re.sub(r"[^A-Za-z0-9_.+-]", "_", label)
 
 
 def mpi_prefix(nprocs: int | None, launcher: str = "mpirun") -> list[str]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import time
 from pathlib import Path
 from typing import Any
@@ -10,6 +9,7 @@ from typing import Any
 from jobflow import job
 
 from defectflow.engines import get_engine
+from defectflow.engines.base import safe_name
 from defectflow.schemas import Frame, as_structure
 
 __all__ = ["single_point"]
@@ -24,7 +24,7 @@ def single_point(structure, charge: int, fidelity: dict[str, Any], fidelity_name
     """
     structure = as_structure(structure)
     engine = get_engine(fidelity, fidelity=fidelity_name)
-    workdir = Path.cwd() / (re.sub(r"[^A-Za-z0-9_.+-]", "_", label) or "single_point")
+    workdir = Path.cwd() / (safe_name(label) or "single_point")
     t0 = time.perf_counter()
     try:
         return engine.single_point(structure, charge, workdir=workdir)

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import io
 import logging
 from typing import Any
 
@@ -18,7 +17,8 @@ from jobflow import Flow, Response, job
 from pydantic import BaseModel, Field
 
 from defectflow.engines.jobs import single_point
-from defectflow.schemas import Frame
+from defectflow.relax import frame_to_atoms, write_extxyz
+from defectflow.schemas import Frame, as_model, get_field
 
 logger = logging.getLogger(__name__)
 
@@ -39,43 +39,29 @@ class LabelledSet(BaseModel):
     extxyz: str = Field("", description="HF frames as extxyz: REF_* = HF labels, LF_* = LF labels (data store)")
 
 
-def _get(obj, key):
-    return obj[key] if isinstance(obj, dict) else getattr(obj, key)
-
-
 def hf_extxyz(pairs: list[tuple[Frame, Frame, dict[str, Any]]], head: str = "hf") -> str:
     """extxyz of HF frames with MACE keys (REF_energy, REF_forces, total_charge, head) plus LF_energy/LF_forces."""
-    from ase.io import write
-
-    from defectflow.engines.base import structure_to_atoms
-
     images = []
     for hf, lf, meta in pairs:
-        atoms = structure_to_atoms(hf.structure, hf.charge)
-        atoms.info.pop("charge", None)
-        atoms.info.update({"REF_energy": hf.energy, "total_charge": hf.charge, "head": head, "fidelity": "high",
-                           **meta})
-        atoms.arrays["REF_forces"] = hf.forces_array
+        atoms = frame_to_atoms(hf, head, meta, fidelity="high", stress=False)
         if lf is not None and lf.energy is not None:
             atoms.info["LF_energy"] = lf.energy
             atoms.arrays["LF_forces"] = lf.forces_array
         images.append(atoms)
-    buf = io.StringIO()
-    write(buf, images, format="extxyz")
-    return buf.getvalue()
+    return write_extxyz(images)
 
 
 @job(data=["frames", "extxyz"])
 def collect_labels(hf_frames: list[Frame], selection) -> LabelledSet:
     """Pair every HF single point with its selected LF frame; record failures."""
-    chosen = _get(selection, "chosen")
+    chosen = get_field(selection, "chosen")
     pairs, failed, per_group, seconds = [], [], {}, 0.0
     good = []
     for hf, sel in zip(hf_frames, chosen, strict=True):
-        hf = Frame.model_validate(hf) if isinstance(hf, dict) else hf
-        lf = _get(sel, "frame")
-        lf = Frame.model_validate(lf) if isinstance(lf, dict) else lf
-        meta = {"defect": _get(sel, "defect"), "distortion": _get(sel, "distortion"), "step": _get(sel, "step")}
+        hf = as_model(Frame, hf)
+        lf = get_field(sel, "frame")
+        lf = as_model(Frame, lf)
+        meta = {"defect": get_field(sel, "defect"), "distortion": get_field(sel, "distortion"), "step": get_field(sel, "step")}
         seconds += hf.wall_seconds
         if hf.energy is None or not hf.scf_converged or hf.forces is None or not np.all(np.isfinite(hf.forces_array)):
             failed.append({**meta, "charge": hf.charge, "error": hf.error or "SCF not converged"})
@@ -94,10 +80,10 @@ def collect_labels(hf_frames: list[Frame], selection) -> LabelledSet:
 def label_selected(selection, fidelity: dict[str, Any], fidelity_name: str = "high") -> Response:
     """Replace this job by one HF single point per selected frame plus :func:`collect_labels`."""
     jobs = []
-    for sel in _get(selection, "chosen"):
-        frame = _get(sel, "frame")
-        frame = Frame.model_validate(frame) if isinstance(frame, dict) else frame
-        label = f"{_get(sel, 'defect')}_{frame.charge:+d}_{_get(sel, 'distortion')}_step{_get(sel, 'step')}"
+    for sel in get_field(selection, "chosen"):
+        frame = get_field(sel, "frame")
+        frame = as_model(Frame, frame)
+        label = f"{get_field(sel, 'defect')}_{frame.charge:+d}_{get_field(sel, 'distortion')}_step{get_field(sel, 'step')}"
         j = single_point(frame.structure.to_json(), frame.charge, fidelity, fidelity_name, label=label)
         j.name = f"single_hf {label}"
         jobs.append(j)
@@ -123,8 +109,8 @@ class BulkReference(BaseModel):
 @job
 def bulk_reference(lf: Frame, hf: Frame) -> BulkReference:
     """Collect the bulk LF/HF single points into one reference document."""
-    lf = Frame.model_validate(lf) if isinstance(lf, dict) else lf
-    hf = Frame.model_validate(hf) if isinstance(hf, dict) else hf
+    lf = as_model(Frame, lf)
+    hf = as_model(Frame, hf)
     errors = [f"{name}: {f.error}" for name, f in (("low", lf), ("high", hf)) if f.error]
     return BulkReference(natoms=len(hf.structure), energy_lf=lf.energy, energy_hf=hf.energy, vbm=hf.vbm,
                          cbm=hf.cbm, band_gap=hf.band_gap, vbm_lf=lf.vbm, band_gap_lf=lf.band_gap, errors=errors)

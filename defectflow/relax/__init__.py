@@ -17,7 +17,6 @@ from __future__ import annotations
 import io
 import logging
 import math
-import re
 import time
 import traceback
 from pathlib import Path
@@ -28,7 +27,8 @@ from jobflow import job
 from pydantic import BaseModel, Field
 
 from defectflow.engines import get_engine
-from defectflow.schemas import Frame, RelaxTrajectory, Structure, as_structure
+from defectflow.engines.base import safe_name
+from defectflow.schemas import Frame, RelaxTrajectory, Structure, as_model, as_structure
 
 logger = logging.getLogger(__name__)
 
@@ -64,10 +64,6 @@ class RelaxRecord(BaseModel):
     trajectory: RelaxTrajectory | None = Field(None, description="Every ionic step (stored in the data store)")
 
 
-def _safe(label: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.+-]", "_", label)
-
-
 @job(data="trajectory")
 def relax_structure(
     structure,
@@ -88,7 +84,7 @@ def relax_structure(
     """
     structure = as_structure(structure)
     engine = get_engine(fidelity, fidelity=fidelity_name)
-    workdir = Path.cwd() / _safe(f"{defect}_{charge:+d}_{distortion}")
+    workdir = Path.cwd() / safe_name(f"{defect}_{charge:+d}_{distortion}")
     t0 = time.perf_counter()
     try:
         traj = engine.relax(structure, charge, workdir=workdir, fmax=fmax, max_steps=max_steps)
@@ -160,7 +156,7 @@ def summarize_distortions(
     """ShakeNBreak's ground-state distortion and energy-vs-distortion plot for one (defect, q)."""
     from shakenbreak.analysis import get_gs_distortion
 
-    records = [RelaxRecord.model_validate(r) if isinstance(r, dict) else r for r in records]
+    records = [as_model(RelaxRecord, r) for r in records]
     energies = {r.distortion: r.energy for r in records if r.energy is not None and r.status != "failed"}
     status = {r.distortion: r.status for r in records}
     errors = {r.distortion: r.error for r in records if r.status == "failed" and r.error}
@@ -259,25 +255,33 @@ class TrainingSet(BaseModel):
     extxyz: str = Field(description="The frames as extended XYZ text (stored in the data store)")
 
 
-def frames_to_extxyz(frames: list[tuple[Frame, dict[str, Any]]], head: str) -> str:
-    """Write frames as extxyz with MACE's keys: REF_energy, REF_forces, REF_stress, total_charge, head."""
-    from ase.io import write
-
+def frame_to_atoms(frame: Frame, head: str, meta: dict[str, Any], fidelity: str | None = None,
+                   stress: bool = True):
+    """One frame as ASE Atoms with MACE's keys: REF_energy, REF_forces, (REF_stress), total_charge, head."""
     from defectflow.engines.base import structure_to_atoms
 
-    images = []
-    for frame, meta in frames:
-        atoms = structure_to_atoms(frame.structure, frame.charge)
-        atoms.info.pop("charge", None)  # extxyz would clash with ASE's own "charge" handling
-        atoms.info.update({"REF_energy": frame.energy, "total_charge": frame.charge, "head": head,
-                           "fidelity": frame.fidelity or head, "step": frame.step, **meta})
-        atoms.arrays["REF_forces"] = frame.forces_array
-        if frame.stress is not None:
-            atoms.info["REF_stress"] = np.asarray(frame.stress, dtype=float)
-        images.append(atoms)
+    atoms = structure_to_atoms(frame.structure, frame.charge)
+    atoms.info.pop("charge", None)  # extxyz would clash with ASE's own "charge" handling
+    atoms.info.update({"REF_energy": frame.energy, "total_charge": frame.charge, "head": head,
+                       "fidelity": fidelity or frame.fidelity or head, "step": frame.step, **meta})
+    atoms.arrays["REF_forces"] = frame.forces_array
+    if stress and frame.stress is not None:
+        atoms.info["REF_stress"] = np.asarray(frame.stress, dtype=float)
+    return atoms
+
+
+def write_extxyz(images) -> str:
+    """Atoms → extended XYZ text."""
+    from ase.io import write
+
     buf = io.StringIO()
     write(buf, images, format="extxyz")
     return buf.getvalue()
+
+
+def frames_to_extxyz(frames: list[tuple[Frame, dict[str, Any]]], head: str) -> str:
+    """Write frames as extxyz with MACE's keys: REF_energy, REF_forces, REF_stress, total_charge, head."""
+    return write_extxyz([frame_to_atoms(frame, head, meta) for frame, meta in frames])
 
 
 def _filter(records: list[RelaxRecord], flt: HarvestFilter) -> tuple[list[tuple[Frame, dict]], dict[str, int], int]:
@@ -338,7 +342,7 @@ def harvest_training_set(
 ) -> TrainingSet:
     """Every ionic step of every relaxation → one extxyz training set (filtered, near-duplicates removed)."""
     flt = HarvestFilter.model_validate(harvest_filter or {})
-    records = [RelaxRecord.model_validate(r) if isinstance(r, dict) else r for r in records]
+    records = [as_model(RelaxRecord, r) for r in records]
     kept, dropped, candidates = _filter(records, flt)
     per_group: dict[str, int] = {}
     for f, meta in kept:

@@ -21,7 +21,7 @@ from defectflow.engines import get_engine
 from defectflow.label import hf_extxyz
 from defectflow.levels import LevelEntry, LevelsResult, compute_levels
 from defectflow.relax import frames_to_extxyz
-from defectflow.schemas import Frame, Structure, as_structure
+from defectflow.schemas import Frame, Structure, as_model, as_structure, get_field
 from defectflow.search import SearchResult, SearchStart, rattled_starts, rmsd, search_ground_state
 
 logger = logging.getLogger(__name__)
@@ -113,7 +113,7 @@ class Verification(BaseModel):
 @job(data=["hf_frame", "lf_frame"])
 def verify_ground_state(search, high: dict[str, Any], low: dict[str, Any], verify_spec: dict[str, Any]) -> Verification:
     """HF single point (or HF relaxation) on the surrogate ground state; LF single point too when it disagrees."""
-    search = SearchResult.model_validate(search) if isinstance(search, dict) else search
+    search = as_model(SearchResult, search)
     mode = verify_spec.get("mode", "single_point")
     v = Verification(defect=search.defect, charge=search.charge, mode=mode,
                      ground_state_label=search.ground_state_label)
@@ -183,17 +183,11 @@ class CampaignResult(BaseModel):
     plots: dict[str, str] = Field(default_factory=dict)
 
 
-def _val(obj, key, default=None):
-    if obj is None:
-        return default
-    return obj.get(key, default) if isinstance(obj, dict) else getattr(obj, key, default)
-
-
 @job
 def finalize(verifications: list, searches: list, baselines: list, training, context: dict[str, Any]) -> Response:
     """Top up and retrain when verification disagrees (rounds permitting), else compute levels and the result."""
-    verifications = [Verification.model_validate(v) if isinstance(v, dict) else v for v in verifications]
-    searches = [SearchResult.model_validate(s) if isinstance(s, dict) else s for s in searches]
+    verifications = [as_model(Verification, v) for v in verifications]
+    searches = [as_model(SearchResult, s) for s in searches]
     round_no = context["round"]
     spec = context["campaign"]
     disagree = [v for v in verifications if v.hf_energy is not None and not v.agrees and v.lf_frame is not None
@@ -220,7 +214,7 @@ def finalize(verifications: list, searches: list, baselines: list, training, con
     # levels from the verified HF energies
     entries_by_group = context["defect_entries"]
     records, level_entries = [], []
-    baseline_by = {(_val(b, "defect"), _val(b, "charge")): b for b in baselines if b is not None}
+    baseline_by = {(get_field(b, "defect"), get_field(b, "charge")): b for b in baselines if b is not None}
     for v, s in zip(verifications, searches, strict=True):
         rec = GroundStateRecord(defect=v.defect, charge=v.charge, ground_state_label=v.ground_state_label,
                                 structure=v.structure, surrogate_energy=v.surrogate_energy, hf_energy=v.hf_energy,
@@ -229,7 +223,7 @@ def finalize(verifications: list, searches: list, baselines: list, training, con
                                 landscape=s.landscape, landscape_plot=s.plot)
         b = baseline_by.get((v.defect, v.charge))
         if b is not None:
-            b = SearchResult.model_validate(b) if isinstance(b, dict) else b
+            b = as_model(SearchResult, b)
             if b.ground_state is not None and v.structure is not None:
                 rec.baseline_rmsd = rmsd(v.structure, b.ground_state.structure)
                 rec.baseline_label = b.ground_state_label
@@ -241,28 +235,28 @@ def finalize(verifications: list, searches: list, baselines: list, training, con
     bulk = context["bulk"]
     levels, levels_error = None, None
     lv = spec["levels"]
-    gap = lv.get("band_gap") if lv.get("band_gap") is not None else _val(bulk, "band_gap")
-    vbm = _val(bulk, "vbm")
+    gap = lv.get("band_gap") if lv.get("band_gap") is not None else get_field(bulk, "band_gap")
+    vbm = get_field(bulk, "vbm")
     try:
-        if _val(bulk, "energy_hf") is None:
+        if get_field(bulk, "energy_hf") is None:
             raise ValueError("bulk HF energy missing (the bulk HF single point failed)")
         if vbm is None or gap is None:
             raise ValueError("the HF engine reported no band edges for the bulk: set levels.band_gap and use an "
                              "engine that reports eigenvalues (qe, cp2k with smearing)")
-        levels = compute_levels(level_entries, as_structure(context["bulk_structure"]), _val(bulk, "energy_hf"),
+        levels = compute_levels(level_entries, as_structure(context["bulk_structure"]), get_field(bulk, "energy_hf"),
                                 vbm, gap, correction=lv.get("correction", "auto"), dielectric=lv.get("dielectric"),
                                 chemical_potentials=lv.get("chemical_potentials"), plot_dir=context["plot_dir"])
     except ValueError as exc:
         levels_error = str(exc)
         logger.warning("levels not computed: %s", exc)
-    comparison = [r if isinstance(r, dict) else r.model_dump() for r in _val(training, "comparison", [])]
+    comparison = [r if isinstance(r, dict) else r.model_dump() for r in get_field(training, "comparison", [])]
     plots = {f"landscape {r.defect} {r.charge:+d}": r.landscape_plot for r in records if r.landscape_plot}
     if levels and levels.plot:
         plots["formation_energies"] = levels.plot
     result = CampaignResult(campaign=spec["name"], ground_states=records, levels=levels, levels_error=levels_error,
                             rounds=history, model_comparison=comparison, hf_calls=hf_calls, hf_seconds=hf_seconds,
                             n_hf_selected=context.get("n_hf_selected", 0),
-                            plots={**plots, **(_val(training, "plots", {}) or {})})
+                            plots={**plots, **(get_field(training, "plots", {}) or {})})
     return Response(output=result)
 
 
@@ -299,10 +293,10 @@ def build_search_round(lf_xyz: str, hf_xyz: str, context: dict[str, Any], baseli
 def start_search(training, labelled, lf_training_set, bulk, baselines: list, context_json: str) -> Response:
     """Join point after training: fill the runtime context (LF/HF data, bulk reference) and start round 0."""
     context = json.loads(context_json)
-    context.update({"lf_extxyz": _val(lf_training_set, "extxyz", ""), "hf_extxyz": _val(labelled, "extxyz", ""),
+    context.update({"lf_extxyz": get_field(lf_training_set, "extxyz", ""), "hf_extxyz": get_field(labelled, "extxyz", ""),
                     "bulk": bulk if isinstance(bulk, dict) else bulk.model_dump(),
-                    "hf_calls": context["hf_calls"] + int(_val(labelled, "n_requested", 0)),
-                    "n_hf_selected": int(_val(labelled, "n_requested", 0)),
-                    "hf_seconds": float(_val(labelled, "hf_seconds", 0.0))})
+                    "hf_calls": context["hf_calls"] + int(get_field(labelled, "n_requested", 0)),
+                    "n_hf_selected": int(get_field(labelled, "n_requested", 0)),
+                    "hf_seconds": float(get_field(labelled, "hf_seconds", 0.0))})
     flow = build_search_round(context["lf_extxyz"], context["hf_extxyz"], context, baselines, training=training)
     return Response(replace=flow)
