@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from defectflow.relax import RelaxRecord
-from defectflow.schemas import Frame
+from defectflow.schemas import Frame, as_model
 from defectflow.select.documents import SelectedFrame, Selection, group_key
 
 if TYPE_CHECKING:
@@ -74,7 +74,7 @@ def collect_candidates(records: list[RelaxRecord | dict]) -> tuple[list[Candidat
     are skipped with a warning. Returns the candidates and the warnings.
     """
     warnings: list[str] = []
-    recs = [RelaxRecord.model_validate(r) if isinstance(r, dict) else r for r in records]
+    recs = [as_model(RelaxRecord, r) for r in records]
     # canonical order: the selection must not depend on the order in which jobs finished
     order = sorted(range(len(recs)), key=lambda i: (recs[i].defect, recs[i].charge, recs[i].distortion, i))
     out: list[Candidate] = []

@@ -10,6 +10,7 @@ from typing import Any
 from jobflow import job
 from pydantic import BaseModel, Field
 
+from defectflow.schemas import as_model
 from defectflow.campaign import MlipSpec
 from defectflow.train.data import read_frames
 from defectflow.train.metrics import Metrics, evaluate, plot_pca
@@ -68,7 +69,7 @@ def train_models(lf_extxyz: str, hf_extxyz: str, spec: MlipSpec | dict, workdir:
     Plots (``plot_dir``): ``parity_<model>.png``, ``pca_<model>.png`` and, with ``no_charge``,
     ``pca_charge_embedding.png`` (charge-embedded vs not, side by side: the paper's Fig. 3a).
     """
-    spec = MlipSpec.model_validate(spec) if isinstance(spec, dict) else spec
+    spec = as_model(MlipSpec, spec)
     t0 = time.perf_counter()
     workdir = Path(workdir)
     models: dict[str, TrainedModel] = {"main": train_kind(lf_extxyz, hf_extxyz, spec, workdir / "main",
