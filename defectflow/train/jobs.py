@@ -10,8 +10,8 @@ from typing import Any
 from jobflow import job
 from pydantic import BaseModel, Field
 
-from defectflow.schemas import as_model
 from defectflow.campaign import MlipSpec
+from defectflow.schemas import as_model
 from defectflow.train.data import read_frames
 from defectflow.train.metrics import Metrics, evaluate, plot_pca
 from defectflow.train.surrogate import TrainedModel, train_kind
