@@ -116,12 +116,14 @@ class DefectCampaignMaker(Maker):
                     max_steps=campaign.relax.max_steps,
                 )
                 j.name = f"relax_lf {ds.name} {start.label}"
+                j.metadata.update(defect=ds.defect, charge=ds.charge, distortion=start.label)
                 jobs.append(j)
                 group.append(j.output)
             neighbour = _neighbour_element(ds, host_elements)
             s = summarize_distortions(group, ds.defect, ds.charge, ds.num_distorted_neighbours, neighbour,
                                       plot_dir, self.min_e_diff)
             s.name = f"summary {ds.name}"
+            s.metadata.update(defect=ds.defect, charge=ds.charge)
             jobs.append(s)
             summaries[ds.name] = s.output
             relax_outputs.extend(group)
@@ -140,7 +142,12 @@ class DefectCampaignMaker(Maker):
             output.update(self._steps_3_to_5(campaign, generation, jobs, relax_outputs, harvest, bulk_ref, high))
         elif self.steps != "lf":
             raise ValueError(f"steps: expected 'all' or 'lf', got {self.steps!r}")
-        return Flow(jobs, output=output, name=f"{self.name} {campaign.name}")
+        flow = Flow(jobs, output=output, name=f"{self.name} {campaign.name}")
+        # every job, dynamic ones included: the campaign name (for queries across runs and stores) and the store
+        # exposed to the job (tracked jobs look up finished results with the same inputs there: resume)
+        flow.update_metadata({"campaign": campaign.name}, dynamic=True)
+        flow.update_config({"expose_store": True}, dynamic=True)
+        return flow
 
     def _steps_3_to_5(self, campaign, generation, jobs, relax_outputs, harvest, bulk_ref, high) -> dict[str, Any]:
         from defectflow.label import label_selected
@@ -164,6 +171,7 @@ class DefectCampaignMaker(Maker):
                                     campaign.search.model_dump(mode="json"), campaign.search.foundation_baseline,
                                     str(plots / "search"))
                 b.name = f"baseline {ds.name}"
+                b.metadata.update(defect=ds.defect, charge=ds.charge)
                 jobs.append(b)
                 baselines.append(b.output)
         context = {

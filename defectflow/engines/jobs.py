@@ -11,11 +11,13 @@ from jobflow import job
 from defectflow.engines import get_engine
 from defectflow.engines.base import safe_name
 from defectflow.schemas import Frame, as_structure
+from defectflow.store.tracking import tracked
 
 __all__ = ["single_point"]
 
 
 @job
+@tracked("single_point", engines=("fidelity",), ignore=("label",))
 def single_point(structure, charge: int, fidelity: dict[str, Any], fidelity_name: str = "high", label: str = "") -> Frame:
     """Energy and forces of ``structure`` at charge ``charge`` (e) with the engine in ``fidelity``.
 

@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field
 from defectflow.engines.jobs import single_point
 from defectflow.relax import frame_to_atoms, write_extxyz
 from defectflow.schemas import Frame, as_model, get_field
+from defectflow.store.tracking import tracked
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ def hf_extxyz(pairs: list[tuple[Frame, Frame, dict[str, Any]]], head: str = "hf"
 
 
 @job(data=["frames", "extxyz"])
+@tracked("collect_hf", cache=False)
 def collect_labels(hf_frames: list[Frame], selection) -> LabelledSet:
     """Pair every HF single point with its selected LF frame; record failures."""
     chosen = get_field(selection, "chosen")
@@ -77,6 +79,7 @@ def collect_labels(hf_frames: list[Frame], selection) -> LabelledSet:
 
 
 @job
+@tracked("label", cache=False)
 def label_selected(selection, fidelity: dict[str, Any], fidelity_name: str = "high") -> Response:
     """Replace this job by one HF single point per selected frame plus :func:`collect_labels`."""
     jobs = []
@@ -86,6 +89,7 @@ def label_selected(selection, fidelity: dict[str, Any], fidelity_name: str = "hi
         label = f"{get_field(sel, 'defect')}_{frame.charge:+d}_{get_field(sel, 'distortion')}_step{get_field(sel, 'step')}"
         j = single_point(frame.structure.to_json(), frame.charge, fidelity, fidelity_name, label=label)
         j.name = f"single_hf {label}"
+        j.metadata.update(defect=get_field(sel, "defect"), charge=frame.charge, distortion=get_field(sel, "distortion"))
         jobs.append(j)
     collect = collect_labels([j.output for j in jobs], selection)
     collect.name = "collect_hf"
@@ -107,6 +111,7 @@ class BulkReference(BaseModel):
 
 
 @job
+@tracked("bulk_reference", cache=False)
 def bulk_reference(lf: Frame, hf: Frame) -> BulkReference:
     """Collect the bulk LF/HF single points into one reference document."""
     lf = as_model(Frame, lf)

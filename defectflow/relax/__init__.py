@@ -29,6 +29,7 @@ from pydantic import BaseModel, Field
 from defectflow.engines import get_engine
 from defectflow.engines.base import safe_name
 from defectflow.schemas import Frame, RelaxTrajectory, Structure, as_model, as_structure
+from defectflow.store.tracking import tracked
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ class RelaxRecord(BaseModel):
 
 
 @job(data="trajectory")
+@tracked("relax", engines=("fidelity",))
 def relax_structure(
     structure,
     charge: int,
@@ -144,6 +146,7 @@ def _snb_key(label: str, bond_distortion: float | None):
 
 
 @job
+@tracked("summary", cache=False)
 def summarize_distortions(
     records: list[RelaxRecord],
     defect: str,
@@ -334,6 +337,7 @@ def _filter(records: list[RelaxRecord], flt: HarvestFilter) -> tuple[list[tuple[
 
 
 @job(data="extxyz")
+@tracked("harvest", cache=False)
 def harvest_training_set(
     records: list[RelaxRecord],
     fidelity: str = "low",

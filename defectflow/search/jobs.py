@@ -23,6 +23,7 @@ from defectflow.levels import LevelEntry, LevelsResult, compute_levels
 from defectflow.relax import frames_to_extxyz
 from defectflow.schemas import Frame, Structure, as_model, as_structure, get_field
 from defectflow.search import SearchResult, SearchStart, rattled_starts, rmsd, search_ground_state
+from defectflow.store.tracking import tracked
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ def _model(training) -> Any:
 
 
 @job(data=["minima", "landscape"])
+@tracked("search", ignore=("plot_dir",))
 def surrogate_search(training, defect: str, charge: int, starts: list[dict[str, Any]], search_spec: dict[str, Any],
                      plot_dir: str | None = None, seed: int = 0) -> SearchResult:
     """Relax every ShakeNBreak start (+ rattled copies) with the trained surrogate's HF head at charge q."""
@@ -73,6 +75,7 @@ def surrogate_search(training, defect: str, charge: int, starts: list[dict[str, 
 
 
 @job(data=["minima", "landscape"])
+@tracked("baseline", ignore=("plot_dir",))
 def baseline_search(defect: str, charge: int, starts: list[dict[str, Any]], search_spec: dict[str, Any],
                     model: str = "chgnet", plot_dir: str | None = None) -> SearchResult:
     """The same ShakeNBreak starts relaxed with a foundation model (CHGNet: no charge input, weights ship
@@ -111,6 +114,7 @@ class Verification(BaseModel):
 
 
 @job(data=["hf_frame", "lf_frame"])
+@tracked("verify", engines=("high", "low"))
 def verify_ground_state(search, high: dict[str, Any], low: dict[str, Any], verify_spec: dict[str, Any]) -> Verification:
     """HF single point (or HF relaxation) on the surrogate ground state; LF single point too when it disagrees."""
     search = as_model(SearchResult, search)
@@ -184,6 +188,7 @@ class CampaignResult(BaseModel):
 
 
 @job
+@tracked("finalize", cache=False)
 def finalize(verifications: list, searches: list, baselines: list, training, context: dict[str, Any]) -> Response:
     """Top up and retrain when verification disagrees (rounds permitting), else compute levels and the result."""
     verifications = [as_model(Verification, v) for v in verifications]
@@ -280,6 +285,8 @@ def build_search_round(lf_xyz: str, hf_xyz: str, context: dict[str, Any], baseli
         s.name = f"search {group} round {context['round']}"
         v = verify_ground_state(s.output, spec["fidelities"]["high"], spec["fidelities"]["low"], spec["verify"])
         v.name = f"verify {group} round {context['round']}"
+        for j in (s, v):
+            j.metadata.update(defect=defect, charge=int(q), round=context["round"])
         jobs += [s, v]
         searches.append(s.output)
         verifies.append(v.output)
@@ -290,6 +297,7 @@ def build_search_round(lf_xyz: str, hf_xyz: str, context: dict[str, Any], baseli
 
 
 @job
+@tracked("start_search", cache=False)
 def start_search(training, labelled, lf_training_set, bulk, baselines: list, context_json: str) -> Response:
     """Join point after training: fill the runtime context (LF/HF data, bulk reference) and start round 0."""
     context = json.loads(context_json)

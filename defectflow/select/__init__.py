@@ -36,6 +36,7 @@ from defectflow.select.base import (
 )
 from defectflow.select.documents import SelectedFrame, Selection, group_key
 from defectflow.select.strategies import FPSStrategy, MinimaStrategy, StratifiedStrategy, soap_features
+from defectflow.store.tracking import tracked
 
 if TYPE_CHECKING:
     from defectflow.campaign import SelectionSpec
@@ -130,6 +131,7 @@ def select_frames(records: list[RelaxRecord | dict], spec: SelectionSpec | dict 
 
 
 @job(data="chosen")
+@tracked("select", cache=False)
 def select_job(records: list[RelaxRecord | dict], spec_dict: dict[str, Any] | None = None,
                strategy: str | None = None) -> Selection:
     """jobflow job: :func:`select_frames` on the LF records; the chosen frames go to the ``data`` store."""

@@ -68,6 +68,7 @@ class CampaignRun:
     result: CampaignResult | None = None
     failed_jobs: list[str] = field(default_factory=list)
     failures: dict[str, str] = field(default_factory=dict, metadata={"doc": "job name → exception"})
+    flow_uuid: str = field(default="", metadata={"doc": "uuid of this run's flow (every job lists it in hosts)"})
 
     @property
     def plots(self) -> list[str]:
@@ -160,4 +161,4 @@ def run_campaign(
     ordered = dict(sorted(summaries.items(), key=lambda kv: (kv[1].defect, kv[1].charge)))
     return CampaignRun(campaign=campaign, work_dir=work, n_jobs=total["n"], wall_seconds=time.perf_counter() - t0,
                        summaries=ordered, training_set=ts, result=result, failed_jobs=failed,
-                       failures=dict(handler.failures))
+                       failures=dict(handler.failures), flow_uuid=flow.uuid)

@@ -12,6 +12,7 @@ from pydantic import BaseModel, Field
 
 from defectflow.campaign import MlipSpec
 from defectflow.schemas import as_model
+from defectflow.store.tracking import tracked
 from defectflow.train.data import read_frames
 from defectflow.train.metrics import Metrics, evaluate, plot_pca
 from defectflow.train.surrogate import TrainedModel, train_kind
@@ -133,6 +134,7 @@ def as_extxyz(value: Any) -> str:
 
 
 @job(data=["model_files", "hf_test_extxyz", "lf_valid_extxyz"])
+@tracked("train", ignore=("plot_dir",))
 def train_job(lf_training_set, hf_frames_extxyz, spec_dict: dict[str, Any] | None = None,
               plot_dir: str | None = None) -> TrainingResult:
     """Train the surrogate and ablations in the job's directory; model bytes and extxyz go to the ``data`` store.

@@ -1,0 +1,131 @@
+"""Cost accounting and resume for defectflow jobs.
+
+:func:`tracked` wraps the function under ``@job`` and, when it runs as a job, records in the job document's
+``metadata`` (next to ``campaign``, ``defect``, ``charge`` set when the graph is built):
+
+* ``step``      the pipeline step (``relax_lf``, ``single_hf``, ``train``, ...),
+* ``cost``      ``wall_s`` (s), ``cpu_s`` (s, this process: every thread), ``cpu_children_s`` (s, finished child
+                processes, e.g. ``mpirun pw.x``), so CPU-seconds per step can be queried from any store,
+* ``cache_key`` a digest of everything that determines the result: the inputs as JSON, with engine settings
+                replaced by their settings digest (which leaves out parallelisation: ``mpi_procs``, ``command``),
+* ``reused_from`` the uuid of the job whose output was reused, when it was.
+
+Resume: with ``cache=True`` a job first looks in its own JobStore (``CURRENT_JOB.store``; the job needs
+``expose_store``) for a finished job with the same ``cache_key`` and returns that output instead of computing.
+So re-running a campaign after a crash or kill, locally or through FireWorks / jobflow-remote, recomputes only what
+is missing, and a changed setting invalidates exactly the jobs whose inputs it changes (and, through their changed
+outputs, what depends on them). Failed results (``status == "failed"``; without a status, an ``error``) are never reused: they are
+retried. The reused output is stored again under the new job (its big data too): documents stay self-contained.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import resource
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["tracked", "cache_key"]
+
+
+def _engine_digest(spec: Any) -> Any:
+    from defectflow.engines import get_engine
+
+    try:
+        return {"engine_digest": get_engine(spec).digest}
+    except Exception:  # noqa: BLE001 - not a valid engine spec: key on the raw value
+        return spec
+
+
+def cache_key(step: str, arguments: dict[str, Any], engines: Iterable[str] = (), ignore: Iterable[str] = ()) -> str:
+    """SHA-256 digest (hex, 24 chars) of a step's inputs.
+
+    ``engines`` names arguments holding engine settings (keyed by their settings digest); ``ignore`` names arguments
+    that do not change the result (plot folders, work directories).
+    """
+    from monty.json import jsanitize
+
+    engines, ignore = set(engines), set(ignore)
+    data = {k: (_engine_digest(v) if k in engines else v) for k, v in arguments.items() if k not in ignore}
+    text = json.dumps(jsanitize({"step": step, "args": data}, strict=True, enum_values=True), sort_keys=True,
+                      default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def _reusable(output: Any) -> bool:
+    if not isinstance(output, dict):
+        return output is not None
+    if "status" in output:  # relaxations: 'unconverged' (step cap reached) is a result, 'failed' is not
+        return output["status"] != "failed"
+    return not output.get("error")
+
+
+def _lookup(store, key: str) -> tuple[Any, str] | None:
+    """A finished, successful output with ``key`` in ``store`` (newest first), decoded; or None."""
+    from monty.json import MontyDecoder
+
+    try:
+        docs = store.query({"metadata.cache_key": key}, sort={"completed_at": -1}, load=True)
+        for doc in docs:
+            if _reusable(doc.get("output")):
+                return MontyDecoder().process_decoded(doc["output"]), doc["uuid"]
+    except Exception as exc:  # noqa: BLE001 - a store that cannot be searched means: compute
+        logger.warning("cache lookup failed (%s); computing", exc)
+    return None
+
+
+def _cpu() -> tuple[float, float]:
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    ch = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime, ch.ru_utime + ch.ru_stime
+
+
+def tracked(step: str, cache: bool = True, engines: Iterable[str] = (), ignore: Iterable[str] = ()) -> Callable:
+    """Decorator (under ``@job``) adding cost, step and resume to a job function; see the module docstring.
+
+    Called outside a running job (``job.original(...)`` in scripts and tests) the function runs unchanged.
+    """
+    engines, ignore = tuple(engines), tuple(ignore)
+
+    def wrap(func: Callable) -> Callable:
+        import inspect
+
+        signature = inspect.signature(func)
+
+        @functools.wraps(func)
+        def wrapper(*args, **kwargs):
+            from jobflow import CURRENT_JOB
+
+            if CURRENT_JOB.job is None:
+                return func(*args, **kwargs)
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            key = cache_key(step, dict(bound.arguments), engines, ignore)
+            t0, (c0, k0) = time.perf_counter(), _cpu()
+            store = getattr(CURRENT_JOB, "store", None)
+            hit = _lookup(store, key) if (cache and store is not None) else None
+            if hit is not None:
+                out, source = hit
+                logger.info("%s: reusing the output of job %s (same inputs)", CURRENT_JOB.job.name, source)
+            else:
+                out, source = func(*args, **kwargs), None
+            c1, k1 = _cpu()
+            meta = {"step": step, "cache_key": key,
+                    "cost": {"wall_s": round(time.perf_counter() - t0, 4), "cpu_s": round(c1 - c0, 4),
+                             "cpu_children_s": round(k1 - k0, 4)}}
+            if source:
+                meta["reused_from"] = source
+            # jobflow writes the job document (with this metadata) after the function returns, under every
+            # executor; Response.stored_data would not reach the JobStore (run_locally drops it)
+            CURRENT_JOB.job.metadata.update(meta)
+            return out
+
+        return wrapper
+
+    return wrap
