@@ -389,7 +389,8 @@ class ExecutionSpec(_Section):
 
     store: str = Field(
         "embedded",
-        description="'embedded' (persistent, serverless, inside work_dir) or a MongoDB URI mongodb://host:port/db",
+        description="'embedded' (persistent, serverless, inside work_dir), 'mongodb' (URI from $DEFECTFLOW_MONGODB_URI "
+        "or mongodb_uri: in ~/.config/defectflow/config.yaml) or a MongoDB URI mongodb://host:port/db",
     )
     work_dir: str = Field(
         "runs/{name}", description="Work directory (relative paths: from where defectflow runs); {name} = campaign name"
@@ -401,8 +402,8 @@ class ExecutionSpec(_Section):
     @field_validator("store")
     @classmethod
     def _store(cls, v: str) -> str:
-        if v != "embedded" and not v.startswith(("mongodb://", "mongodb+srv://")):
-            raise ValueError(f"expected 'embedded' or a MongoDB URI starting with mongodb://, got {v!r}")
+        if v not in ("embedded", "mongodb") and not v.startswith(("mongodb://", "mongodb+srv://")):
+            raise ValueError(f"expected 'embedded', 'mongodb' or a MongoDB URI starting with mongodb://, got {v!r}")
         return v
 
 

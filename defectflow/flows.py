@@ -159,7 +159,7 @@ class DefectCampaignMaker(Maker):
         sel = select_job(relax_outputs, campaign.selection.model_dump(mode="json"))
         sel.name = "select"
         lab = label_selected(sel.output, high, "high")
-        lab.name = "single_hf"
+        lab.name = "label_hf"  # replaced at run time by the "single_hf …" jobs + collect_hf
         train = train_job(harvest.output, lab.output, campaign.mlip.model_dump(mode="json"), str(plots / "model"))
         train.name = "train round 0"
         jobs += [sel, lab, train]

@@ -78,7 +78,7 @@ BAD = [
     ({**BASE, "selection": {"strategy": "random"}},
      ["selection.strategy: expected 'minima', 'fps' or 'stratified', got 'random'"]),
     ({**BASE, "execution": {"store": "postgres://x"}},
-     ["execution.store: expected 'embedded' or a MongoDB URI starting with mongodb://, got 'postgres://x'"]),
+     ["execution.store: expected 'embedded', 'mongodb' or a MongoDB URI starting with mongodb://, got 'postgres://x'"]),
     ({**BASE, "execution": {"resources": {"relax_lf": {"corez": 2}}}},
      ["execution.resources.relax_lf.corez: unknown field; expected one of: cores, walltime, gpu, worker, queue"]),
     ({**BASE, "name": "my campaign"},

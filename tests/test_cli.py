@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -24,7 +25,7 @@ def test_help_lists_planned_subcommands():
 
 
 def test_unbuilt_subcommand_says_so_and_fails():
-    r = run("submit", "workflows/quickstart.yaml")
+    r = run("plot", "workflows/quickstart.yaml")
     assert r.returncode == 3
     assert "not built yet" in r.stderr and "nothing was run" in r.stderr
 
@@ -87,3 +88,33 @@ def test_run_lf_only_executes_steps_1_2_and_reports(tmp_path):
     assert (work / "training_lf.xyz").stat().st_size > 0
     assert (work / "store").is_dir() and any((work / "plots" / "distortions").glob("v_Si_*.png"))
     assert "jobs in" in r.stdout
+
+    # the same run, asked for as a user would: status, results, query (embedded store, no server)
+    def cli(*args):
+        return subprocess.run([EXE, *args], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+
+    st = cli("status", "c.yaml", "--json")
+    assert st.returncode == 0, st.stderr[-2000:]
+    status = json.loads(st.stdout)
+    assert status["finished"]["relax_lf"] == status["planned"]["relax_lf"] == 6
+    assert status["manager"] is None  # run locally, never submitted
+
+    res = cli("results", "c.yaml", "--json")
+    assert res.returncode == 0, res.stderr[-2000:]
+    data = json.loads(res.stdout)
+    assert [(g["defect"], g["charge"], g["source"]) for g in data["ground_states"]] == [("v_Si", 0, "lf"),
+                                                                                       ("v_Si", 1, "lf")]
+    assert {c["step"] for c in data["cost"]} >= {"relax_lf", "bulk_lf", "bulk_hf", "summary", "harvest_lf"}
+    text = cli("results", "c.yaml")
+    assert text.returncode == 0 and "Cost per step" in text.stdout and "LF ShakeNBreak" in text.stdout
+
+    q = cli("query", "c.yaml", "--step", "relax_lf", "--charge", "1", "--fields", "output.status", "--json")
+    assert q.returncode == 0, q.stderr[-2000:]
+    docs = json.loads(q.stdout)
+    assert len(docs) == 3 and all(d["metadata"]["charge"] == 1 and d["output"]["status"] for d in docs)
+    q2 = cli("query", "--store", str(work), "--filter", '{"metadata.defect": "v_Si", "metadata.charge": 0}', "--json")
+    assert q2.returncode == 0 and {d["metadata"]["charge"] for d in json.loads(q2.stdout)} == {0}
+
+    bad = cli("query", "c.yaml", "--filter", "{charge: 0}")
+    assert bad.returncode == 2 and bad.stderr.startswith("error: --filter: expected JSON")
+    assert len(bad.stderr.strip().splitlines()) == 1

@@ -98,3 +98,21 @@ def test_model_metrics_and_plots_reported(run):
     for name in ("formation_energies",):
         assert Path(res.plots[name]).is_file()
     assert any(k.startswith("landscape ") for k in res.plots)
+
+
+def test_results_api_answers_from_the_embedded_store(run):
+    from results_checks import check_results
+
+    from defectflow.results import Results
+
+    campaign, r = run
+    res = Results.for_campaign(campaign)
+    assert res.run == r.flow_uuid  # the newest run with a final result
+    check_results(res, {("v_Si", 0), ("v_Si", 1)})
+    assert [g["hf_energy"] for g in res.ground_states()] == [
+        g.hf_energy for g in sorted(r.result.ground_states, key=lambda g: (g.defect, g.charge))]
+    assert res.transition_levels() == [t.model_dump() for t in r.result.levels.transition_levels]
+    cost = {row["step"]: row for row in res.cost()}
+    # HF calls by step add up to the campaign's own HF count: bulk + selected frames + verifications
+    assert cost["bulk_hf"]["hf_calls"] + cost["single_hf"]["hf_calls"] + cost["verify"]["hf_calls"] == \
+        r.result.hf_calls

@@ -35,20 +35,21 @@ examples:
   defectflow validate workflows/quickstart.yaml     check a campaign, print its summary
   defectflow engines                                which engines can run on this machine
   defectflow run workflows/quickstart.yaml          run a campaign locally (embedded store), all five steps
+  defectflow status workflows/quickstart.yaml       per-step progress of its newest run
+  defectflow results workflows/quickstart.yaml      ground states, CTLs, model metrics, cost per step
+  defectflow query workflows/quickstart.yaml --step relax_lf --charge 0   job documents (--json)
+  defectflow submit CAMPAIGN --manager fireworks    submit to FireWorks (or jobflow-remote)
   defectflow schema > campaign.schema.json          JSON schema of the campaign file
   defectflow schema --markdown                      every campaign key, its type, default and units
 
 exit status: 0 ok, 2 invalid input (one line per problem, naming the field), 3 not built yet."""
 
 PLANNED = {
-    "submit": ("submit a campaign to FireWorks or jobflow-remote", "issue #6 (executors and MongoDB)"),
-    "status": ("per-step progress of a campaign", "issue #6"),
-    "results": ("ground states, CTLs, model metrics and cost per step", "issue #6"),
-    "query": ("Mongo-style queries over any job store (--json)", "issue #6"),
-    "plot": ("energy-vs-distortion, parity, PCA and formation-energy plots", "issues #4 and #5"),
-    "benchmark": ("accuracy and cost against a direct high-fidelity search", "issue #7"),
+    "plot": (("energy-vs-distortion, parity, PCA and formation-energy plots (today: written by `run` under "
+              "<work_dir>/plots)"), "a later issue"),
+    "benchmark": ("accuracy and cost against a direct high-fidelity search (today: scripts in benchmarks/)",
+                  "issue #7"),
 }
-
 
 def _cmd_validate(args) -> int:
     from defectflow.campaign import Campaign, CampaignError
@@ -129,32 +130,15 @@ def _cmd_run(args) -> int:
     out.print(table)
     res = result.result
     if res is not None:
-        gs = Table(title=f"Ground states (surrogate search, verified with {campaign.fidelities.high.engine} "
-                         f"{campaign.fidelities.high.xc})")
-        for col in ("defect", "q", "from start", "E_HF (eV)", "|E_HF − E_MLIP| (meV/atom)", "minima",
-                    "baseline RMSD (Å)"):
-            gs.add_column(col)
-        for r in sorted(res.ground_states, key=lambda r: (r.defect, r.charge)):
-            err = "-" if r.verification_error_mev_per_atom is None else f"{r.verification_error_mev_per_atom:.1f}"
-            base = "-" if r.baseline_rmsd is None else f"{r.baseline_rmsd:.3f}"
-            e = "-" if r.hf_energy is None else f"{r.hf_energy:.4f}"
-            gs.add_row(r.defect, f"{r.charge:+d}", (r.ground_state_label or "-").replace("Bond_Distortion_", ""),
-                       e, err, str(r.n_minima), base)
-        Console().print(gs)
+        rows = [g.model_dump() for g in res.ground_states]
+        out.print(_ground_state_table(rows, f"Ground states (surrogate search, verified with "
+                                            f"{campaign.fidelities.high.engine} {campaign.fidelities.high.xc})"))
         if res.levels is not None:
-            lv = Table(title=f"Charge-transition levels (VBM = 0, gap {res.levels.band_gap:.2f} eV, "
-                             f"correction: {res.levels.correction_scheme})")
-            for col in ("defect", "level", "eV above VBM", "in gap"):
-                lv.add_column(col)
-            for t in res.levels.transition_levels:
-                lv.add_row(t.defect, f"ε({t.q_from:+d}/{t.q_to:+d})", f"{t.level:.3f}", "yes" if t.in_gap else "no")
-            Console().print(lv)
-            if not res.levels.transition_levels:
-                Console().print("no transition level within [VBM − 1 eV, CBM + 1 eV]")
+            _print_levels(out, res.levels.model_dump())
         else:
-            Console().print(f"[yellow]levels not computed:[/] {res.levels_error}")
-        Console().print(f"HF calculations: {res.hf_calls} ({res.hf_seconds:.0f} s); verification rounds: "
-                        f"{len(res.rounds)}")
+            out.print(f"[yellow]levels not computed:[/] {res.levels_error}")
+        out.print(f"HF calculations: {res.hf_calls} ({res.hf_seconds:.0f} s); verification rounds: "
+                  f"{len(res.rounds)}")
     ts = result.training_set
     if ts:
         out.print(f"training set: {ts['n_frames']} frames of {ts['n_candidates']} ionic steps, "
@@ -170,6 +154,279 @@ def _cmd_run(args) -> int:
         if result.failures:
             out.print(f"full tracebacks: {result.work_dir / 'failures.log'}")
         return 1
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tables shared by run / results
+# ---------------------------------------------------------------------------------------------------------------
+def _fmt(value, spec: str = ".3f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _ground_state_table(rows: list[dict], title: str):
+    from rich.table import Table
+
+    table = Table(title=title)
+    lf = rows and rows[0].get("source") == "lf"
+    cols = (("defect", "q", "ground state (LF ShakeNBreak)", "E_LF (eV)", "ΔE vs Unperturbed (eV)") if lf else
+            ("defect", "q", "from start", "E_HF (eV)", "|E_HF − E_MLIP| (meV/atom)", "minima", "baseline RMSD (Å)"))
+    for col in cols:
+        table.add_column(col)
+    for r in sorted(rows, key=lambda r: (r["defect"], r["charge"])):
+        label = (r.get("ground_state_label") or "-").replace("Bond_Distortion_", "")
+        if lf:
+            table.add_row(r["defect"], f"{r['charge']:+d}", label, _fmt(r.get("lf_energy"), ".4f"),
+                          _fmt(r.get("energy_lowering"), "+.3f"))
+        else:
+            table.add_row(r["defect"], f"{r['charge']:+d}", label, _fmt(r.get("hf_energy"), ".4f"),
+                          _fmt(r.get("verification_error_mev_per_atom"), ".1f"), str(r.get("n_minima", "-")),
+                          _fmt(r.get("baseline_rmsd")))
+    return table
+
+
+def _print_levels(console, levels: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"Charge-transition levels (VBM = 0, gap {levels['band_gap']:.2f} eV, "
+                        f"correction: {levels['correction_scheme']})")
+    for col in ("defect", "level", "eV above VBM", "in gap"):
+        table.add_column(col)
+    for t in levels.get("transition_levels", []):
+        table.add_row(t["defect"], f"ε({t['q_from']:+d}/{t['q_to']:+d})", f"{t['level']:.3f}",
+                      "yes" if t["in_gap"] else "no")
+    console.print(table)
+    if not levels.get("transition_levels"):
+        console.print("no transition level within [VBM − 1 eV, CBM + 1 eV]")
+
+
+def _metrics_table(rows: list[dict]):
+    from rich.table import Table
+
+    table = Table(title="Surrogate and ablations: held-out HF errors")
+    for col in ("model", "kind", "charge emb.", "E RMSE (meV/atom)", "F RMSE (meV/Å)", "LF E RMSE (meV/atom)",
+                "train (s)"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["model"], r["kind"], "yes" if r["charge_embedding"] else "no",
+                      _fmt(r.get("hf_test_energy_rmse"), ".1f"), _fmt(r.get("hf_test_force_rmse"), ".0f"),
+                      _fmt(r.get("lf_valid_energy_rmse"), ".1f"), _fmt(r.get("wall_seconds"), ".0f"))
+    return table
+
+
+def _cost_table(rows: list[dict]):
+    from rich.table import Table
+
+    table = Table(title="Cost per step")
+    for col in ("step", "jobs", "reused", "wall (s)", "CPU (s)", "HF calls"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["step"], str(r["jobs"]), str(r["reused"]), f"{r['wall_s']:.1f}", f"{r['cpu_s']:.1f}",
+                      str(r["hf_calls"] or "-"))
+    tot = {k: sum(r[k] for r in rows) for k in ("jobs", "reused", "wall_s", "cpu_s", "hf_calls")}
+    table.add_row("[bold]total", str(tot["jobs"]), str(tot["reused"]), f"{tot['wall_s']:.1f}", f"{tot['cpu_s']:.1f}",
+                  str(tot["hf_calls"]))
+    return table
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# results / query / status / submit
+# ---------------------------------------------------------------------------------------------------------------
+def _open_results(args):
+    """Results for ``args.campaign`` (YAML) or ``--store`` (+ ``--campaign-name``); raises CampaignError/ValueError."""
+    from defectflow.campaign import Campaign
+    from defectflow.results import Results
+    from defectflow.store import embedded_store, make_store
+
+    name = getattr(args, "name", None)
+    if args.store:
+        if args.store.startswith(("mongodb://", "mongodb+srv://")) or args.store == "mongodb":
+            store = make_store(args.store, ".")
+        else:
+            path = Path(args.store)
+            path = path / "store" if (path / "store").is_dir() else path
+            if not path.is_dir():
+                raise ValueError(f"--store: expected a MongoDB URI or an embedded store directory, got {args.store!r}")
+            store = embedded_store(path)
+    elif args.campaign:
+        campaign = Campaign.from_yaml(args.campaign)
+        name = name or campaign.name
+        store = make_store(campaign.execution.store, campaign.work_dir())
+    else:
+        raise ValueError("expected a campaign YAML file or --store URI|DIR")
+    return Results(store, name, run=getattr(args, "run", None))
+
+
+def _fail(exc: Exception) -> int:
+    for line in str(exc).splitlines():
+        print(f"error: {line}", file=sys.stderr)
+    return EXIT_INVALID
+
+
+def _cmd_results(args) -> int:
+    from rich.console import Console
+
+    from defectflow.campaign import CampaignError
+    from defectflow.results import write_json
+
+    try:
+        r = _open_results(args)
+        if r.run is None:
+            raise LookupError(f"no campaign run found in this store{f' for {r.campaign!r}' if r.campaign else ''}")
+    except (CampaignError, ValueError, LookupError) as exc:
+        return _fail(exc)
+    show = set(args.show.split(",")) if args.show else {"ground-states", "levels", "metrics", "cost"}
+    data = {"run": r.run, "campaign": r.campaign}
+    if "runs" in show:
+        data["runs"] = r.runs()
+    if "ground-states" in show:
+        data["ground_states"] = [{k: v for k, v in g.items() if k != "structure" or args.structures}
+                                 for g in r.ground_states()]
+    if "levels" in show:
+        data["levels"] = r.levels()
+    if "metrics" in show:
+        data["model_metrics"] = r.model_metrics()
+    if "cost" in show:
+        data["cost"] = r.cost()
+    if args.json:
+        print(write_json(data))
+        return 0
+    out = Console()
+    out.print(f"campaign [bold]{r.campaign or '?'}[/], run {r.run}")
+    if "runs" in show:
+        for run in data["runs"]:
+            out.print(f"  {run['run']}  {run['campaign']}  started {run['started']}  "
+                      f"{'final result' if run['finished'] else 'no final result'}")
+    if data.get("ground_states"):
+        title = ("Ground states (LF ShakeNBreak search; no final result in this run)"
+                 if data["ground_states"][0]["source"] == "lf" else "Ground states (surrogate search, HF verified)")
+        out.print(_ground_state_table(data["ground_states"], title))
+    if data.get("levels"):
+        _print_levels(out, data["levels"])
+    if data.get("model_metrics"):
+        out.print(_metrics_table(data["model_metrics"]))
+    if data.get("cost"):
+        out.print(_cost_table(data["cost"]))
+    return 0
+
+
+def _cmd_query(args) -> int:
+    from defectflow.campaign import CampaignError
+    from defectflow.results import write_json
+
+    try:
+        criteria = json.loads(args.filter) if args.filter else {}
+        if not isinstance(criteria, dict):
+            raise ValueError(f"--filter: expected a JSON object such as '{{\"metadata.charge\": 0}}', got {args.filter!r}")
+        r = _open_results(args)
+    except json.JSONDecodeError as exc:
+        return _fail(ValueError(f"--filter: expected JSON ({exc.msg} at character {exc.pos}), got {args.filter!r}"))
+    except (CampaignError, ValueError) as exc:
+        return _fail(exc)
+    fields = ["name", "metadata", "completed_at", *(args.fields.split(",") if args.fields else [])]
+    try:
+        docs = r.query(criteria, step=args.step, defect=args.defect, charge=args.charge, properties=fields,
+                       all_runs=args.all_runs)
+    except LookupError as exc:
+        return _fail(exc)
+    docs = docs[: args.limit] if args.limit else docs
+    for d in docs:
+        d.pop("_id", None)
+    if args.json:
+        print(write_json(docs))
+        return 0
+    extra = args.fields.split(",") if args.fields else []
+    for d in docs:
+        meta = d.get("metadata") or {}
+        cost = meta.get("cost") or {}
+        line = f"{d['name']:<48} {d.get('completed_at', '')[:19]}"
+        if cost:
+            line += f"  {cost.get('wall_s', 0):8.1f} s"
+        if meta.get("reused_from"):
+            line += "  (reused)"
+        for f in extra:
+            value = d
+            for part in f.split("."):
+                value = value.get(part) if isinstance(value, dict) else None
+            line += f"  {f}={value}"
+        print(line)
+    print(f"{len(docs)} job document(s)", file=sys.stderr)
+    return 0
+
+
+def _cmd_status(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from defectflow.campaign import Campaign, CampaignError
+    from defectflow.results import Results, list_runs, step_of
+    from defectflow.store import make_store
+    from defectflow.submit import submission_status
+
+    try:
+        campaign = Campaign.from_yaml(args.campaign)
+        store = make_store(campaign.execution.store, campaign.work_dir())
+        runs = list_runs(store, campaign.name)
+    except (CampaignError, ValueError) as exc:
+        return _fail(exc)
+    planned: dict[str, int] = {}
+    if not args.no_plan:
+        from defectflow.flows import DefectCampaignMaker
+
+        flow = DefectCampaignMaker(check_engines=False).make(campaign)
+        for j in flow.jobs:
+            planned[step_of(j.name)] = planned.get(step_of(j.name), 0) + 1
+        planned["single_hf"] = campaign.selection.budget
+    done = Results(store, campaign.name, run=runs[0]["run"]).progress() if runs else []
+    manager = submission_status(campaign.work_dir())
+    data = {"campaign": campaign.name, "run": runs[0]["run"] if runs else None, "planned": planned,
+            "finished": {r["step"]: r["finished"] for r in done}, "reused": {r["step"]: r["reused"] for r in done},
+            "manager": manager}
+    if args.json:
+        print(json.dumps(data, indent=1))
+        return 0
+    out = Console()
+    out.print(f"campaign [bold]{campaign.name}[/]: {len(runs)} run(s) in {campaign.execution.store}"
+              + (f"; newest {runs[0]['run']} ({'final result' if runs[0]['finished'] else 'no final result yet'})"
+                 if runs else ""))
+    table = Table(title="Progress of the newest run (finished jobs in the store)")
+    for col in ("step", "finished", "planned", "reused"):
+        table.add_column(col)
+    order = ["generation", "bulk_lf", "bulk_hf", "bulk", "relax_lf", "summary", "harvest_lf", "select", "label_hf", "single_hf",
+             "collect_hf", "train", "start", "search", "verify", "baseline", "finalize"]
+    steps = sorted(set(planned) | set(data["finished"]), key=lambda s: order.index(s) if s in order else 99)
+    for step in steps:
+        table.add_row(step, str(data["finished"].get(step, 0)), str(planned.get(step, "dynamic")),
+                      str(data["reused"].get(step, 0)))
+    out.print(table)
+    if manager:
+        out.print(f"{manager['manager']} (submitted {manager.get('submitted', '?')}):")
+        for step, states in sorted(manager.get("steps", {}).items()):
+            out.print(f"  {step:<12} " + ", ".join(f"{k} {v}" for k, v in sorted(states.items())))
+    return 0
+
+
+def _cmd_submit(args) -> int:
+    from defectflow.campaign import Campaign, CampaignError
+    from defectflow.engines import EngineError
+
+    try:
+        campaign = Campaign.from_yaml(args.campaign)
+        campaign.host_structure()
+        steps = "lf" if args.lf_only else "all"
+        if args.manager == "fireworks":
+            from defectflow.submit.fireworks import submit_fireworks
+
+            record = submit_fireworks(campaign, launchpad=args.launchpad, steps=steps)
+        else:
+            from defectflow.submit.remote import submit_jobflow_remote
+
+            record = submit_jobflow_remote(campaign, project=args.project, worker=args.worker, steps=steps)
+    except (CampaignError, EngineError, ValueError) as exc:
+        return _fail(exc)
+    rec = record if isinstance(record, dict) else getattr(record, "__dict__", {"record": str(record)})
+    print(json.dumps(rec, indent=1, default=str))
+    print(f"submitted; follow it with: defectflow status {args.campaign}", file=sys.stderr)
     return 0
 
 
@@ -264,6 +521,79 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("schema", help="print the JSON schema (or the Markdown reference) of campaign files")
     p.add_argument("--markdown", action="store_true", help="Markdown reference (docs/campaign-reference.md)")
     p.set_defaults(func=_cmd_schema)
+
+    def store_args(p):
+        p.add_argument("campaign", nargs="?", help="campaign YAML file (its execution.store and work_dir are used)")
+        p.add_argument("--store", help="instead of a campaign file: a MongoDB URI, 'mongodb' (URI from "
+                       "$DEFECTFLOW_MONGODB_URI or the config file) or an embedded store / work directory")
+        p.add_argument("--name", help="campaign name (metadata.campaign) to select in a shared store")
+        p.add_argument("--run", help="a run's flow uuid (default: the newest run with a final result)")
+        p.add_argument("--json", action="store_true", help="machine-readable JSON on stdout")
+
+    p = sub.add_parser("results", help="ground states, CTLs, model metrics and cost per step of a campaign",
+                       description="Results of a campaign's newest finished run, from its store (embedded or\n"
+                       "MongoDB, whichever executor ran it).\n\n"
+                       "  ground-states  per (defect, q): ground-state start, E_HF, surrogate error, minima\n"
+                       "  levels         charge-transition levels ε(q/q') in eV above the VBM\n"
+                       "  metrics        held-out HF errors of the surrogate and its ablations\n"
+                       "  cost           jobs, reused jobs, wall and CPU seconds, HF calls per step\n"
+                       "  runs           every run of the campaign in the store\n\n"
+                       "examples:\n"
+                       "  defectflow results workflows/quickstart.yaml\n"
+                       "  defectflow results workflows/quickstart.yaml --show levels --json | jq '.levels'\n"
+                       "  defectflow results --store mongodb://host/db --name sb2se3 --show cost",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    store_args(p)
+    p.add_argument("--show", help="comma-separated: ground-states,levels,metrics,cost,runs (default: all but runs)")
+    p.add_argument("--structures", action="store_true", help="include ground-state structures in --json output")
+    p.set_defaults(func=_cmd_results)
+
+    p = sub.add_parser("query", help="Mongo-style queries over the job documents of a campaign",
+                       description="Job documents of a run that match a MongoDB filter. Every document has name\n"
+                       "(first word = step), metadata.campaign, metadata.defect / charge / distortion where they\n"
+                       "apply, metadata.cost {wall_s, cpu_s, cpu_children_s} and output.*.\n\n"
+                       "examples:\n"
+                       "  defectflow query c.yaml --step relax_lf --charge 0 --fields output.energy,output.status\n"
+                       "  defectflow query c.yaml --filter '{\"output.status\": \"failed\"}' --json\n"
+                       "  defectflow query --store runs/x --filter '{\"metadata.defect\": \"v_Si\"}' --all-runs",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    store_args(p)
+    p.add_argument("--filter", help="MongoDB filter as JSON, e.g. '{\"metadata.charge\": -1}'")
+    p.add_argument("--step", help="pipeline step: relax_lf, single_hf, train, search, verify, summary, ...")
+    p.add_argument("--defect", help="defect name, e.g. v_Si")
+    p.add_argument("--charge", type=int, help="charge state q")
+    p.add_argument("--fields", help="comma-separated extra fields to return, e.g. output.energy")
+    p.add_argument("--all-runs", action="store_true", help="search every run of the campaign, not only one")
+    p.add_argument("--limit", type=int, help="at most this many documents")
+    p.set_defaults(func=_cmd_query)
+
+    p = sub.add_parser("status", help="per-step progress of a campaign (store, and FireWorks / jobflow-remote)",
+                       description="Finished jobs per step of the campaign's newest run in its store, against\n"
+                       "the planned graph; with a submission (defectflow submit), the job states per step\n"
+                       "reported by FireWorks or jobflow-remote.")
+    p.add_argument("campaign", help="campaign YAML file")
+    p.add_argument("--no-plan", action="store_true", help="skip building the graph for planned counts (faster)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_status)
+
+    p = sub.add_parser("submit", help="submit a campaign to FireWorks or jobflow-remote",
+                       description="Build the campaign graph and submit it. Per-step resources and workers come\n"
+                       "from execution.resources (relax_lf, single_hf, train, search, verify).\n\n"
+                       "  fireworks       adds a workflow to the LaunchPad (--launchpad FILE, else FireWorks'\n"
+                       "                  auto_load: $FW_CONFIG_FILE / my_launchpad.yaml); run `rlaunch` or\n"
+                       "                  `qlaunch`; jobs of a step go to fireworkers of category = its worker\n"
+                       "  jobflow-remote  submit_flow into a jobflow-remote project (--project, else the default);\n"
+                       "                  the project's jobstore must be the campaign's MongoDB store\n\n"
+                       "example:\n"
+                       "  defectflow submit workflows/sb2se3_vasp.yaml --manager jobflow-remote --project cluster",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("campaign", help="campaign YAML file")
+    p.add_argument("--manager", choices=["fireworks", "jobflow-remote"], required=True)
+    p.add_argument("--launchpad", help="FireWorks LaunchPad YAML file")
+    p.add_argument("--project", help="jobflow-remote project name")
+    p.add_argument("--worker", help="jobflow-remote worker for steps without execution.resources.<step>.worker")
+    p.add_argument("--lf-only", action="store_true", help="only steps 1-2")
+    p.set_defaults(func=_cmd_submit)
 
     for name, (what, where) in PLANNED.items():
         p = sub.add_parser(name, help=f"{what} [not built yet: {where}]",

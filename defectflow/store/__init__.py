@@ -7,11 +7,12 @@ declares it with ``@job(data=...)``, so the store passed to ``run_locally`` must
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from jobflow import JobStore
 
-__all__ = ["make_store", "embedded_store", "mongo_store"]
+__all__ = ["make_store", "embedded_store", "mongo_store", "resolve_uri", "config_path"]
 
 
 def embedded_store(directory: str | Path) -> JobStore:
@@ -40,8 +41,40 @@ def mongo_store(uri: str, database: str | None = None) -> JobStore:
     return JobStore(docs, additional_stores={"data": data})
 
 
+#: environment variable holding the MongoDB URI for ``execution.store: mongodb``
+URI_ENV = "DEFECTFLOW_MONGODB_URI"
+#: environment variable naming the config file (default ``~/.config/defectflow/config.yaml``)
+CONFIG_ENV = "DEFECTFLOW_CONFIG"
+
+
+def config_path() -> Path:
+    """The user config file: ``$DEFECTFLOW_CONFIG`` or ``~/.config/defectflow/config.yaml``."""
+    return Path(os.environ.get(CONFIG_ENV) or Path.home() / ".config" / "defectflow" / "config.yaml")
+
+
+def resolve_uri(store: str) -> str:
+    """The MongoDB URI for ``execution.store``: the value itself when it is a URI; for ``mongodb``, the
+    environment variable ``DEFECTFLOW_MONGODB_URI``, else ``mongodb_uri:`` in the config file (so credentials stay
+    out of campaign files). Raises ValueError naming both places when neither is set."""
+    if store.startswith(("mongodb://", "mongodb+srv://")):
+        return store
+    if store != "mongodb":
+        raise ValueError(f"execution.store: expected 'embedded', 'mongodb' or a mongodb:// URI, got {store!r}")
+    uri = os.environ.get(URI_ENV)
+    if not uri:
+        path = config_path()
+        if path.is_file():
+            import yaml
+
+            uri = (yaml.safe_load(path.read_text()) or {}).get("mongodb_uri")
+    if not uri:
+        raise ValueError(f"execution.store: 'mongodb' needs a URI in ${URI_ENV} or as mongodb_uri: in {config_path()}")
+    return uri
+
+
 def make_store(store: str, work_dir: str | Path) -> JobStore:
-    """Build the JobStore named by a campaign's ``execution.store`` ('embedded' or a MongoDB URI)."""
+    """Build the JobStore named by a campaign's ``execution.store``: 'embedded' (in ``work_dir/store``),
+    'mongodb' (URI from the environment or config file, see :func:`resolve_uri`) or a MongoDB URI."""
     if store == "embedded":
         return embedded_store(Path(work_dir) / "store")
-    return mongo_store(store)
+    return mongo_store(resolve_uri(store))

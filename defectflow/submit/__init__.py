@@ -91,6 +91,7 @@ def run_campaign(
     from jobflow import run_locally
 
     from defectflow.flows import DefectCampaignMaker
+    from defectflow.results import Results
     from defectflow.store import make_store
 
     if not isinstance(campaign, Campaign):
@@ -141,16 +142,13 @@ def run_campaign(
     store.connect()
     uuids = {j.uuid: j.name for j in flow.jobs}
     failed = [name for uuid, name in uuids.items() if uuid not in responses]
-    result = None
-    mine = {"hosts": flow.uuid}  # every job of this run, dynamic ones included, lists the flow in its hosts
-    finals = [d for d in store.query({**mine, "name": {"$regex": "^finalize round "}}, load=True)
-              if isinstance(d.get("output"), dict) and "ground_states" in d["output"]]
-    if finals:
-        result = CampaignResult.model_validate(max(finals, key=lambda d: d["name"])["output"])
+    results = Results(store, campaign.name, run=flow.uuid)  # every job of this run lists the flow in its hosts
+    final = results.result()
+    result = CampaignResult.model_validate(final) if final else None
     summaries = {}
-    for doc in store.query({**mine, "name": {"$regex": "^summary "}}):
-        s = DistortionSummary.model_validate(doc["output"])
-        summaries[doc["name"].removeprefix("summary ")] = s
+    for doc in results.query(step="summary", properties=["name", "output", "completed_at"]):
+        summaries[doc["name"].removeprefix("summary ")] = DistortionSummary.model_validate(doc["output"])
+    mine = {"hosts": flow.uuid}
     harvest = store.query_one({**mine, "name": "harvest_lf"}, load=True)
     ts = None
     if harvest:
@@ -162,3 +160,24 @@ def run_campaign(
     return CampaignRun(campaign=campaign, work_dir=work, n_jobs=total["n"], wall_seconds=time.perf_counter() - t0,
                        summaries=ordered, training_set=ts, result=result, failed_jobs=failed,
                        failures=dict(handler.failures), flow_uuid=flow.uuid)
+
+
+def submission_status(work_dir: str | Path) -> dict[str, Any] | None:
+    """What the workflow manager reports for the campaign submitted from ``work_dir`` (``submission.json``
+    written by ``defectflow submit``): ``{"manager", "submitted", "steps": {step: {state: count}}}``; None when
+    the campaign was never submitted (local runs)."""
+    import json
+
+    path = Path(work_dir) / "submission.json"
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    if record.get("manager") == "fireworks":
+        from defectflow.submit.fireworks import status_of_submission
+    else:
+        from defectflow.submit.remote import status_of_submission
+    try:
+        steps = status_of_submission(work_dir)
+    except Exception as exc:  # noqa: BLE001 - the manager's database may be unreachable from here
+        return {**record, "steps": {}, "error": f"{type(exc).__name__}: {exc}"}
+    return {**record, "steps": steps}
