@@ -66,10 +66,26 @@ def _reusable(output: Any) -> bool:
     return not output.get("error")
 
 
+_INDEXED: set[int] = set()
+
+
+def _ensure_index(store) -> None:
+    """An index on ``metadata.cache_key`` where the docs store supports one (MongoDB); once per store object.
+    Guarded: the embedded MontyStore has no indexes and simply scans."""
+    if id(store) in _INDEXED:
+        return
+    _INDEXED.add(id(store))
+    try:
+        store.docs_store.ensure_index("metadata.cache_key")
+    except Exception:  # noqa: BLE001 - NotImplementedError in MontyDB; a lookup without index still works
+        logger.debug("no index on metadata.cache_key in %s", type(store.docs_store).__name__)
+
+
 def _lookup(store, key: str) -> tuple[Any, str] | None:
     """A finished, successful output with ``key`` in ``store`` (newest first), decoded; or None."""
     from monty.json import MontyDecoder
 
+    _ensure_index(store)
     try:
         docs = store.query({"metadata.cache_key": key}, sort={"completed_at": -1}, load=True)
         for doc in docs:
