@@ -380,7 +380,8 @@ class ResourceSpec(_Section):
     cores: int = Field(1, ge=1, description="Cores (MPI ranks) per job")
     walltime: int = Field(60, ge=1, description="Wall time per job in minutes")
     gpu: bool = Field(False, description="Request a GPU (training)")
-    worker: str | None = Field(None, description="jobflow-remote worker name (default: the project's default)")
+    worker: str | None = Field(None, description="jobflow-remote worker name / FireWorks _category of this step's "
+                               "jobs (default: the manager's default)")
     queue: str | None = Field(None, description="Scheduler queue / partition")
 
 

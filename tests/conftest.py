@@ -59,3 +59,46 @@ def si_vac7_rattled() -> Structure:
 
 def have(exe: str) -> bool:
     return shutil.which(exe) is not None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a real MongoDB wire-protocol server (SecantusDB) for FireWorks / jobflow-remote / MongoDB-store tests
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def mongo_uri():
+    """``mongodb://127.0.0.1:PORT/defectflow_test`` on a SecantusDB server (in memory) started for the session.
+
+    The server runs as a subprocess (``python -m secantus``), so it has its own interpreter and does not compete
+    with the tests for the GIL; tests pick their own database names when they need isolation."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import pymongo
+
+    with socket.socket() as s:  # a free loopback port (tiny race window until the server binds it)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "secantus", "--host", "127.0.0.1", "--port", str(port),
+                             "--storage-path", ":memory:", "--log-level", "WARNING"])
+    base = f"mongodb://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 60
+    try:
+        while True:
+            try:
+                with pymongo.MongoClient(base, serverSelectionTimeoutMS=500) as client:
+                    client.admin.command("ping")
+                break
+            except pymongo.errors.PyMongoError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"SecantusDB did not start on port {port} (exit code {proc.poll()})")
+                time.sleep(0.2)
+        yield base + "defectflow_test"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

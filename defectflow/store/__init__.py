@@ -31,13 +31,18 @@ def embedded_store(directory: str | Path) -> JobStore:
 
 
 def mongo_store(uri: str, database: str | None = None) -> JobStore:
-    """A JobStore on a MongoDB server: documents in ``outputs``, big data in GridFS (``outputs_data``)."""
-    from maggma.stores import MongoURIStore
-    from maggma.stores.gridfs import GridFSURIStore
+    """A JobStore on a MongoDB server: documents in ``outputs``, big data in GridFS (``outputs_data``).
+
+    Built with ``MongoStore.from_uri`` / ``GridFSStore.from_uri``, not maggma's ``MongoURIStore`` /
+    ``GridFSURIStore``: those carry monty's ``@deprecated`` class decorator (maggma 0.77.1, monty 2026.10), which
+    hides their constructor from ``MSONable.as_dict``, so they serialise without the URI and a FireWorks task or
+    jobflow-remote job built with them cannot reconnect."""
+    from maggma.stores import MongoStore
+    from maggma.stores.gridfs import GridFSStore
 
     db = database or (uri.rsplit("/", 1)[-1].split("?")[0] if uri.count("/") >= 3 else "") or "defectflow"
-    docs = MongoURIStore(uri, "outputs", database=db)
-    data = GridFSURIStore(uri, "outputs_data", database=db)
+    docs = MongoStore.from_uri(uri, "outputs", database=db)
+    data = GridFSStore.from_uri(uri, "outputs_data", database=db)
     return JobStore(docs, additional_stores={"data": data})
 
 
