@@ -118,3 +118,13 @@ def test_run_lf_only_executes_steps_1_2_and_reports(tmp_path):
     bad = cli("query", "c.yaml", "--filter", "{charge: 0}")
     assert bad.returncode == 2 and bad.stderr.startswith("error: --filter: expected JSON")
     assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_submit_bad_launchpad_is_one_clear_error(tmp_path):
+    (tmp_path / "c.yaml").write_text(SMALL.format(poscar=ROOT / "workflows/structures/Si.POSCAR"))
+    r = subprocess.run([EXE, "submit", "c.yaml", "--manager", "fireworks", "--launchpad", "missing.yaml"],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert r.returncode == 2
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert errors == [f"error: launchpad: file not found: {tmp_path / 'missing.yaml'}"]
+    assert not (tmp_path / "runs" / "cli-small" / "submission.json").exists()

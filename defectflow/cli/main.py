@@ -424,8 +424,7 @@ def _cmd_submit(args) -> int:
             record = submit_jobflow_remote(campaign, project=args.project, worker=args.worker, steps=steps)
     except (CampaignError, EngineError, ValueError) as exc:
         return _fail(exc)
-    rec = record if isinstance(record, dict) else getattr(record, "__dict__", {"record": str(record)})
-    print(json.dumps(rec, indent=1, default=str))
+    print(json.dumps(record.as_dict(), indent=1, default=str))
     print(f"submitted; follow it with: defectflow status {args.campaign}", file=sys.stderr)
     return 0
 
