@@ -390,7 +390,7 @@ def _cmd_status(args) -> int:
               + (f"; newest {runs[0]['run']} ({'final result' if runs[0]['finished'] else 'no final result yet'})"
                  if runs else ""))
     table = Table(title="Progress of the newest run (finished jobs in the store)")
-    for col in ("step", "finished", "planned", "reused"):
+    for col in ("step", "finished", "planned (static graph)", "reused"):
         table.add_column(col)
     order = ["generation", "bulk_lf", "bulk_hf", "bulk", "relax_lf", "summary", "harvest_lf", "select", "label_hf", "single_hf",
              "collect_hf", "train", "start", "search", "verify", "baseline", "finalize"]
