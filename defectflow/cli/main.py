@@ -47,8 +47,9 @@ exit status: 0 ok, 2 invalid input (one line per problem, naming the field), 3 n
 PLANNED = {
     "plot": (("energy-vs-distortion, parity, PCA and formation-energy plots (today: written by `run` under "
               "<work_dir>/plots)"), "a later issue"),
-    "benchmark": ("accuracy and cost against a direct high-fidelity search (today: scripts in benchmarks/)",
-                  "issue #7"),
+    "benchmark": (("accuracy and cost against a direct high-fidelity search (today: run "
+                   "benchmarks/accuracy_cost.py and benchmarks/speed.py from a checkout; docs/benchmarks.md)"),
+                  "a later issue"),
 }
 
 def _cmd_validate(args) -> int:

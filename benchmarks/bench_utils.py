@@ -1,0 +1,270 @@
+"""Pure helpers shared by the benchmark scripts (and tested by tests/test_benchmarks.py).
+
+Nothing here runs an engine: CPU accounting per job, job name → pipeline step, structure and level comparisons,
+ratios, goal verdicts and plain-text tables. Heavy imports (pymatgen, defectflow) happen inside functions.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import resource
+import time
+from collections.abc import Iterable, Sequence
+from itertools import pairwise
+from typing import Any
+
+# ---------------------------------------------------------------------------------------------------------------
+# CPU accounting
+# ---------------------------------------------------------------------------------------------------------------
+#: Pseudo job name for what happens before the first job starts (doped + ShakeNBreak generation, graph building).
+GRAPH_BUILD = "(graph build)"
+
+#: (prefix of a jobflow job name, step) in the order they are tried; the first match wins.
+STEP_PREFIXES: tuple[tuple[str, str], ...] = (
+    (GRAPH_BUILD, "1 generate"),
+    ("generation", "1 generate"),
+    ("bulk ", "bulk references"),
+    ("relax_lf ", "2 relax (all distortions)"),
+    ("summary ", "2 relax (all distortions)"),
+    ("harvest_lf", "2 relax (all distortions)"),
+    ("select", "3 select + HF single points"),
+    ("label_hf", "3 select + HF single points"),
+    ("single_hf", "3 select + HF single points"),
+    ("collect_hf", "3 select + HF single points"),
+    ("train round", "4 train (main + ablations)"),
+    ("baseline ", "baseline (CHGNet, not defectflow cost)"),
+    ("start search", "5 search"),
+    ("search ", "5 search"),
+    ("verify ", "5 HF verification"),
+    ("finalize", "5 levels + top-up bookkeeping"),
+    ("store_inputs", "(jobflow bookkeeping)"),
+)
+
+
+def step_of(job_name: str | None) -> str:
+    """The pipeline step a jobflow job name belongs to ('(outside jobs)' for None, '(other)' if unknown)."""
+    if job_name is None:
+        return "(outside jobs)"
+    for prefix, step in STEP_PREFIXES:
+        if job_name.startswith(prefix):
+            return step
+    return "(other)"
+
+
+def cpu_now() -> tuple[float, float, float]:
+    """(wall s, CPU s of this process, CPU s of reaped child processes) — user + system time."""
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    ch = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.perf_counter(), me.ru_utime + me.ru_stime, ch.ru_utime + ch.ru_stime
+
+
+class CpuMeter:
+    """A ``run_campaign`` progress callback that charges CPU time to the job that is running.
+
+    jobflow's ``run_locally`` runs one job at a time in this process, so the CPU used between "starting X" and the
+    next event is X's: ``self_cpu`` (this Python process: xTB, MACE, CHGNet, doped) and ``child_cpu`` (reaped
+    subprocesses: pw.x under mpirun, mace_run_train). Time before the first job is charged to
+    :data:`GRAPH_BUILD` (doped + ShakeNBreak run while the graph is built), time between jobs to ``None``
+    (store writes).
+    """
+
+    def __init__(self, clock=cpu_now):
+        self._clock = clock
+        self._last = clock()
+        self._current: str | None = GRAPH_BUILD
+        self.records: list[dict[str, Any]] = []
+
+    def _charge(self) -> None:
+        now = self._clock()
+        self.records.append({"job": self._current, "wall": now[0] - self._last[0],
+                             "self_cpu": now[1] - self._last[1], "child_cpu": now[2] - self._last[2]})
+        self._last = now
+
+    def __call__(self, event: str, name: str, done: int = 0, total: int = 0) -> None:
+        self._charge()
+        self._current = name if event == "starting" else None
+
+    def close(self) -> None:
+        """Charge the time since the last event (call once the run returned)."""
+        self._charge()
+        self._current = None
+
+    def by_job(self) -> dict[str | None, dict[str, float]]:
+        out: dict[str | None, dict[str, float]] = {}
+        for r in self.records:
+            acc = out.setdefault(r["job"], {"wall": 0.0, "self_cpu": 0.0, "child_cpu": 0.0})
+            for k in ("wall", "self_cpu", "child_cpu"):
+                acc[k] += r[k]
+        return out
+
+    def by_step(self, rename: dict[str, str] | None = None) -> dict[str, dict[str, float]]:
+        """Step → wall / CPU (self, children, total) in s; ``rename`` maps step names (e.g. for the HF search)."""
+        out: dict[str, dict[str, float]] = {}
+        for job, acc in self.by_job().items():
+            step = step_of(job)
+            step = (rename or {}).get(step, step)
+            tgt = out.setdefault(step, {"wall": 0.0, "self_cpu": 0.0, "child_cpu": 0.0, "jobs": 0})
+            for k in ("wall", "self_cpu", "child_cpu"):
+                tgt[k] += acc[k]
+            tgt["jobs"] += 0 if job is None or job.startswith("(") else 1
+        for v in out.values():
+            v["cpu"] = v["self_cpu"] + v["child_cpu"]
+        return out
+
+    def sum_where(self, predicate, key: str) -> float:
+        """Sum of ``key`` over jobs whose name satisfies ``predicate``."""
+        return sum(acc[key] for job, acc in self.by_job().items() if job is not None and predicate(job))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# comparisons
+# ---------------------------------------------------------------------------------------------------------------
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    """numerator / denominator, or None when either is missing or the denominator is not positive."""
+    if numerator is None or denominator is None or denominator <= 0:
+        return None
+    return numerator / denominator
+
+
+def aligned_rmsd(reference, other) -> dict[str, float | None]:
+    """Ground-state RMSD in Å, two ways.
+
+    ``same_order``: :func:`defectflow.search.rmsd` (same atom order, minimum image — the structures all start
+    from the same ShakeNBreak cells, so the order is shared). ``aligned``: ``other`` first mapped onto
+    ``reference`` with pymatgen's StructureMatcher (ltol 0.2, stol 0.3, no scaling/supercells: undoes a rigid
+    shift or a symmetry-equivalent relabelling), then the same RMSD; None when the matcher finds no mapping.
+    ``rmsd`` (the figure reported) is the smaller of the two (both are legitimate atom mappings).
+    """
+    import warnings
+
+    from pymatgen.analysis.structure_matcher import StructureMatcher
+
+    from defectflow.search import rmsd
+
+    plain = rmsd(reference, other)
+    aligned = None
+    sm = StructureMatcher(ltol=0.2, stol=0.3, angle_tol=5, primitive_cell=False, scale=False,
+                          attempt_supercell=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            mapped = sm.get_s2_like_s1(reference, other)
+        except Exception:  # noqa: BLE001 - the matcher can fail on odd cells; fall back to the plain RMSD
+            mapped = None
+    if mapped is not None and len(mapped) == len(reference):
+        aligned = rmsd(reference, mapped)
+    best = plain if aligned is None else min(plain, aligned)
+    return {"rmsd": best, "same_order": plain, "aligned": aligned}
+
+
+def pair_level(formation_vbm: dict[str, float], defect: str, q1: int, q2: int) -> float | None:
+    """ε(q1/q2) in eV above the VBM from formation energies at E_F = VBM (keys 'defect q', e.g. 'v_Si +1'):
+    E_f(q, E_F) = E_f(q, 0) + q·E_F, so the crossing is at (E_f(q2) − E_f(q1)) / (q1 − q2)."""
+    k1, k2 = f"{defect} {q1:+d}", f"{defect} {q2:+d}"
+    if k1 not in formation_vbm or k2 not in formation_vbm or q1 == q2:
+        return None
+    return (formation_vbm[k2] - formation_vbm[k1]) / (q1 - q2)
+
+
+def adjacent_levels(formation_vbm: dict[str, float]) -> dict[tuple[str, int, int], float]:
+    """ε(q/q−1) for every pair of consecutive computed charge states of every defect, from formation energies at
+    E_F = VBM ('defect q' keys). These are the thermodynamic transition levels whether or not they fall in the
+    gap, and whether or not the middle charge state is ever stable (doped lists only stable ones in range)."""
+    by_defect: dict[str, list[int]] = {}
+    for key in formation_vbm:
+        defect, q = key.rsplit(" ", 1)
+        by_defect.setdefault(defect, []).append(int(q))
+    out = {}
+    for defect, qs in by_defect.items():
+        qs = sorted(qs, reverse=True)
+        for q1, q2 in pairwise(qs):
+            out[(defect, q1, q2)] = pair_level(formation_vbm, defect, q1, q2)
+    return out
+
+
+def level_errors(reference_formation_vbm: dict[str, float],
+                 other_formation_vbm: dict[str, float] | None) -> list[dict[str, Any]]:
+    """Per consecutive charge pair of the reference: ε(q/q−1) of the reference and of the other method (both from
+    doped formation energies at E_F = VBM, see :func:`adjacent_levels`) and the error in eV (None when the other
+    method lacks one of the two charge states)."""
+    other = other_formation_vbm or {}
+    out = []
+    for (defect, q1, q2), ref in adjacent_levels(reference_formation_vbm).items():
+        level = pair_level(other, defect, q1, q2)
+        out.append({"defect": defect, "q_from": q1, "q_to": q2, "reference": ref, "level": level,
+                    "error": None if level is None or ref is None else level - ref})
+    return out
+
+
+def max_abs(values: Iterable[float | None]) -> float | None:
+    """Largest |v| over the values that are not None (None when there are none)."""
+    vals = [abs(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return max(vals) if vals else None
+
+
+def verdict(value: float | None, goal: float, higher_is_better: bool = False) -> str:
+    """'met' / 'MISSED' against a goal ('n/a' without a value)."""
+    if value is None:
+        return "n/a"
+    ok = value >= goal if higher_is_better else value <= goal
+    return "met" if ok else "MISSED"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# output
+# ---------------------------------------------------------------------------------------------------------------
+def fmt(value: Any, digits: int = 3) -> str:
+    """A table cell: floats with ``digits`` decimals, None as '—'."""
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], digits: int = 3) -> str:
+    """A GitHub-markdown table (also readable as plain text)."""
+    headers = [h.replace("|", "\\|") for h in headers]  # a '|' inside a cell would split the markdown column
+    cells = [[fmt(c, digits).replace("|", "\\|") for c in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    line = "| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths)) + " |"
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    body = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in cells]
+    return "\n".join([line, sep, *body])
+
+
+def machine() -> dict[str, Any]:
+    """CPU model, core count, load average, platform (for the JSON)."""
+    import os
+
+    model = None
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for ln in fh:
+                if ln.startswith("model name"):
+                    model = ln.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        load = os.getloadavg()
+    except OSError:
+        load = None
+    return {"cpu_model": model, "cores": os.cpu_count(), "load_average_at_end": load,
+            "python": platform.python_version(), "platform": platform.platform(), "gpu": None}
+
+
+def rounded(obj: Any, digits: int = 4) -> Any:
+    """Round floats recursively (keeps the JSON small and diffable)."""
+    if isinstance(obj, float):
+        return round(obj, digits)
+    if isinstance(obj, dict):
+        return {k: rounded(v, digits) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [rounded(v, digits) for v in obj]
+    return obj

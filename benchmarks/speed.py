@@ -1,0 +1,398 @@
+"""Benchmark: speed and memory — surrogate vs LF engine per structure, training time per epoch, peak memory per
+step, graph construction for 50 defects × 5 charges × 15 distortions.
+
+    .venv/bin/python benchmarks/speed.py            # default (4.4 min on 2 cores)
+    .venv/bin/python benchmarks/speed.py --quick    # smoke run (2.5 min)
+    .venv/bin/python benchmarks/speed.py --show     # print the tables of the last JSON again
+
+Results and their discussion: docs/benchmarks.md.
+
+Every step runs in its own Python subprocess (``OMP_NUM_THREADS=1``) so its peak memory is its own:
+``ru_maxrss`` of that process (RUSAGE_SELF) and of its largest child (RUSAGE_CHILDREN: a pw.x rank,
+mace_run_train; in the other steps the only children are short helpers forked from the step's own process, whose
+figure repeats the parent's, so the table shows the child figure only where an engine runs). The campaign is the accuracy_cost benchmark's (Si vacancy, 15-atom cell; LF GFN1-xTB, HF QE PBE
+15 Ry Γ, 2 MPI ranks).
+
+Steps:
+
+* ``generate`` — doped + ShakeNBreak for the campaign (step 1).
+* ``lf_relax`` — one LF relaxation (q = 0, Bond_Distortion_-30%, the campaign's fmax and step limit) and the
+  LF single points that label the training frames for ``train`` (Gaussian-rattled copies, 0.1 Å, q = 0 and +1).
+* ``hf_single_point`` — one HF single point on the same start (step 3).
+* ``train`` — ``defectflow.train.train_kind`` (multi-head, charge-embedded, the benchmark's architecture) on N LF
+  frames + N/10 HF-head frames (GFN1 labels reused: this measures time, not accuracy) for a few epochs: the
+  median epoch time after the first (mace's log), scaled to 1000 frames (step 4).
+* ``search`` — the surrogate's ground-state search over one charge state's starts (+ rattled extra starts), as
+  the pipeline's search job runs it (step 5).
+* ``per_structure`` — on the same 15-atom cell and charge: time per energy+forces call of the trained MACE model
+  vs the LF engine (and the HF engine's call from ``hf_single_point``), and one whole relaxation of the same start
+  with each (ASE BFGS, the same fmax and step limit): structures per second and the ratio. The per-call times
+  are also taken on a 63-atom cell (2×2×2 conventional, one vacancy; positions nudged by 2 mÅ between calls).
+* ``levels`` — doped thermodynamics on the generated entries (energies synthetic: memory and time only).
+* ``graph`` — ``benchmarks/graph_construction.py``'s ``main`` for 50 × 5 × 15 (builds, does not run, the graph).
+
+Output: a table on stdout and ``benchmarks/results/speed.json`` (``--json`` to change).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_utils import machine, ratio, rounded, table
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+SETTINGS = {
+    "quick": {"n_frames": 40, "epochs": 3, "calls_mace": 20, "calls_lf": 5, "graph": [10, 5, 15]},
+    "default": {"n_frames": 200, "epochs": 5, "calls_mace": 100, "calls_lf": 20, "graph": [50, 5, 15]},
+}
+STEPS = ("generate", "lf_relax", "hf_single_point", "train", "search", "per_structure", "levels", "graph")
+
+
+def _campaign():
+    from accuracy_cost import PRESETS, campaign_dict
+
+    from defectflow.campaign import Campaign
+
+    return Campaign.from_dict(campaign_dict(PRESETS["default"], "bench-speed", ROOT / "runs" / "benchmarks" / "speed"))
+
+
+def _generation(work: Path):
+    from defectflow.generate import GenerationResult
+
+    return GenerationResult.model_validate_json((work / "generation.json").read_text())
+
+
+def _start(work: Path, charge: int = 0, label: str = "Bond_Distortion_-30.0%"):
+    for ds in _generation(work).distortion_sets:
+        if ds.charge == charge:
+            for s in ds.structures:
+                if s.label == label:
+                    return ds, s.structure
+    raise LookupError(f"no start {label} for q={charge}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# steps (each runs in its own subprocess)
+# ---------------------------------------------------------------------------------------------------------------
+def step_generate(work: Path, cfg: dict) -> dict:
+    from defectflow.generate import generate
+
+    t0 = time.perf_counter()
+    gen = generate(_campaign())
+    wall = time.perf_counter() - t0
+    (work / "generation.json").write_text(gen.model_dump_json())
+    return {"wall": wall, "structures": gen.n_structures}
+
+
+def step_lf_relax(work: Path, cfg: dict) -> dict:
+    import numpy as np
+    from pymatgen.core import Structure
+
+    from defectflow.engines import get_engine
+    from defectflow.relax import frames_to_extxyz
+
+    c = _campaign()
+    _, st = _start(work)
+    eng = get_engine(c.fidelities.low, fidelity="low")
+    t0 = time.perf_counter()
+    traj = eng.relax(st, 0, workdir=work / "lf_relax", fmax=c.relax.fmax, max_steps=c.relax.max_steps)
+    wall = time.perf_counter() - t0
+    # training frames for the timing run: rattled copies of the start, q = 0 and +1, labelled with the LF engine
+    rng = np.random.default_rng(0)
+    frames, t_label, failed = [], 0.0, 0
+    base = _start(work, 0, "Unperturbed")[1]
+    while len(frames) < cfg["n_frames"] * 1.1 + 2 and failed < 50:
+        q = int(rng.integers(0, 2))
+        s = Structure(base.lattice, base.species, base.cart_coords + rng.normal(0, 0.1, (len(base), 3)),
+                      coords_are_cartesian=True, charge=q)
+        t1 = time.perf_counter()
+        f = eng.single_point(s, q, workdir=work / "lf_label")
+        t_label += time.perf_counter() - t1
+        if f.energy is None or not f.scf_converged:
+            failed += 1
+            continue
+        frames.append((f, {"defect": "v_Si", "distortion": "rattled"}))
+    (work / "frames.xyz").write_text(frames_to_extxyz(frames, "lf"))
+    return {"wall": wall, "status": traj.status, "steps": traj.n_steps, "seconds_per_step": wall / max(1, traj.n_steps),
+            "label_single_points": len(frames) + failed, "label_seconds_per_call": t_label / max(1, len(frames) + failed)}
+
+
+def step_hf_single_point(work: Path, cfg: dict) -> dict:
+    from defectflow.engines import get_engine
+
+    c = _campaign()
+    _, st = _start(work)
+    eng = get_engine(c.fidelities.high, fidelity="high")
+    t0 = time.perf_counter()
+    f = eng.single_point(st, 0, workdir=work / "hf_sp")
+    return {"wall": time.perf_counter() - t0, "converged": f.scf_converged,
+            "mpi_procs": c.fidelities.high.mpi_procs}
+
+
+def step_train(work: Path, cfg: dict) -> dict:
+    from defectflow.train.data import frames_to_text, read_frames
+    from defectflow.train.surrogate import train_kind
+
+    c = _campaign()
+    frames = read_frames(str(work / "frames.xyz"))
+    n = cfg["n_frames"]
+    lf, hf = frames[:n], frames[n:n + max(2, n // 10)]
+    for a in hf:
+        a.info["head"] = "hf"
+    spec = c.mlip.model_copy(update={"max_epochs": cfg["epochs"], "ablations": []})
+    t0 = time.perf_counter()
+    model = train_kind(frames_to_text(lf), frames_to_text(hf), spec, work / "train", kind="multihead")
+    wall = time.perf_counter() - t0
+    (work / "model.json").write_text(model.model_dump_json())
+    comp = model.components[0]
+    n_train = sum(comp.n_train.values())
+    return {"wall": wall, "epochs": comp.epochs, "n_train": n_train, "n_valid": sum(comp.n_valid.values()),
+            "seconds_per_epoch": comp.seconds_per_epoch, "first_epoch_seconds": comp.first_epoch_seconds,
+            "seconds_per_epoch_per_1000_frames": None if comp.seconds_per_epoch is None
+            else comp.seconds_per_epoch * 1000 / n_train,
+            "hidden_irreps": spec.hidden_irreps, "batch_size": comp.batch_size}
+
+
+def _model(work: Path):
+    from defectflow.train.surrogate import TrainedModel
+
+    return TrainedModel.model_validate_json((work / "model.json").read_text())
+
+
+def step_search(work: Path, cfg: dict) -> dict:
+    from defectflow.search import search_ground_state
+    from defectflow.search.jobs import _starts, starts_payload
+    from defectflow.train.surrogate import load_calculator
+
+    c = _campaign()
+    ds, _ = _start(work)
+    model = _model(work)
+    starts = _starts(starts_payload(ds), c.search.model_dump(), c.distortions.seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = search_ground_state(ds.defect, ds.charge, starts, lambda: load_calculator(model, head="hf"),
+                                  fmax=c.search.fmax, max_steps=c.search.max_steps)
+    return {"wall": res.wall_seconds, "starts": res.n_starts, "structures_per_second": res.structures_per_second,
+            "unconverged": len(res.unconverged)}
+
+
+def _time_calls(calc, structure, charge: int, n: int) -> float:
+    """Seconds per energy+forces call (positions nudged each call so nothing is cached)."""
+    import numpy as np
+
+    from defectflow.engines.base import structure_to_atoms
+
+    atoms = structure_to_atoms(structure, charge)
+    atoms.calc = calc
+    rng = np.random.default_rng(1)
+    atoms.get_forces()  # warm-up (model load, first SCF set-up)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        atoms.positions += rng.normal(0, 0.002, atoms.positions.shape)
+        atoms.get_potential_energy()
+        atoms.get_forces()
+    return (time.perf_counter() - t0) / n
+
+
+def _relax(calc, structure, charge: int, fmax: float, steps: int) -> dict:
+    from ase.optimize import BFGS
+
+    from defectflow.engines.base import structure_to_atoms
+
+    atoms = structure_to_atoms(structure, charge)
+    atoms.calc = calc
+    t0 = time.perf_counter()
+    opt = BFGS(atoms, logfile=None)
+    ok = opt.run(fmax=fmax, steps=steps)
+    wall = time.perf_counter() - t0
+    return {"wall": wall, "steps": opt.get_number_of_steps(), "converged": bool(ok),
+            "structures_per_second": 1 / wall if wall > 0 else None}
+
+
+def _big_cell():
+    from pymatgen.core import Lattice, Structure
+
+    s = Structure.from_spacegroup("Fd-3m", Lattice.cubic(5.431), ["Si"], [[0, 0, 0]])
+    s.make_supercell(2)
+    s.remove_sites([0])
+    return s
+
+
+def step_per_structure(work: Path, cfg: dict) -> dict:
+    from defectflow.engines import get_engine
+    from defectflow.train.surrogate import load_calculator
+
+    c = _campaign()
+    _, st = _start(work)
+    model = _model(work)
+    mace = load_calculator(model, head="hf")
+    lf_engine = get_engine(c.fidelities.low, fidelity="low")
+    from defectflow.engines.base import structure_to_atoms
+
+    lf_calc = lf_engine.make_calculator(structure_to_atoms(st, 0), 0, work / "lf_calls")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t_mace = _time_calls(mace, st, 0, cfg["calls_mace"])
+        t_lf = _time_calls(lf_calc, st, 0, cfg["calls_lf"])
+        r_mace = _relax(load_calculator(model, head="hf"), st, 0, c.relax.fmax, c.relax.max_steps)
+        r_lf = _relax(lf_engine.make_calculator(structure_to_atoms(st, 0), 0, work / "lf_relax2"), st, 0,
+                      c.relax.fmax, c.relax.max_steps)
+        # a bigger cell (63 atoms: 2×2×2 conventional cell, one vacancy): MACE ∝ N, xTB ∝ N^3 asymptotically
+        big = _big_cell()
+        t_mace_big = _time_calls(mace, big, 0, max(5, cfg["calls_mace"] // 4))
+        t_lf_big = _time_calls(lf_engine.make_calculator(structure_to_atoms(big, 0), 0, work / "lf_calls_big"), big,
+                               0, max(2, cfg["calls_lf"] // 4))
+    return {"natoms": len(st), "charge": 0, "mace_seconds_per_call": t_mace, "lf_seconds_per_call": t_lf,
+            "speedup_per_call": ratio(t_lf, t_mace),
+            "big_cell": {"natoms": len(big), "mace_seconds_per_call": t_mace_big, "lf_seconds_per_call": t_lf_big,
+                         "speedup_per_call": ratio(t_lf_big, t_mace_big)},
+            "relax_mace": r_mace, "relax_lf": r_lf,
+            "speedup_per_relaxation": ratio(r_lf["wall"], r_mace["wall"]), "calls_mace": cfg["calls_mace"],
+            "calls_lf": cfg["calls_lf"]}
+
+
+def step_levels(work: Path, cfg: dict) -> dict:
+    from defectflow.levels import LevelEntry, compute_levels
+
+    gen = _generation(work)
+    e_bulk = -108.0 * len(gen.bulk_supercell)  # synthetic: this step is timed for memory and speed only
+    entries = [LevelEntry(defect=ds.defect, charge=ds.charge, energy=e_bulk * 15 / 16 + 3.5 - 0.3 * ds.charge,
+                          structure=ds.structures[0].structure, defect_entry=ds.defect_entry)
+               for ds in gen.distortion_sets]
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lv = compute_levels(entries, gen.bulk_supercell, e_bulk, 0.0, 1.0, dielectric=11.7, plot_dir=work / "plots")
+    return {"wall": time.perf_counter() - t0, "levels": len(lv.transition_levels)}
+
+
+def step_graph(work: Path, cfg: dict) -> dict:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("graph_construction", ROOT / "benchmarks" / "graph_construction.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    d, q, n = cfg["graph"]
+    return mod.main(["--defects", str(d), "--charges", str(q), "--distortions", str(n)])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def _child(step: str, work: Path, quick: bool) -> None:
+    cfg = SETTINGS["quick" if quick else "default"]
+    out = globals()[f"step_{step}"](work, cfg)
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    ch = resource.getrusage(resource.RUSAGE_CHILDREN)
+    out["peak_rss_MB"] = me.ru_maxrss / 1024  # KiB on Linux
+    out["peak_rss_child_MB"] = ch.ru_maxrss / 1024
+    print("RESULT " + json.dumps(out, default=str), flush=True)
+
+
+def run_step(step: str, work: Path, quick: bool) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--_step", step, "--_work", str(work)]
+    if quick:
+        cmd.append("--quick")
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=False)
+    wall = time.perf_counter() - t0
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-25:])
+        raise SystemExit(f"step {step} failed (exit {proc.returncode}):\n{tail}")
+    res = json.loads(lines[-1][len("RESULT "):])
+    res["process_wall"] = wall
+    return res
+
+
+def render(r: dict[str, Any]) -> str:
+    s = r["steps"]
+    ps = s["per_structure"]
+    out = [(f"## speed ({r['preset']} preset): v_Si, {ps['natoms']}-atom cell, q = 0, 1 thread each "
+            "(QE: 2 MPI ranks)"), ""]
+    out.append(table(["per structure", "MACE surrogate", "LF GFN1-xTB", "HF QE PBE", "surrogate speed-up vs LF"], [
+        ["energy + forces call, s", ps["mace_seconds_per_call"], ps["lf_seconds_per_call"],
+         s["hf_single_point"]["wall"], f"{ps['speedup_per_call']:.0f}×"],
+        [f"energy + forces call, {ps['big_cell']['natoms']} atoms, s", ps["big_cell"]["mace_seconds_per_call"],
+         ps["big_cell"]["lf_seconds_per_call"], None, f"{ps['big_cell']['speedup_per_call']:.0f}×"],
+        ["relaxation (BFGS, same fmax), s", ps["relax_mace"]["wall"], ps["relax_lf"]["wall"], None,
+         f"{ps['speedup_per_relaxation']:.0f}×"],
+        ["relaxation ionic steps", ps["relax_mace"]["steps"], ps["relax_lf"]["steps"], None, None],
+        ["structures (relaxations) per second", ps["relax_mace"]["structures_per_second"],
+         ps["relax_lf"]["structures_per_second"], None, None],
+    ], digits=4))
+    out.append(f"Surrogate search (one charge state, {s['search']['starts']} starts): "
+               f"{s['search']['structures_per_second']:.2f} structures/s.")
+    out.append("")
+    t = s["train"]
+    out.append(table(["training", "value"], [
+        ["frames trained on (LF + HF heads)", t["n_train"]], ["epochs", t["epochs"]],
+        ["median s/epoch (after the first)", t["seconds_per_epoch"]],
+        ["s/epoch per 1000 frames", t["seconds_per_epoch_per_1000_frames"]],
+        ["first epoch incl. warm-up, s", t["first_epoch_seconds"]], ["whole training run, s", t["wall"]],
+    ], digits=2))
+    out.append("")
+    g = s["graph"]
+    out.append(f"Graph construction {g['defects']} × {g['charges']} × {g['distortions']}: {g['jobs']} jobs in "
+               f"{g['graph_build_s']:.1f} s ({g['ms_per_job']:.2f} ms/job), peak RSS {g['peak_rss_MB']:.0f} MB.")
+    out.append("")
+    engine_child = {"hf_single_point": "pw.x (one of 2 MPI ranks)", "train": "mace_run_train"}
+    rows = [[k, v.get("process_wall"), v.get("peak_rss_MB"),
+             f"{v.get('peak_rss_child_MB', 0):.0f} ({engine_child[k]})" if k in engine_child else None]
+            for k, v in s.items()]
+    out.append(table(["step (own process)", "wall s", "peak RSS MB (Python)", "engine subprocess peak RSS MB"],
+                     rows, digits=1))
+    return "\n".join(out)
+
+
+def main(argv=None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="smoke-run sizes (fewer frames, epochs and calls)")
+    p.add_argument("--json", type=Path, default=None,
+                   help="JSON output (default: benchmarks/results/speed.json; speed_quick.json for --quick)")
+    p.add_argument("--work-dir", type=Path, default=None, help="scratch (default: runs/benchmarks/speed-<preset>)")
+    p.add_argument("--show", action="store_true", help="print the tables of the existing JSON and exit (no runs)")
+    p.add_argument("--_step", choices=STEPS, help=argparse.SUPPRESS)
+    p.add_argument("--_work", type=Path, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.show:
+        path = a.json or RESULTS / ("speed_quick.json" if a.quick else "speed.json")
+        print(render(json.loads(path.read_text())))
+        return {}
+    if a._step:
+        _child(a._step, a._work, a.quick)
+        return {}
+    name = "quick" if a.quick else "default"
+    work = (a.work_dir or ROOT / "runs" / "benchmarks" / f"speed-{name}").resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    out_json = a.json or RESULTS / ("speed_quick.json" if a.quick else "speed.json")
+    t0 = time.perf_counter()
+    steps = {}
+    for step in STEPS:
+        print(f"  {step} ...", flush=True)
+        steps[step] = run_step(step, work, a.quick)
+    report = rounded({"benchmark": "speed", "preset": name, "settings": SETTINGS[name], "machine": machine(),
+                      "steps": steps, "wall_seconds": time.perf_counter() - t0}, 5)
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    out_json.write_text(json.dumps(report, indent=1) + "\n")
+    print()
+    print(render(report))
+    print(f"\nJSON: {out_json}  (wall {report['wall_seconds'] / 60:.1f} min)")
+    return report
+
+
+if __name__ == "__main__":
+    main()
