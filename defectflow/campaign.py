@@ -290,6 +290,10 @@ class MlipSpec(_Section):
         "eV per q, which a charge-dependent readout captures directly"
     )
     r_max: float = Field(5.0, gt=0, description="Cutoff radius in Å")
+    pair_repulsion: bool = Field(
+        True, description="Add MACE's ZBL pair repulsion (mace_run_train --pair_repulsion) so that atoms the "
+        "training data never brought close cannot collapse onto each other in the surrogate search"
+    )
     hidden_irreps: str = Field("32x0e + 32x1o", description="MACE hidden irreps (model size)")
     num_interactions: int = Field(2, ge=1)
     correlation: int = Field(3, ge=1)
@@ -332,6 +336,11 @@ class SearchSpec(_Section):
     max_steps: int = Field(300, ge=1)
     energy_tolerance: float = Field(
         0.01, ge=0, description="Minima within this energy (eV) and matching structures are grouped"
+    )
+    min_distance_factor: float = Field(
+        0.6, ge=0, lt=1, description="Reject a surrogate minimum as unphysical when two atoms are closer than this "
+        "× the sum of their covalent radii (Si–Si: 0.6 × 2.22 Å = 1.33 Å); it is listed in the search result's "
+        "'rejected' and never becomes the ground state. 0 disables the check"
     )
     foundation_baseline: Literal["chgnet"] | None = Field(
         None, description="Also relax the distortions with a foundation model and report its ground-state RMSD"

@@ -87,3 +87,27 @@ def test_chgnet_baseline_search_runs_offline(tmp_path):
     assert res["ground_state"]["energy"] == pytest.approx(min(res["landscape"].values()))
     with pytest.raises(ValueError, match="search.foundation_baseline: expected 'chgnet'"):
         baseline_search.original("v_Si", 0, starts, {}, "mace_mp")
+
+
+def test_collapsed_minimum_is_rejected_not_chosen():
+    """A calculator whose pair minimum sits at ~1.0 Å (Lennard-Jones, σ = 0.9 Å) pulls two close Si atoms onto
+    each other: that minimum is listed as rejected and the physical one (same calculator, atoms out of reach)
+    becomes the ground state; with the check off, the collapsed minimum wins."""
+    from ase.calculators.lj import LennardJones
+
+    def lj():
+        return LennardJones(sigma=0.9, epsilon=1.0, rc=1.6, smooth=True)
+
+    far = cell()  # nearest neighbours at 2.35 Å: beyond rc, nothing moves
+    near = cell()
+    j = int(np.argsort(near.distance_matrix[0])[1])  # a nearest neighbour of atom 0, 2.35 Å away
+    v = near.lattice.get_cartesian_coords(np.round(near[j].frac_coords - near[0].frac_coords, 6)
+                                          - np.round(near[j].frac_coords - near[0].frac_coords))
+    near.translate_sites([0], 1.1 * v / np.linalg.norm(v), frac_coords=False)  # now 1.25 Å from atom j
+    starts = [SearchStart(label="far", structure=far), SearchStart(label="near", structure=near)]
+    res = search_ground_state("v_Si", 0, starts, lj, model="lj", fmax=0.01, max_steps=500)
+    assert list(res.rejected) == ["near"] and res.rejected["near"] < 1.33
+    assert res.ground_state_label == "far" and "near" not in res.landscape
+    off = search_ground_state("v_Si", 0, starts, lj, model="lj", fmax=0.01, max_steps=500, min_distance_factor=0)
+    assert off.rejected == {} and off.ground_state_label == "near"
+    assert min(off.ground_state.structure.distance_matrix[np.triu_indices(len(near), 1)]) < 1.33

@@ -5,6 +5,13 @@ surrogate ASE calculator (the trained MACE model's HF head, a Δ-model, or a fou
 groups identical minima (energy within a tolerance and pymatgen ``StructureMatcher`` match), ranks them and keeps
 the energy-vs-distortion landscape. :func:`rmsd` compares two structures with the same atom order under periodic
 boundary conditions (the paper's ground-state RMSD).
+
+Unphysical minima: a surrogate trained on few HF frames can have holes, regions it never saw where two atoms
+collapse onto each other at a very low predicted energy (the issue-#7 benchmark found Si–Si pairs at 1.04 Å,
+55–60 eV above the reference in HF). A minimum whose shortest interatomic distance is below ``min_distance_factor``
+× (sum of the two atoms' covalent radii, ASE's Cordero et al. values) is therefore *rejected*: it is kept in
+:attr:`SearchResult.rejected` (label → shortest distance in Å) and never becomes the ground state, so the HF
+verification is spent on the lowest physical minimum instead.
 """
 
 from __future__ import annotations
@@ -23,7 +30,8 @@ from defectflow.schemas import Structure
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SearchStart", "Minimum", "SearchResult", "search_ground_state", "rattled_starts", "rmsd", "group_minima"]
+__all__ = ["SearchStart", "Minimum", "SearchResult", "search_ground_state", "rattled_starts", "rmsd", "group_minima",
+           "shortest_contact"]
 
 
 class SearchStart(BaseModel):
@@ -51,6 +59,10 @@ class SearchResult(BaseModel):
     n_failed: int = 0
     landscape: dict[str, float] = Field(description="Start label → final surrogate energy in eV")
     unconverged: list[str] = Field(default_factory=list, description="Starts that hit the step limit")
+    rejected: dict[str, float] = Field(
+        default_factory=dict, description="Starts whose minimum was rejected as unphysical → its shortest "
+        "interatomic distance in Å (below min_distance_factor × covalent-radius sum)"
+    )
     minima: list[Minimum] = Field(description="Distinct minima, lowest first")
     ground_state: Minimum | None = None
     ground_state_label: str | None = None
@@ -83,6 +95,21 @@ def rattled_starts(starts: list[SearchStart], n_extra: int, stdev: float, seed: 
             new = PmgStructure(st.lattice, st.species, cart, coords_are_cartesian=True, charge=st.charge)
             out.append(SearchStart(label=f"{s.label}+rattle{k + 1}", bond_distortion=s.bond_distortion, structure=new))
     return out
+
+
+def shortest_contact(structure) -> tuple[float, float]:
+    """(shortest interatomic distance in Å, that distance / the pair's covalent-radius sum) under periodic
+    boundary conditions; the ratio is the smallest over all pairs (ASE's covalent radii, Cordero et al. 2008)."""
+    from ase.data import covalent_radii
+
+    if len(structure) < 2:
+        return float("inf"), float("inf")
+    dist = np.array(structure.distance_matrix, dtype=float)
+    np.fill_diagonal(dist, np.inf)
+    z = np.array([site.specie.Z for site in structure])
+    radii = covalent_radii[z]
+    ratio = dist / (radii[:, None] + radii[None, :])
+    return float(dist.min()), float(ratio.min())
 
 
 def group_minima(results: list[tuple[str, float, Any]], energy_tolerance: float = 0.01,
@@ -122,15 +149,19 @@ def search_ground_state(
     max_steps: int = 300,
     energy_tolerance: float = 0.01,
     plot_dir: str | Path | None = None,
+    min_distance_factor: float = 0.6,
 ) -> SearchResult:
-    """Relax every start with the surrogate at charge ``charge`` and return the ranked distinct minima."""
+    """Relax every start with the surrogate at charge ``charge`` and return the ranked distinct minima.
+
+    ``fmax`` in eV/Å, ``energy_tolerance`` in eV. A minimum with an interatomic distance below
+    ``min_distance_factor`` × the pair's covalent-radius sum is rejected as unphysical (0 disables the check)."""
     from ase.optimize import FIRE
 
     from defectflow.engines.base import atoms_to_structure, structure_to_atoms
 
     calc = calculator_factory()
     t0 = time.perf_counter()
-    finals, landscape, unconverged, failed = [], {}, [], 0
+    finals, landscape, unconverged, failed, rejected = [], {}, [], 0, {}
     for s in starts:
         atoms = structure_to_atoms(s.structure, charge)
         atoms.calc = calc
@@ -147,14 +178,22 @@ def search_ground_state(
             continue
         if not ok:
             unconverged.append(s.label)
+        final = atoms_to_structure(atoms, charge)
+        if min_distance_factor > 0:
+            shortest, ratio = shortest_contact(final)
+            if ratio < min_distance_factor:
+                logger.warning("%s q=%+d %s: surrogate minimum rejected, atoms %.2f Å apart (%.2f × covalent-radius "
+                               "sum < %.2f)", defect, charge, s.label, shortest, ratio, min_distance_factor)
+                rejected[s.label] = shortest
+                continue
         landscape[s.label] = energy
-        finals.append((s.label, energy, atoms_to_structure(atoms, charge)))
+        finals.append((s.label, energy, final))
     wall = time.perf_counter() - t0
     minima = group_minima(finals, energy_tolerance)
     gs = minima[0] if minima else None
     result = SearchResult(
         defect=defect, charge=charge, model=model, n_starts=len(starts), n_failed=failed, landscape=landscape,
-        unconverged=unconverged, minima=minima, ground_state=gs,
+        unconverged=unconverged, rejected=rejected, minima=minima, ground_state=gs,
         ground_state_label=min(landscape, key=landscape.get) if landscape else None,
         wall_seconds=wall, structures_per_second=len(finals) / wall if wall > 0 else 0.0,
     )

@@ -71,6 +71,7 @@ def surrogate_search(training, defect: str, charge: int, starts: list[dict[str, 
         defect, charge, _starts(starts, search_spec, seed), lambda: load_calculator(model, head="hf"),
         model="mace:hf", fmax=search_spec.get("fmax", 0.02), max_steps=search_spec.get("max_steps", 300),
         energy_tolerance=search_spec.get("energy_tolerance", 0.01), plot_dir=plot_dir,
+        min_distance_factor=search_spec.get("min_distance_factor", 0.6),
     )
 
 
@@ -90,7 +91,8 @@ def baseline_search(defect: str, charge: int, starts: list[dict[str, Any]], sear
 
     return search_ground_state(defect, charge, _starts(starts, {"extra_starts": 0}, 0), factory, model="chgnet",
                                fmax=search_spec.get("fmax", 0.02), max_steps=search_spec.get("max_steps", 300),
-                               energy_tolerance=search_spec.get("energy_tolerance", 0.01), plot_dir=plot_dir)
+                               energy_tolerance=search_spec.get("energy_tolerance", 0.01), plot_dir=plot_dir,
+                               min_distance_factor=search_spec.get("min_distance_factor", 0.6))
 
 
 class Verification(BaseModel):
@@ -122,7 +124,8 @@ def verify_ground_state(search, high: dict[str, Any], low: dict[str, Any], verif
     v = Verification(defect=search.defect, charge=search.charge, mode=mode,
                      ground_state_label=search.ground_state_label)
     if search.ground_state is None:
-        v.error = "the surrogate search produced no minimum"
+        v.error = ("the surrogate search produced no physical minimum"
+                   + (f" ({len(search.rejected)} rejected: atoms too close)" if search.rejected else ""))
         return v
     gs = search.ground_state.structure
     v.surrogate_energy = search.ground_state.energy

@@ -253,6 +253,8 @@ def _run_mace(workdir: Path, name: str, heads: dict[str, dict[str, Any]], spec: 
         cmd += ["--total_charge_key", "total_charge", "--embedding_specs", CHARGE_EMBEDDING_SPECS]
         if embedding_readout:
             cmd += ["--use_embedding_readout", "True"]
+    if spec.pair_repulsion:
+        cmd += ["--pair_repulsion"]
     for key, value in spec.extra_args.items():
         cmd += [f"--{key}"] + ([] if value is None else [str(value)])
     command = shlex.join(cmd)
