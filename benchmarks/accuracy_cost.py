@@ -192,19 +192,24 @@ def meter_from(dump: dict[str, Any]) -> CpuMeter:
 # reading the stores
 # ---------------------------------------------------------------------------------------------------------------
 class StoreView:
-    """The few queries the benchmark needs on one campaign's embedded store."""
+    """The few queries the benchmark needs on one campaign's embedded store, scoped to one run (the run
+    :class:`defectflow.results.Results` picks: the newest finished one, else the newest), so that a store holding
+    several runs (``--resume`` after a changed preset, a re-run) never mixes them."""
 
     def __init__(self, work_dir: Path):
+        from defectflow.results import Results
         from defectflow.store import make_store
 
-        self.store = make_store("embedded", work_dir)
-        self.store.connect()
+        self.results = Results(make_store("embedded", work_dir))
+        self.store = self.results.store
+        if self.results.run is None:
+            raise LookupError(f"no campaign run in the store under {work_dir}")
 
     def one(self, name: str, load: bool = False) -> dict[str, Any] | None:
-        return self.store.query_one({"name": name}, load=load)
+        return self.store.query_one({"name": name, "hosts": self.results.run}, load=load)
 
     def many(self, regex: str, load: bool = False) -> list[dict[str, Any]]:
-        return list(self.store.query({"name": {"$regex": regex}}, load=load))
+        return list(self.store.query({"name": {"$regex": regex}, "hosts": self.results.run}, load=load))
 
     def generation(self):
         from defectflow.generate import GenerationResult

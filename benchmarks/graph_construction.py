@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 import resource
+import time
 from pathlib import Path
 
 from pymatgen.core import Lattice, Structure

@@ -46,6 +46,32 @@ GFN1 = {"engine": "ase", "calculator": "tblite.ase.TBLite", "xc": "GFN1-xTB",
         "kwargs": {"method": "GFN1-xTB", "verbosity": 0}}
 GFN2 = {**GFN1, "xc": "GFN2-xTB", "kwargs": {"method": "GFN2-xTB", "verbosity": 0}}
 
+#: a MACE model small enough to train in seconds on 2 cores
+TINY_MLIP = {"hidden_irreps": "8x0e", "max_L": 0, "num_interactions": 2, "correlation": 2, "r_max": 4.0,
+             "max_epochs": 20, "batch_size": 4}
+
+
+def si_vacancy_campaign(name: str, work, **sections) -> dict:
+    """The test campaign most pipeline tests share: v_Si in the 16-site cell (2×2×2 primitive supercell),
+    q = 0, +1, ±30 % distortions, GFN1-xTB (low) → GFN2-xTB (high), 4 LF steps, ``work`` as work_dir.
+    Each keyword replaces that whole section (``relax={...}``, ``mlip=TINY_MLIP``, ``execution={...}``)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    data = {
+        "name": name,
+        "host": {"structure": str(root / "workflows/structures/Si.POSCAR"),
+                 "supercell": {"matrix": [[2, 0, 0], [0, 2, 0], [0, 0, 2]]}, "oxidation_states": {"Si": 4}},
+        "defects": {"include": ["v_Si"]},
+        "charges": [0, 1],
+        "distortions": {"bond_distortions": [-0.3, 0.3], "dimer": False},
+        "fidelities": {"low": GFN1, "high": GFN2},
+        "relax": {"fmax": 0.3, "max_steps": 4},
+        "execution": {"work_dir": str(work)},
+    }
+    data.update(sections)
+    return data
+
 
 @pytest.fixture
 def si_vac7() -> Structure:

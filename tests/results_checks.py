@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from defectflow.results import Results
+from defectflow.results import Results, step_of
 
 
 def check_results(r: Results, groups: set[tuple[str, int]], full: bool = True) -> None:
@@ -31,6 +31,11 @@ def check_results(r: Results, groups: set[tuple[str, int]], full: bool = True) -
         assert all(d["metadata"]["charge"] == q and d["metadata"]["campaign"] == r.campaign for d in by_shortcut)
     none = r.query({"metadata.charge": 99})
     assert none == []
+
+    # metadata.step (written by the tracked jobs) names steps the way the queries do
+    tracked_docs = r.query({"metadata.cost": {"$exists": True}}, properties=["name", "metadata"])
+    assert tracked_docs and all(d["metadata"]["step"] == step_of(d["name"]) for d in tracked_docs)
+    assert r.query(step="relax_lf", properties=["name"]) == r.query({"metadata.step": "relax_lf"}, properties=["name"])
 
     cost = {row["step"]: row for row in r.cost()}
     n_relax = len(r.query(step="relax_lf", properties=["name"]))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from ase.calculators.calculator import Calculator, all_changes
-from pymatgen.core import Structure
 from conftest import GFN1, si_conventional, si_vac15
 
 from defectflow.engines import EngineError, get_engine
@@ -116,7 +115,6 @@ def test_bad_calculator_path_is_one_clear_error():
 
 
 def test_tblite_reports_band_edges_for_bulk_si(tmp_path):
-    from conftest import si_conventional
 
     bulk = si_conventional()
     bulk.make_supercell(2)

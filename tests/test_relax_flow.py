@@ -10,31 +10,20 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import GFN1, GFN2, si_vacancy_campaign
 from jobflow import run_locally
-
-from conftest import GFN1
 
 from defectflow.campaign import Campaign
 from defectflow.flows import DefectCampaignMaker
 from defectflow.generate import bond_distortion_grid, generate
 from defectflow.store import make_store
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def small_campaign(work_dir, charges=(-1, 0), distortions=(-0.3, 0.3), dimer=False, **extra) -> Campaign:
-    return Campaign.from_dict({
-        "name": "si-small",
-        "host": {"structure": str(ROOT / "workflows/structures/Si.POSCAR"),
-                 "supercell": {"matrix": [[2, 0, 0], [0, 2, 0], [0, 0, 2]]}, "oxidation_states": {"Si": 4}},
-        "defects": {"include": ["v_Si"]},
-        "charges": list(charges),
-        "distortions": {"bond_distortions": list(distortions), "dimer": dimer},
-        "fidelities": {"low": GFN1, "high": {**GFN1, "xc": "GFN2-xTB", "kwargs": {"method": "GFN2-xTB", "verbosity": 0}}},
-        "relax": {"fmax": 0.3, "max_steps": 4},
-        "execution": {"work_dir": str(work_dir)},
-        **extra,
-    })
+    return Campaign.from_dict(si_vacancy_campaign(
+        "si-small", work_dir, charges=list(charges),
+        distortions={"bond_distortions": list(distortions), "dimer": dimer},
+        fidelities={"low": GFN1, "high": GFN2}, **extra))
 
 
 @pytest.fixture(scope="module")

@@ -10,27 +10,15 @@ import textwrap
 from pathlib import Path
 
 import yaml
-from conftest import GFN1, GFN2
+from conftest import si_vacancy_campaign
 
 from defectflow.campaign import Campaign
 from defectflow.store import make_store
 from defectflow.submit import run_campaign
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def campaign_dict(work: Path, **relax) -> dict:
-    return {
-        "name": "resume",
-        "host": {"structure": str(ROOT / "workflows/structures/Si.POSCAR"),
-                 "supercell": {"matrix": [[2, 0, 0], [0, 2, 0], [0, 0, 2]]}, "oxidation_states": {"Si": 4}},
-        "defects": {"include": ["v_Si"]},
-        "charges": [0, 1],
-        "distortions": {"bond_distortions": [-0.3, 0.3], "dimer": False},
-        "fidelities": {"low": GFN1, "high": GFN2},
-        "relax": {"fmax": 0.3, "max_steps": 5, **relax},
-        "execution": {"work_dir": str(work)},
-    }
+    return si_vacancy_campaign("resume", work, relax={"fmax": 0.3, "max_steps": 5, **relax})
 
 
 KILLER = textwrap.dedent("""

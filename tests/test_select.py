@@ -6,9 +6,9 @@ import os
 
 import numpy as np
 import pytest
+from conftest import GFN1, si_vac15
 from pymatgen.core import Structure
 
-from conftest import GFN1, si_vac15
 from defectflow.campaign import SelectionSpec
 from defectflow.relax import RelaxRecord
 from defectflow.schemas import Frame, RelaxTrajectory

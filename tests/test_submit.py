@@ -17,13 +17,12 @@ from pathlib import Path
 
 import pymongo
 import pytest
-from conftest import GFN1, GFN2
+from conftest import TINY_MLIP, si_vacancy_campaign
 
 from defectflow.campaign import Campaign
 from defectflow.flows import DefectCampaignMaker
 from defectflow.submit.common import STEP_NAME_FILTERS
 
-ROOT = Path(__file__).resolve().parents[1]
 GROUPS = {("v_Si", 0), ("v_Si", 1)}
 
 #: per-step resources: worker names double as FireWorks categories
@@ -38,23 +37,16 @@ RESOURCES = {
 
 def small_campaign(name: str, work: Path, store: str = "embedded", resources: dict | None = None) -> Campaign:
     """The tiny two-charge-state campaign (≈ 25 jobs, ~2 min on 2 busy cores run locally)."""
-    return Campaign.from_dict({
-        "name": name,
-        "host": {"structure": str(ROOT / "workflows/structures/Si.POSCAR"),
-                 "supercell": {"matrix": [[2, 0, 0], [0, 2, 0], [0, 0, 2]]}, "oxidation_states": {"Si": 4}},
-        "defects": {"include": ["v_Si"]},
-        "charges": [0, 1],
-        "distortions": {"bond_distortions": [0.3], "dimer": False},
-        "fidelities": {"low": GFN1, "high": GFN2},
-        "relax": {"fmax": 0.3, "max_steps": 4},
-        "selection": {"strategy": "minima", "budget": 2},
-        "mlip": {"hidden_irreps": "8x0e", "max_L": 0, "num_interactions": 2, "correlation": 2, "r_max": 4.0,
-                 "max_epochs": 20, "batch_size": 4},
-        "search": {"extra_starts": 0, "fmax": 0.2, "max_steps": 15},
-        "verify": {"max_rounds": 0},
-        "levels": {"dielectric": 11.7},
-        "execution": {"work_dir": str(work), "store": store, "resources": resources or {}},
-    })
+    return Campaign.from_dict(si_vacancy_campaign(
+        name, work,
+        distortions={"bond_distortions": [0.3], "dimer": False},
+        selection={"strategy": "minima", "budget": 2},
+        mlip=TINY_MLIP,
+        search={"extra_starts": 0, "fmax": 0.2, "max_steps": 15},
+        verify={"max_rounds": 0},
+        levels={"dielectric": 11.7},
+        execution={"work_dir": str(work), "store": store, "resources": resources or {}},
+    ))
 
 
 def _db_uri(mongo_uri: str, database: str) -> str:

@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import GFN1, GFN2, si_vac15
-from pymatgen.core import Structure
 
 pytest.importorskip("tblite")
 pytest.importorskip("mace")

@@ -107,6 +107,7 @@ class BulkReference(BaseModel):
     band_gap: float | None = Field(None, description="HF band gap in eV (Γ-only supercell sampling unless set)")
     vbm_lf: float | None = Field(None, description="LF valence-band maximum in eV, when reported")
     band_gap_lf: float | None = Field(None, description="LF band gap in eV, when reported")
+    hf_seconds: float = Field(0.0, description="Wall seconds of the bulk HF single point")
     errors: list[str] = Field(default_factory=list)
 
 
@@ -118,4 +119,5 @@ def bulk_reference(lf: Frame, hf: Frame) -> BulkReference:
     hf = as_model(Frame, hf)
     errors = [f"{name}: {f.error}" for name, f in (("low", lf), ("high", hf)) if f.error]
     return BulkReference(natoms=len(hf.structure), energy_lf=lf.energy, energy_hf=hf.energy, vbm=hf.vbm,
-                         cbm=hf.cbm, band_gap=hf.band_gap, vbm_lf=lf.vbm, band_gap_lf=lf.band_gap, errors=errors)
+                         cbm=hf.cbm, band_gap=hf.band_gap, vbm_lf=lf.vbm, band_gap_lf=lf.band_gap,
+                         hf_seconds=hf.wall_seconds or 0.0, errors=errors)

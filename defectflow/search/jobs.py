@@ -186,7 +186,7 @@ class CampaignResult(BaseModel):
     model_comparison: list[dict[str, Any]] = Field(default_factory=list, description="Training metrics, main first")
     hf_calls: int = Field(0, description="HF calculations: bulk + selected single points + verifications")
     n_hf_selected: int = Field(0, description="Frames selected for HF single points (step 3)")
-    hf_seconds: float = Field(0.0, description="Wall seconds spent in HF calculations")
+    hf_seconds: float = Field(0.0, description="Wall seconds of the HF calculations counted in hf_calls")
     plots: dict[str, str] = Field(default_factory=dict)
 
 
@@ -209,8 +209,6 @@ def finalize(verifications: list, searches: list, baselines: list, training, con
     hf_calls = context["hf_calls"] + len(verifications)
     hf_seconds = context["hf_seconds"] + sum(v.hf_seconds for v in verifications)
     if disagree and round_no < spec["verify"]["max_rounds"]:
-        from defectflow.train.jobs import train_job
-
         meta = [{"defect": v.defect, "distortion": f"verify_round{round_no}", "step": 0} for v in disagree]
         lf_xyz = context["lf_extxyz"] + frames_to_extxyz([(v.lf_frame, m) for v, m in zip(disagree, meta)], "lf")
         hf_xyz = context["hf_extxyz"] + hf_extxyz([(v.hf_frame, v.lf_frame, m) for v, m in zip(disagree, meta)])
@@ -308,6 +306,7 @@ def start_search(training, labelled, lf_training_set, bulk, baselines: list, con
                     "bulk": bulk if isinstance(bulk, dict) else bulk.model_dump(),
                     "hf_calls": context["hf_calls"] + int(get_field(labelled, "n_requested", 0)),
                     "n_hf_selected": int(get_field(labelled, "n_requested", 0)),
-                    "hf_seconds": float(get_field(labelled, "hf_seconds", 0.0))})
+                    "hf_seconds": float(get_field(labelled, "hf_seconds", 0.0))
+                    + float(get_field(bulk, "hf_seconds", 0.0) or 0.0)})  # same calls as hf_calls: bulk included
     flow = build_search_round(context["lf_extxyz"], context["hf_extxyz"], context, baselines, training=training)
     return Response(replace=flow)

@@ -3,7 +3,9 @@
 :func:`tracked` wraps the function under ``@job`` and, when it runs as a job, records in the job document's
 ``metadata`` (next to ``campaign``, ``defect``, ``charge`` set when the graph is built):
 
-* ``step``      the pipeline step (``relax_lf``, ``single_hf``, ``train``, ...),
+* ``step``      the pipeline step, named as :class:`defectflow.results.Results` and ``defectflow query --step``
+                name it (:func:`defectflow.results.step_of` of the job name: ``relax_lf``, ``bulk_hf``,
+                ``single_hf``, ``train``, ...); the decorator's own ``step`` argument only enters the cache key,
 * ``cost``      ``wall_s`` (s), ``cpu_s`` (s, this process: every thread), ``cpu_children_s`` (s, finished child
                 processes, e.g. ``mpirun pw.x``), so CPU-seconds per step can be queried from any store,
 * ``cache_key`` a digest of everything that determines the result: the inputs as JSON, with engine settings
@@ -132,7 +134,9 @@ def tracked(step: str, cache: bool = True, engines: Iterable[str] = (), ignore: 
             else:
                 out, source = func(*args, **kwargs), None
             c1, k1 = _cpu()
-            meta = {"step": step, "cache_key": key,
+            from defectflow.results import step_of
+
+            meta = {"step": step_of(CURRENT_JOB.job.name), "cache_key": key,
                     "cost": {"wall_s": round(time.perf_counter() - t0, 4), "cpu_s": round(c1 - c0, 4),
                              "cpu_children_s": round(k1 - k0, 4)}}
             if source:
