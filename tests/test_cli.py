@@ -16,18 +16,25 @@ def run(*args, cwd=ROOT):
     return subprocess.run([EXE, *args], capture_output=True, text=True, cwd=cwd, timeout=120)
 
 
-def test_help_lists_planned_subcommands():
+def test_help_lists_every_subcommand():
     r = run("--help")
     assert r.returncode == 0
     for cmd in ("run", "submit", "status", "results", "query", "plot", "benchmark", "validate", "engines", "schema"):
         assert f"  {cmd} " in r.stdout or f"    {cmd}" in r.stdout, cmd
-    assert "not built yet" in r.stdout
+    assert "not built" not in r.stdout
 
 
-def test_unbuilt_subcommand_says_so_and_fails():
-    r = run("plot", "workflows/quickstart.yaml")
-    assert r.returncode == 3
-    assert "not built yet" in r.stderr and "nothing was run" in r.stderr
+def test_plot_without_a_run_is_one_clear_error(tmp_path):
+    r = run("plot", "--store", str(tmp_path / "nowhere"))
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [f"error: --store: expected a MongoDB URI or an embedded store directory, "
+                                             f"got {str(tmp_path / 'nowhere')!r}"]
+
+
+def test_benchmark_show_prints_the_committed_tables():
+    r = run("benchmark", "speed", "--show")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "benchmarks/speed.py" in r.stdout and "s/epoch per 1000 frames" in r.stdout
 
 
 def test_validate_ok():
@@ -114,6 +121,14 @@ def test_run_lf_only_executes_steps_1_2_and_reports(tmp_path):
     assert len(docs) == 3 and all(d["metadata"]["charge"] == 1 and d["output"]["status"] for d in docs)
     q2 = cli("query", "--store", str(work), "--filter", '{"metadata.defect": "v_Si", "metadata.charge": 0}', "--json")
     assert q2.returncode == 0 and {d["metadata"]["charge"] for d in json.loads(q2.stdout)} == {0}
+
+    pl = cli("plot", "c.yaml", "--json")
+    assert pl.returncode == 0, pl.stderr[-2000:]
+    plots = json.loads(pl.stdout)["plots"]
+    assert plots["landscapes"] == [] and plots["levels"] == []  # LF-only: nothing after step 2 to draw
+    assert sorted(Path(p).name for p in plots["lf"]) == ["v_Si_+1.png", "v_Si_0.png"]
+    assert all(Path(p).read_bytes()[:4] == b"\x89PNG" and Path(p).parent == work / "plots" / "replot" / "lf"
+               for p in plots["lf"])
 
     bad = cli("query", "c.yaml", "--filter", "{charge: 0}")
     assert bad.returncode == 2 and bad.stderr.startswith("error: --filter: expected JSON")

@@ -113,3 +113,17 @@ def test_results_api_answers_from_the_embedded_store(run):
     # HF calls by step add up to the campaign's own HF count: bulk + selected frames + verifications
     assert cost["bulk_hf"]["hf_calls"] + cost["single_hf"]["hf_calls"] + cost["verify"]["hf_calls"] == \
         r.result.hf_calls
+
+
+def test_figures_are_drawn_again_from_the_store_alone(run, tmp_path):
+    """`defectflow plot`'s engine: every figure of the finished run, from the store (no work-dir files)."""
+    from defectflow.plotting import replot
+    from defectflow.results import Results
+
+    campaign, _ = run
+    written = replot(Results.for_campaign(campaign), tmp_path)
+    assert sorted(Path(p).name for p in written["lf"]) == ["v_Si_+1.png", "v_Si_0.png"]
+    assert sorted(Path(p).name for p in written["landscapes"]) == ["v_Si_+0_mace-hf.png", "v_Si_+1_mace-hf.png"]
+    assert [Path(p).name for p in written["levels"]] == ["formation_energies.png"]
+    for paths in written.values():
+        assert all(Path(p).read_bytes()[:4] == b"\x89PNG" and Path(p).stat().st_size > 5000 for p in paths)

@@ -1,7 +1,6 @@
 """``defectflow`` command line.
 
-Subcommands that exist today do real work; the ones still being built say so and exit with status 3 instead of
-pretending (see the project's issues for the plan).
+Every subcommand does real work; ``defectflow <subcommand> --help`` explains it with examples.
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ import sys
 from pathlib import Path
 
 EXIT_INVALID = 2
-EXIT_NOT_BUILT = 3
 
 DESCRIPTION = """\
 defectflow: hybrid-functional-quality defect ground states and charge-transition levels (CTLs)
@@ -42,15 +40,8 @@ examples:
   defectflow schema > campaign.schema.json          JSON schema of the campaign file
   defectflow schema --markdown                      every campaign key, its type, default and units
 
-exit status: 0 ok, 2 invalid input (one line per problem, naming the field), 3 not built yet."""
+exit status: 0 ok, 1 a run finished with failed jobs, 2 invalid input (one line per problem, naming the field)."""
 
-PLANNED = {
-    "plot": (("energy-vs-distortion, parity, PCA and formation-energy plots (today: written by `run` under "
-              "<work_dir>/plots)"), "a later issue"),
-    "benchmark": (("accuracy and cost against a direct high-fidelity search (today: run "
-                   "benchmarks/accuracy_cost.py and benchmarks/speed.py from a checkout; docs/benchmarks.md)"),
-                  "a later issue"),
-}
 
 def _cmd_validate(args) -> int:
     from defectflow.campaign import Campaign, CampaignError
@@ -468,17 +459,57 @@ def _cmd_schema(args) -> int:
     return 0
 
 
-def _not_built(name: str):
-    def run(args) -> int:
-        what, where = PLANNED[name]
-        print(
-            f"defectflow {name}: not built yet ({what}). It is planned in {where}; "
-            "nothing was run.",
-            file=sys.stderr,
-        )
-        return EXIT_NOT_BUILT
+def _cmd_plot(args) -> int:
+    from defectflow.campaign import CampaignError
+    from defectflow.plotting import replot
 
-    return run
+    try:
+        r = _open_results(args)
+        if r.run is None:
+            raise LookupError(f"no campaign run found in this store{f' for {r.campaign!r}' if r.campaign else ''}")
+        what = tuple(w.strip() for w in args.what.split(",") if w.strip())
+        if args.out:
+            out = Path(args.out)
+        elif args.campaign:
+            from defectflow.campaign import Campaign
+
+            out = Campaign.from_yaml(args.campaign).work_dir() / "plots" / "replot"
+        else:
+            out = Path(f"plots-{r.campaign or r.run}")
+        written = replot(r, out, what)
+    except (CampaignError, ValueError, LookupError) as exc:
+        return _fail(exc)
+    if args.json:
+        print(json.dumps({"run": r.run, "campaign": r.campaign, "plots": written}, indent=2))
+        return 0
+    for kind, paths in written.items():
+        print(f"{kind}: {len(paths)} plot(s)" + ("" if paths else " (nothing to draw in this run)"))
+        for path in paths:
+            print(f"  {path}")
+    return 0
+
+
+def _benchmarks_dir() -> Path | None:
+    import defectflow
+
+    d = Path(defectflow.__file__).resolve().parents[1] / "benchmarks"
+    return d if (d / "accuracy_cost.py").is_file() else None
+
+
+def _cmd_benchmark(args) -> int:
+    import subprocess
+
+    d = _benchmarks_dir()
+    if d is None:
+        print("defectflow benchmark: the benchmark scripts live in the source checkout (benchmarks/), which this "
+              "installation does not have: clone the repository and install it with `pip install -e .`",
+              file=sys.stderr)
+        return EXIT_INVALID
+    script = d / {"accuracy": "accuracy_cost.py", "speed": "speed.py"}[args.which]
+    cmd = [sys.executable, str(script)] + (["--quick"] if args.quick else []) + (["--show"] if args.show else [])
+    cmd += (["--resume"] if args.resume and args.which == "accuracy" else [])
+    print("running:", " ".join(cmd), flush=True)
+    return subprocess.call(cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -595,11 +626,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lf-only", action="store_true", help="only steps 1-2")
     p.set_defaults(func=_cmd_submit)
 
-    for name, (what, where) in PLANNED.items():
-        p = sub.add_parser(name, help=f"{what} [not built yet: {where}]",
-                           description=f"{what}.\nNot built yet: planned in {where}.")
-        p.add_argument("args", nargs="*", help=argparse.SUPPRESS)
-        p.set_defaults(func=_not_built(name))
+    p = sub.add_parser("plot", help="draw a run's figures again from its store (LF energy vs distortion, "
+                       "surrogate landscapes, formation energies)",
+                       description="Figures of a finished run, drawn from its store alone: for runs executed on\n"
+                       "FireWorks / jobflow-remote workers (whose plots stay on the worker) or whose plot files\n"
+                       "are gone.\n\n"
+                       "  lf          LF energy vs bond distortion per (defect, q) (ShakeNBreak's plot)\n"
+                       "  landscapes  surrogate energy vs starting distortion per (defect, q), final round\n"
+                       "              (+ the foundation-model baseline when it ran)\n"
+                       "  levels      formation energy vs Fermi level (doped), from the verified HF energies\n\n"
+                       "examples:\n"
+                       "  defectflow plot workflows/quickstart.yaml\n"
+                       "  defectflow plot --store mongodb --name sb2se3 --what levels --out figs/",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    store_args(p)
+    p.add_argument("--what", default="lf,landscapes,levels", help="comma-separated: lf,landscapes,levels "
+                   "(default: all)")
+    p.add_argument("--out", help="output folder (default: <work_dir>/plots/replot for a campaign file, else "
+                   "./plots-<campaign name>)")
+    p.set_defaults(func=_cmd_plot)
+
+    p = sub.add_parser("benchmark", help="run a benchmark script from the source checkout (accuracy and HF cost "
+                       "vs a direct high-fidelity search; speed and memory)",
+                       description="Runs benchmarks/accuracy_cost.py or benchmarks/speed.py (source checkout only):\n"
+                       "  accuracy  direct-HF ShakeNBreak search vs defectflow, ablations, CHGNet (~50 min on 2 cores)\n"
+                       "  speed     surrogate vs LF/DFT per structure, training per epoch, peak memory (~5 min)\n"
+                       "Tables on stdout, JSON in benchmarks/results/; discussion in docs/benchmarks.md.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("which", choices=["accuracy", "speed"])
+    p.add_argument("--quick", action="store_true", help="smoke-run preset (minutes; the figures mean nothing)")
+    p.add_argument("--show", action="store_true", help="print the tables of the last JSON again (no runs)")
+    p.add_argument("--resume", action="store_true", help="accuracy: reuse the finished campaign runs")
+    p.set_defaults(func=_cmd_benchmark)
+
     return parser
 
 

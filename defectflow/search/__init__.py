@@ -202,8 +202,10 @@ def search_ground_state(
     return result
 
 
-def plot_landscape(result: SearchResult, starts: list[SearchStart], plot_dir: Path) -> str:
-    """Energy (relative to the ground state) vs bond distortion of every start, extra rattles as small dots."""
+def plot_landscape(result: SearchResult, starts: list[SearchStart] | dict[str, float | None], plot_dir: Path) -> str:
+    """Energy (relative to the ground state) vs bond distortion of every start, extra rattles as small dots.
+
+    ``starts``: the search's starts, or start label → bond distortion fraction (None: Unperturbed, Dimer)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -211,14 +213,14 @@ def plot_landscape(result: SearchResult, starts: list[SearchStart], plot_dir: Pa
 
     e0 = min(result.landscape.values())
     fig, ax = plt.subplots(figsize=(5, 4))
-    by_label = {s.label: s for s in starts}
+    distortion = starts if isinstance(starts, dict) else {s.label: s.bond_distortion for s in starts}
     special = {"Unperturbed": 0.0}
     for label, e in result.landscape.items():
-        s = by_label[label]
-        x = s.bond_distortion if s.bond_distortion is not None else special.get(label.split("+")[0], 0.7)
+        bd = distortion.get(label)
+        x = bd if bd is not None else special.get(label.split("+")[0], 0.7)
         extra = "+rattle" in label
         ax.scatter(100 * x, e - e0, s=12 if extra else 40, c="0.6" if extra else "C0",
-                   marker="o" if s.bond_distortion is not None or extra else "D", zorder=3 if not extra else 2)
+                   marker="o" if bd is not None or extra else "D", zorder=3 if not extra else 2)
     ax.set_xlabel("Bond distortion (%)  [Dimer at 70 %]")
     ax.set_ylabel("Surrogate energy − ground state (eV)")
     ax.set_title(f"{result.defect} q={result.charge:+d} ({result.model})")
