@@ -69,7 +69,7 @@ def _campaign():
 
     from defectflow.campaign import Campaign
 
-    return Campaign.from_dict(campaign_dict(PRESETS["default"], "bench-speed", ROOT / "runs" / "benchmarks" / "speed"))
+    return Campaign.from_dict(campaign_dict(PRESETS["xtb-lf"], "bench-speed", ROOT / "runs" / "benchmarks" / "speed"))
 
 
 def _generation(work: Path):

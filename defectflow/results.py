@@ -172,6 +172,10 @@ class Results:
             row = rows[step]
             row["jobs"] += 1
             meta = d.get("metadata") or {}
+            if d["name"] == "store_inputs":
+                # jobflow's bookkeeping job for a Response(replace=...): it carries a *copy* of the replaced job's
+                # metadata (cost included), which must not be counted twice
+                continue
             row["reused"] += bool(meta.get("reused_from"))
             cost = meta.get("cost") or {}
             row["wall_s"] += cost.get("wall_s", 0.0)
