@@ -1,6 +1,7 @@
 """Benchmark: defectflow against a direct high-fidelity ShakeNBreak search — accuracy and HF cost, side by side.
 
-    .venv/bin/python benchmarks/accuracy_cost.py            # the benchmark (default preset: 37 min on 2 cores)
+    .venv/bin/python benchmarks/accuracy_cost.py            # the benchmark (default preset: 94 min on 2 cores)
+    .venv/bin/python benchmarks/accuracy_cost.py --preset xtb-lf   # GFN1-xTB as the LF (62 min)
     .venv/bin/python benchmarks/accuracy_cost.py --quick    # smoke run (7 min; the numbers mean nothing)
     .venv/bin/python benchmarks/accuracy_cost.py --show     # print the tables of the last JSON again
 

@@ -508,6 +508,7 @@ def _cmd_benchmark(args) -> int:
     script = d / {"accuracy": "accuracy_cost.py", "speed": "speed.py"}[args.which]
     cmd = [sys.executable, str(script)] + (["--quick"] if args.quick else []) + (["--show"] if args.show else [])
     cmd += (["--resume"] if args.resume and args.which == "accuracy" else [])
+    cmd += (["--preset", args.preset] if args.preset and args.which == "accuracy" else [])
     print("running:", " ".join(cmd), flush=True)
     return subprocess.call(cmd)
 
@@ -649,7 +650,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("benchmark", help="run a benchmark script from the source checkout (accuracy and HF cost "
                        "vs a direct high-fidelity search; speed and memory)",
                        description="Runs benchmarks/accuracy_cost.py or benchmarks/speed.py (source checkout only):\n"
-                       "  accuracy  direct-HF ShakeNBreak search vs defectflow, ablations, CHGNet (~50 min on 2 cores)\n"
+                       "  accuracy  direct-HF ShakeNBreak search vs defectflow, ablations, CHGNet (~95 min on 2 cores)\n"
                        "  speed     surrogate vs LF/DFT per structure, training per epoch, peak memory (~5 min)\n"
                        "Tables on stdout, JSON in benchmarks/results/; discussion in docs/benchmarks.md.",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -657,6 +658,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="smoke-run preset (minutes; the figures mean nothing)")
     p.add_argument("--show", action="store_true", help="print the tables of the last JSON again (no runs)")
     p.add_argument("--resume", action="store_true", help="accuracy: reuse the finished campaign runs")
+    p.add_argument("--preset", choices=["default", "xtb-lf", "quick"],
+                   help="accuracy: default (LF = QE PBE 12 Ry), xtb-lf (LF = GFN1-xTB), quick (smoke run)")
     p.set_defaults(func=_cmd_benchmark)
 
     return parser
