@@ -59,6 +59,18 @@ def test_top_up_round_was_recorded_and_run(run):
     assert rounds[1]["retrained"] is False  # max_rounds reached
 
 
+def test_final_ground_state_is_the_lowest_verified_hf_energy_of_any_round(run):
+    from defectflow.results import Results
+
+    campaign, r = run
+    q = Results.for_campaign(campaign)
+    for g in r.result.ground_states:
+        verified = [d["output"] for d in q.query(step="verify", defect=g.defect, charge=g.charge)]
+        assert len(verified) == 2  # rounds 0 and 1 (the forced top-up)
+        assert g.hf_energy == min(v["hf_energy"] for v in verified if v["hf_energy"] is not None)
+        assert g.round in (0, 1) and verified[g.round]["hf_energy"] == g.hf_energy
+
+
 def test_hf_budget_is_accounted(run):
     _, r = run
     res = r.result

@@ -111,3 +111,30 @@ def test_collapsed_minimum_is_rejected_not_chosen():
     off = search_ground_state("v_Si", 0, starts, lj, model="lj", fmax=0.01, max_steps=500, min_distance_factor=0)
     assert off.rejected == {} and off.ground_state_label == "near"
     assert min(off.ground_state.structure.distance_matrix[np.triu_indices(len(near), 1)]) < 1.33
+
+
+def test_best_verified_keeps_the_lowest_hf_energy_over_rounds():
+    """A top-up round can make the surrogate worse: the final ground state is the verified minimum with the lowest
+    HF energy of any round, and a failed verification never replaces one that worked."""
+    import json
+
+    from defectflow.search import SearchResult
+    from defectflow.search.jobs import Verification, best_verified
+
+    def round_of(energy, shift):
+        st = cell(shift)
+        v = Verification(defect="v_Si", charge=0, mode="single_point", ground_state_label=f"L{shift}",
+                         structure=st, surrogate_energy=-1.0, hf_energy=energy)
+        s = SearchResult(defect="v_Si", charge=0, model="m", n_starts=1, landscape={f"L{shift}": -1.0}, minima=[])
+        return [v], [s]
+
+    b0 = best_verified({}, *round_of(-10.0, 0.1), 0)
+    b0 = json.loads(json.dumps(b0))  # it travels as JSON in the next round's context
+    b1 = best_verified(b0, *round_of(-7.0, 0.2), 1)  # worse: round 0 kept
+    assert b1["v_Si +0"]["round"] == 0 and b1["v_Si +0"]["verification"]["hf_energy"] == -10.0
+    kept = Verification.model_validate(b1["v_Si +0"]["verification"])
+    assert rmsd(kept.structure, cell(0.1)) < 1e-8 and kept.ground_state_label == "L0.1"
+    b2 = best_verified(b1, *round_of(-10.5, 0.3), 2)  # better: replaces
+    assert b2["v_Si +0"]["round"] == 2 and b2["v_Si +0"]["landscape"] == {"L0.3": -1.0}
+    b3 = best_verified(b2, *round_of(None, 0.4), 3)  # failed HF: never chosen
+    assert b3["v_Si +0"]["round"] == 2

@@ -171,6 +171,8 @@ class GroundStateRecord(BaseModel):
     n_minima: int = 0
     landscape: dict[str, float] = Field(default_factory=dict, description="Start label → surrogate energy, eV")
     landscape_plot: str | None = None
+    round: int | None = Field(None, description="Search round whose verified minimum this is: the lowest HF energy "
+                              "over all rounds is kept (a top-up round can make the surrogate worse)")
     baseline_rmsd: float | None = Field(None, description="Foundation-model ground state vs this one, Å")
     baseline_label: str | None = None
 
@@ -208,12 +210,13 @@ def finalize(verifications: list, searches: list, baselines: list, training, con
     }]
     hf_calls = context["hf_calls"] + len(verifications)
     hf_seconds = context["hf_seconds"] + sum(v.hf_seconds for v in verifications)
+    best = best_verified(context.get("best_verified", {}), verifications, searches, round_no)
     if disagree and round_no < spec["verify"]["max_rounds"]:
         meta = [{"defect": v.defect, "distortion": f"verify_round{round_no}", "step": 0} for v in disagree]
         lf_xyz = context["lf_extxyz"] + frames_to_extxyz([(v.lf_frame, m) for v, m in zip(disagree, meta)], "lf")
         hf_xyz = context["hf_extxyz"] + hf_extxyz([(v.hf_frame, v.lf_frame, m) for v, m in zip(disagree, meta)])
         new_context = {**context, "round": round_no + 1, "lf_extxyz": lf_xyz, "hf_extxyz": hf_xyz,
-                       "history": history, "hf_calls": hf_calls, "hf_seconds": hf_seconds}
+                       "history": history, "hf_calls": hf_calls, "hf_seconds": hf_seconds, "best_verified": best}
         flow = build_search_round(lf_xyz, hf_xyz, new_context, baselines)
         return Response(replace=flow)
 
@@ -221,12 +224,14 @@ def finalize(verifications: list, searches: list, baselines: list, training, con
     entries_by_group = context["defect_entries"]
     records, level_entries = [], []
     baseline_by = {(get_field(b, "defect"), get_field(b, "charge")): b for b in baselines if b is not None}
-    for v, s in zip(verifications, searches, strict=True):
+    for v in verifications:
+        kept = best[f"{v.defect} {v.charge:+d}"]
+        v = Verification.model_validate(kept["verification"])
         rec = GroundStateRecord(defect=v.defect, charge=v.charge, ground_state_label=v.ground_state_label,
                                 structure=v.structure, surrogate_energy=v.surrogate_energy, hf_energy=v.hf_energy,
                                 verification_error_mev_per_atom=v.error_mev_per_atom,
-                                rmsd_to_hf_relaxed=v.rmsd_to_hf_relaxed, n_minima=len(s.minima),
-                                landscape=s.landscape, landscape_plot=s.plot)
+                                rmsd_to_hf_relaxed=v.rmsd_to_hf_relaxed, n_minima=kept["n_minima"],
+                                landscape=kept["landscape"], landscape_plot=kept["plot"], round=kept["round"])
         b = baseline_by.get((v.defect, v.charge))
         if b is not None:
             b = as_model(SearchResult, b)
@@ -264,6 +269,22 @@ def finalize(verifications: list, searches: list, baselines: list, training, con
                             n_hf_selected=context.get("n_hf_selected", 0),
                             plots={**plots, **(get_field(training, "plots", {}) or {})})
     return Response(output=result)
+
+
+def best_verified(previous: dict[str, Any], verifications: list[Verification], searches: list[SearchResult],
+                  round_no: int) -> dict[str, Any]:
+    """Per 'defect q': the verified surrogate minimum with the lowest HF energy over the rounds so far (a failed
+    verification counts as +∞), with its round and its search's landscape. JSON-ready (it travels in the
+    context of the next round); the HF/LF frames are left out (they are in the verify job's document)."""
+    best = dict(previous)
+    for v, s in zip(verifications, searches, strict=True):
+        key = f"{v.defect} {v.charge:+d}"
+        old = best.get(key)
+        old_e = old["verification"].get("hf_energy") if old else None
+        if old is None or (v.hf_energy is not None and (old_e is None or v.hf_energy < old_e)):
+            best[key] = {"round": round_no, "n_minima": len(s.minima), "landscape": s.landscape, "plot": s.plot,
+                         "verification": v.model_dump(mode="json", exclude={"hf_frame", "lf_frame"})}
+    return best
 
 
 def build_search_round(lf_xyz: str, hf_xyz: str, context: dict[str, Any], baselines: list | None,
