@@ -42,8 +42,8 @@ CPU accounting: every job's CPU time (user + system, this process and its reaped
 (bulk HF static, HF relaxations / selected HF single points, HF verifications); the nominal figure
 Σ(frame wall time) × mpi_procs is reported next to it as a cross-check.
 
-Engines (stand-ins, chosen so the direct-HF search fits a 2-core machine): LF = GFN1-xTB (tblite), HF = Quantum
-ESPRESSO PBE, 18 Ry, 2×2×2 k-points, 2 MPI ranks. GFN2-xTB was tried as HF and does not converge its SCF on the
+Engines (stand-ins, chosen so the direct-HF search fits a 2-core machine): HF = Quantum ESPRESSO PBE, 18 Ry,
+2×2×2 k-points, 2 MPI ranks; LF = the same at 12 Ry (default preset) or GFN1-xTB (``--preset xtb-lf``). GFN2-xTB was tried as HF and does not converge its SCF on the
 distorted Si cells. Γ-only QE (session 2's choice) is not a valid reference for this 16-site cell: the vacancy
 formation energy comes out at 0.1 eV unrelaxed and negative after relaxation. q = −1 is not in the default:
 GFN1-xTB loses SCF convergence on every q = −1 start of this cell; q = +1 (spin-polarised, twice the HF cost) is
@@ -112,7 +112,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "lf": LF_QE,
         # q = -1 is left out: GFN1-xTB loses SCF convergence on every q = -1 start of this 15-atom cell; q = +1
         # (spin-polarised: twice the HF cost per step) to fit the direct-HF search into ~40 min: it relaxes every
-        # start at ~6 s per ionic step (8 k-points), and the -60 % starts take 40-60 steps.
+        # start at ~4.3 s per ionic step (8 k-points), and the -60 % starts take 40-60 steps.
         # Every second distortion of ShakeNBreak's default -60..+60 % grid, + Unperturbed + Dimer: 8 starts per q.
         "charges": [0, 2], "bond_distortions": [-0.6, -0.4, -0.2, 0.2, 0.4, 0.6], "dimer": True,
         "relax": {"fmax": 0.05, "max_steps": 60, "keep_every": 3},

@@ -52,22 +52,19 @@ def replot(results, out_dir: str | Path, what: tuple[str, ...] = ("lf", "landsca
 
 
 def _replot_lf(results, out: Path) -> list[str]:
-    from defectflow.relax import _plot, _snb_key
+    from defectflow.relax import _plot, snb_energies
 
-    groups: dict[tuple[str, int], dict] = {}
+    groups: dict[tuple[str, int], list] = {}
     for d in results.query(step="relax_lf", properties=["output.distortion", "output.bond_distortion",
                                                          "output.energy", "output.status", "metadata"]):
         o, m = d.get("output") or {}, d.get("metadata") or {}
         if o.get("energy") is None or o.get("status") == "failed":
             continue
-        snb = groups.setdefault((m["defect"], int(m["charge"])), {"distortions": {}})
-        key = _snb_key(o["distortion"], o.get("bond_distortion"))
-        if key == "Unperturbed":
-            snb["Unperturbed"] = o["energy"]
-        else:
-            snb["distortions"][key] = o["energy"]
+        groups.setdefault((m["defect"], int(m["charge"])), []).append(
+            (o["distortion"], o.get("bond_distortion"), o["energy"]))
     paths = []
-    for (defect, q), snb in sorted(groups.items()):
+    for (defect, q), rows in sorted(groups.items()):
+        snb = snb_energies(rows)
         if "Unperturbed" in snb and snb["distortions"]:
             path = _plot(snb, defect, q, str(out), None, None)
             if path:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import GFN1, GFN2, si_vacancy_campaign
+from conftest import si_vacancy_campaign
 from jobflow import run_locally
 
 from defectflow.campaign import Campaign
@@ -22,8 +22,7 @@ from defectflow.store import make_store
 def small_campaign(work_dir, charges=(-1, 0), distortions=(-0.3, 0.3), dimer=False, **extra) -> Campaign:
     return Campaign.from_dict(si_vacancy_campaign(
         "si-small", work_dir, charges=list(charges),
-        distortions={"bond_distortions": list(distortions), "dimer": dimer},
-        fidelities={"low": GFN1, "high": GFN2}, **extra))
+        distortions={"bond_distortions": list(distortions), "dimer": dimer}, **extra))
 
 
 @pytest.fixture(scope="module")

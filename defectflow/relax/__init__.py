@@ -145,6 +145,20 @@ def _snb_key(label: str, bond_distortion: float | None):
     return bond_distortion if bond_distortion is not None else label
 
 
+def snb_energies(rows) -> dict[str, Any]:
+    """ShakeNBreak's energies dict ``{"Unperturbed": E, "distortions": {bond distortion or label: E}}`` (eV) from
+    (label, bond distortion, final energy) of successful relaxations, as ``get_gs_distortion`` and
+    ``plot_defect`` take it."""
+    snb: dict[str, Any] = {"distortions": {}}
+    for label, bond_distortion, energy in rows:
+        key = _snb_key(label, bond_distortion)
+        if key == "Unperturbed":
+            snb["Unperturbed"] = energy
+        else:
+            snb["distortions"][key] = energy
+    return snb
+
+
 @job
 @tracked("summary", cache=False)
 def summarize_distortions(
@@ -163,14 +177,7 @@ def summarize_distortions(
     energies = {r.distortion: r.energy for r in records if r.energy is not None and r.status != "failed"}
     status = {r.distortion: r.status for r in records}
     errors = {r.distortion: r.error for r in records if r.status == "failed" and r.error}
-    snb: dict[str, Any] = {"distortions": {}}
-    for r in records:
-        if r.distortion in energies:
-            key = _snb_key(r.distortion, r.bond_distortion)
-            if key == "Unperturbed":
-                snb["Unperturbed"] = r.energy
-            else:
-                snb["distortions"][key] = r.energy
+    snb = snb_energies((r.distortion, r.bond_distortion, r.energy) for r in records if r.distortion in energies)
     gs_label, lowering = None, None
     if energies:
         lowering, gs_key = get_gs_distortion(snb)
