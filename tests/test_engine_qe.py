@@ -254,6 +254,16 @@ def test_debian_pseudo_headers():
     for xc in ("PBE", "HSE06"):
         chosen = QEEngine({"xc": xc, **FAST}).pseudopotentials(_si7())
         assert chosen["Si"].path.name == "Si.pbe-rrkj.UPF"
+    # LDA (the benchmark's `functional` preset) takes the Perdew-Zunger file and never a PBE one
+    lda = read_upf_header(DEBIAN_PSEUDO / "Si.pz-vbc.UPF")
+    assert (lda.is_lda, lda.is_pbe, v2.is_lda) == (True, False, False)
+    assert QEEngine({"xc": "LDA", **FAST}).pseudopotentials(_si7())["Si"].path.name == "Si.pz-vbc.UPF"
+
+
+def test_input_lda():
+    text = make_pw_input(_si7(), 0, QESettings(xc="LDA", **FAST), _si_pseudos())
+    assert _namelist_value(text, "input_dft") == "'pz'"
+    assert _namelist_value(text, "exxdiv_treatment") is None
 
 
 @needs_debian_pseudo

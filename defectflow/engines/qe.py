@@ -31,7 +31,8 @@ What it runs
   from Debian's ``quantum-espresso-data``), chosen per element from the UPF headers: PBE norm-conserving
   scalar-relativistic first (by file name), then PBE norm-conserving with spin-orbit, then — semi-local
   functionals only — PBE ultrasoft/PAW. Hybrids take only norm-conserving defaults. ``pseudopotentials``
-  overrides per element. With Debian's set, Si → ``Si.pbe-rrkj.UPF``.
+  overrides per element. With Debian's set, Si → ``Si.pbe-rrkj.UPF``. ``xc: LDA`` (``input_dft='pz'``) takes
+  Perdew-Zunger LDA files the same way (Si → ``Si.pz-vbc.UPF``).
 * Parallelisation: ``mpirun -np <mpi_procs or all usable cores> pw.x -in pw.in``, ``OMP_NUM_THREADS=1``.
   Files: ``pw.in``, ``pw.out``, ``pw.err`` in the workdir; QE's ``out/`` scratch is removed unless
   ``keep_outdir``.
@@ -129,8 +130,10 @@ class QESettings(EngineSettings):
     """pw.x settings. Energies in Ry as in QE's input; the engine reports eV."""
 
     engine: Literal["qe"] = "qe"
-    xc: Literal["PBE", "HSE06", "PBE0"] = Field(
-        "PBE", description="PBE, or the hybrids HSE06 (QE 'hse', ω = 0.106 bohr⁻¹) / PBE0 (QE 'pbe0')"
+    xc: Literal["PBE", "LDA", "HSE06", "PBE0"] = Field(
+        "PBE",
+        description="PBE, LDA (QE 'pz', LDA pseudopotentials), or the hybrids HSE06 (QE 'hse', ω = 0.106 bohr⁻¹) "
+        "/ PBE0 (QE 'pbe0')",
     )
     ecutwfc: float = Field(30.0, gt=0, description="Plane-wave cutoff for wavefunctions in Ry")
     ecutrho: float | None = Field(None, gt=0, description="Charge-density cutoff in Ry (default 4 × ecutwfc)")
@@ -211,6 +214,13 @@ class UPFInfo:
             return False
         return "PBE" in tokens or ("PBX" in tokens and "PBC" in tokens)
 
+    @property
+    def is_lda(self) -> bool:
+        """Perdew-Zunger LDA (``SLA PZ NOGX NOGC``, or ``PZ``), no gradient correction."""
+        tokens = self.functional.upper().replace("-", " ").split()
+        gga = {"PBE", "PBX", "PBC", "B88", "BLYP", "PW91", "PBESOL", "PSX", "PSC", "GGX", "GGC", "TPSS"}
+        return ("PZ" in tokens or tokens == ["LDA"]) and not gga.intersection(tokens)
+
 
 _ATTR = re.compile(r'([A-Za-z_]+)\s*=\s*"([^"]*)"')
 
@@ -288,8 +298,8 @@ def _candidates(element: str, pseudo_dir: Path) -> list[UPFInfo]:
     return out
 
 
-def _missing_message(element: str, pseudo_dir: Path, hybrid: bool, found: list[UPFInfo]) -> str:
-    want = "PBE norm-conserving" if hybrid else "PBE"
+def _missing_message(element: str, pseudo_dir: Path, hybrid: bool, found: list[UPFInfo], lda: bool = False) -> str:
+    want = "LDA" if lda else ("PBE norm-conserving" if hybrid else "PBE")
     seen = ", ".join(f"{i.path.name} ({i.pseudo_type}, {i.functional.strip() or '?'})" for i in found)
     return (
         f"QE: no {want} pseudopotential for element {element} in {pseudo_dir}"
@@ -300,7 +310,8 @@ def _missing_message(element: str, pseudo_dir: Path, hybrid: bool, found: list[U
 
 
 def select_pseudopotentials(
-    elements: list[str], pseudo_dir: str | Path, overrides: dict[str, str] | None = None, hybrid: bool = False
+    elements: list[str], pseudo_dir: str | Path, overrides: dict[str, str] | None = None, hybrid: bool = False,
+    lda: bool = False,
 ) -> dict[str, UPFInfo]:
     """Choose one UPF per element (see the module docstring for the order). Raises :class:`EngineError`."""
     pseudo_dir = Path(pseudo_dir)
@@ -324,11 +335,11 @@ def select_pseudopotentials(
             continue
         found = _candidates(el, pseudo_dir)
         ranked = sorted(
-            (i for i in found if i.is_pbe and (i.norm_conserving or not hybrid)),
+            (i for i in found if (i.is_lda if lda else i.is_pbe) and (i.norm_conserving or not hybrid)),
             key=lambda i: (not i.norm_conserving, i.has_so, i.path.name),
         )
         if not ranked:
-            missing.append(_missing_message(el, pseudo_dir, hybrid, found))
+            missing.append(_missing_message(el, pseudo_dir, hybrid, found, lda))
             continue
         chosen[el] = ranked[0]
     if missing:
@@ -423,6 +434,8 @@ def make_pw_input(
             mag = min(1.0, 1.0 / max(nelec, 1.0))
         for i in range(len(elements)):
             system[f"starting_magnetization({i + 1})"] = round(mag, 6)
+    if settings.xc == "LDA":
+        system["input_dft"] = "pz"
     if settings.xc in HYBRID_DFT:
         system["input_dft"] = HYBRID_DFT[settings.xc]
         system["nqx1"] = system["nqx2"] = system["nqx3"] = 1
@@ -684,7 +697,8 @@ class QEEngine(Engine):
 
     def pseudopotentials(self, structure: Structure) -> dict[str, UPFInfo]:
         return select_pseudopotentials(
-            _unique_elements(structure), self.pseudo_dir, self.settings.pseudopotentials, hybrid=self.hybrid
+            _unique_elements(structure), self.pseudo_dir, self.settings.pseudopotentials, hybrid=self.hybrid,
+            lda=self.settings.xc == "LDA",
         )
 
     def check(self, structure: Structure) -> None:

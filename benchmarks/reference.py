@@ -1,0 +1,508 @@
+"""The frozen benchmark data (issue #12): the direct-HF ShakeNBreak search and each LF preset's relaxations,
+computed once with the library and kept in ``benchmarks/data/`` so that nobody recomputes them.
+
+    .venv/bin/python benchmarks/reference.py status              # what is frozen, what is missing, cost so far
+    .venv/bin/python benchmarks/reference.py compute             # compute what is missing, in this order:
+                                                                 #   bulk, hf, far, close, functional, pools
+    .venv/bin/python benchmarks/reference.py compute --only hf --minutes 120   # one part, stop starting new work
+                                                                 # after 120 min
+    .venv/bin/python benchmarks/reference.py manifest            # (re)write manifest.json and the reference summary
+
+What is computed, with which code:
+
+* **generation** — step 1 of ``benchmarks/presets/reference.yaml`` (doped + ShakeNBreak, seed 42): the Si vacancy in
+  a 16-site cell, q = 0, +1, +2, ShakeNBreak's default grid (−60 … +60 % in 10 % steps, Unperturbed, Dimer: 14
+  starts per q). Frozen first (``generation.json.gz``); every later part reads the frozen starts.
+* **bulk** — one HF single point of the pristine supercell (energy, VBM, CBM; eV).
+* **hf** — the direct-HF search: every start relaxed with the HF engine by step 2's own job function
+  (:func:`defectflow.relax.relax_structure`, with the reference's ``relax`` settings). Every ionic step is kept.
+* **far, close, functional** — the same starts relaxed with each LF preset's ``fidelities.low``
+  (``benchmarks/presets/<preset>.yaml``) and its ``relax`` settings.
+* **pools** — per preset, HF single points on a pool of its LF frames: every LF relaxation's last frame plus
+  farthest-point (SOAP) samples from the step-2 harvest (``select.strategy: fps``) up to ``POOL_SIZE`` frames,
+  so that selection strategies and HF budgets can be compared offline without DFT.
+
+Each relaxation is written as soon as it finishes (``<set>/<name>.extxyz.gz`` + a line in ``<set>/index.json``):
+a run that is killed loses at most the relaxation in progress, and ``compute`` skips what is frozen, so the
+computation can be spread over several sessions (commit ``benchmarks/data/`` as it grows). CPU-seconds are
+measured per engine call with ``getrusage`` (this process + reaped children: ``mpirun`` and its ``pw.x`` ranks).
+
+Frames (extxyz, one file per relaxation): ``REF_energy`` (eV), ``REF_forces`` (eV/Å), ``REF_stress`` (eV/Å³),
+``total_charge`` (e), ``defect``, ``distortion`` (the ShakeNBreak start), ``step`` (ionic step index),
+``relax_status`` (converged / unconverged / failed, of the whole relaxation), ``final`` (last frame),
+``vbm``/``cbm``/``fermi_level`` (eV) and ``magnetization`` (μB) where the engine gives them, ``wall_seconds``.
+The **hf** frames are the held-out HF test set of the training study: nothing may train on them.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import argparse
+import contextlib
+import gzip
+import hashlib
+import io
+import json
+import logging
+import resource
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "benchmarks" / "data"
+PRESET_DIR = ROOT / "benchmarks" / "presets"
+REFERENCE_YAML = PRESET_DIR / "reference.yaml"
+LF_PRESETS = ("far", "close", "functional")
+PARTS = ("bulk", "hf", *LF_PRESETS, "pools")
+#: HF-labelled LF frames per preset (every LF minimum + farthest-point samples up to this many).
+POOL_SIZE = 64
+
+log = logging.getLogger("reference")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# small I/O helpers
+# ---------------------------------------------------------------------------------------------------------------
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def read_json(path: Path, default: Any = None) -> Any:
+    if not path.is_file():
+        return default
+    raw = path.read_bytes()
+    if path.suffix == ".gz":
+        raw = gzip.decompress(raw)
+    return json.loads(raw)
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Atomic write (a kill never leaves half a file); ``.gz`` names are gzip-compressed (mtime 0: reproducible)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(data, indent=1, sort_keys=True, default=str) + "\n"
+    raw = gzip.compress(text.encode(), mtime=0) if path.suffix == ".gz" else text.encode()
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(raw)
+    tmp.replace(path)
+
+
+def write_frames_gz(path: Path, atoms_list) -> None:
+    from defectflow.train.data import frames_to_text
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(gzip.compress(frames_to_text(atoms_list).encode(), mtime=0))
+    tmp.replace(path)
+
+
+def read_frames_gz(path: Path):
+    from defectflow.train.data import read_frames
+
+    return read_frames(gzip.decompress(path.read_bytes()).decode())
+
+
+def cpu_seconds() -> float:
+    """CPU-s of this process and its reaped children (user + system)."""
+    me, ch = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + ch.ru_utime + ch.ru_stime
+
+
+@contextlib.contextmanager
+def chdir(path: Path):
+    path.mkdir(parents=True, exist_ok=True)
+    old = Path.cwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
+def work_root() -> Path:
+    return ROOT / "runs" / "benchmarks" / "reference"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# campaigns and starts
+# ---------------------------------------------------------------------------------------------------------------
+def load_campaign(name: str):
+    """The reference campaign (``reference``) or an LF preset's campaign, from its YAML."""
+    from defectflow.campaign import Campaign
+
+    return Campaign.from_yaml(PRESET_DIR / f"{name}.yaml")
+
+
+def generation():
+    """The frozen step-1 result (generated and frozen on first use)."""
+    from defectflow.generate import GenerationResult, generate
+
+    path = DATA / "generation.json.gz"
+    if path.is_file():
+        return GenerationResult.model_validate(read_json(path))
+    log.info("step 1: doped + ShakeNBreak for %s", REFERENCE_YAML.name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gen = generate(load_campaign("reference"))
+    write_json(path, gen.model_dump(mode="json"))
+    return gen
+
+
+def starts(gen) -> list[tuple[Any, Any]]:
+    """(distortion set, start) in the order the search runs them: q = 0, +2, +1 (the costly spin-polarised q last)."""
+    order = sorted(gen.distortion_sets, key=lambda ds: (ds.charge % 2, ds.charge))
+    return [(ds, st) for ds in order for st in ds.structures]
+
+
+def relax_name(ds, label: str) -> str:
+    from defectflow.engines.base import safe_name
+
+    return safe_name(f"{ds.name}__{label}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# frozen relaxations
+# ---------------------------------------------------------------------------------------------------------------
+def record_frames(record, ds) -> list:
+    """A RelaxRecord's trajectory as ASE Atoms with the keys of the module docstring."""
+    from defectflow.relax import frame_to_atoms
+
+    frames = record.trajectory.frames if record.trajectory else []
+    out = []
+    for i, f in enumerate(frames):
+        if f.energy is None or f.forces is None:
+            continue
+        meta = {"defect": ds.defect, "distortion": record.distortion, "relax_status": record.status,
+                "final": i == len(frames) - 1, "wall_seconds": round(f.wall_seconds, 3)}
+        for key in ("vbm", "cbm", "fermi_level", "magnetization"):
+            if getattr(f, key) is not None:
+                meta[key] = getattr(f, key)
+        out.append(frame_to_atoms(f, head="hf" if record.fidelity == "high" else "lf", meta=meta))
+    return out
+
+
+def relax_set(part: str, fidelity: dict[str, Any], fidelity_name: str, relax_spec, deadline: float) -> None:
+    """Relax every start not yet frozen in ``DATA/<part>/`` (one file + one index entry per relaxation)."""
+    from defectflow.relax import relax_structure
+
+    gen = generation()
+    folder = DATA / part
+    index_path = folder / "index.json"
+    index = read_json(index_path, {})
+    todo = [(ds, st) for ds, st in starts(gen) if relax_name(ds, st.label) not in index]
+    log.info("%s: %d of %d relaxations frozen, %d to do", part, len(index), len(index) + len(todo), len(todo))
+    for n, (ds, st) in enumerate(todo, 1):
+        if time.time() > deadline:
+            log.info("%s: time limit reached; %d left for the next run", part, len(todo) - n + 1)
+            return
+        name = relax_name(ds, st.label)
+        c0, t0 = cpu_seconds(), time.perf_counter()
+        with chdir(work_root() / part), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            rec = relax_structure.original(st.structure, ds.charge, fidelity, fidelity_name, defect=ds.defect,
+                                           distortion=st.label, bond_distortion=st.bond_distortion,
+                                           fmax=relax_spec.fmax, max_steps=relax_spec.max_steps)
+        cpu, wall = cpu_seconds() - c0, time.perf_counter() - t0
+        atoms = record_frames(rec, ds)
+        if atoms:
+            write_frames_gz(folder / f"{name}.extxyz.gz", atoms)
+        index[name] = {"defect": ds.defect, "charge": ds.charge, "distortion": st.label,
+                       "bond_distortion": st.bond_distortion, "status": rec.status, "error": rec.error,
+                       "n_steps": rec.n_steps, "energy": rec.energy, "fmax": rec.fmax,
+                       "wall_seconds": round(wall, 2), "cpu_seconds": round(cpu, 2),
+                       "engine": rec.engine, "settings_digest": rec.settings_digest,
+                       "file": f"{name}.extxyz.gz" if atoms else None}
+        write_json(index_path, index)
+        e = "—" if rec.energy is None else f"{rec.energy:.4f} eV"
+        print(f"  [{part}] {n}/{len(todo)} {name}: {rec.status}, {rec.n_steps} steps, {e}, "
+              f"{wall:.0f} s wall, {cpu:.0f} CPU-s", flush=True)
+
+
+def bulk(deadline: float) -> None:
+    """The pristine supercell's HF single point (energy, VBM, CBM), frozen as ``bulk_hf.json``."""
+    from defectflow.engines import get_engine
+
+    path = DATA / "bulk_hf.json"
+    if path.is_file() or time.time() > deadline:
+        return
+    camp = load_campaign("reference")
+    gen = generation()
+    hf = camp.fidelities.high.model_dump(mode="json")
+    engine = get_engine(hf, fidelity="high")
+    c0 = cpu_seconds()
+    with chdir(work_root() / "bulk"):
+        frame = engine.single_point(gen.bulk_supercell, 0, workdir=Path.cwd())
+    cpu = cpu_seconds() - c0
+    if frame.energy is None:
+        raise RuntimeError(f"bulk HF single point failed: {frame.error}")
+    write_json(path, {"natoms": len(gen.bulk_supercell), "energy": frame.energy, "vbm": frame.vbm, "cbm": frame.cbm,
+                      "band_gap": frame.band_gap, "fermi_level": frame.fermi_level,
+                      "wall_seconds": round(frame.wall_seconds, 2), "cpu_seconds": round(cpu, 2),
+                      "settings_digest": frame.settings_digest, "structure": gen.bulk_supercell.as_dict()})
+    print(f"  [bulk] E = {frame.energy:.4f} eV, gap {frame.band_gap:.3f} eV, {cpu:.0f} CPU-s", flush=True)
+
+
+def hf_engine_settings() -> dict[str, Any]:
+    return load_campaign("reference").fidelities.high.model_dump(mode="json")
+
+
+def compute(only: list[str], minutes: float | None) -> None:
+    deadline = time.time() + 60 * minutes if minutes else float("inf")
+    ref = load_campaign("reference")
+    generation()
+    for part in only:
+        if part == "bulk":
+            bulk(deadline)
+        elif part == "hf":
+            relax_set("hf", hf_engine_settings(), "high", ref.relax, deadline)
+        elif part in LF_PRESETS:
+            camp = load_campaign(part)
+            relax_set(f"lf/{part}", camp.fidelities.low.model_dump(mode="json"), "low", camp.relax, deadline)
+        elif part == "pools":
+            for preset in LF_PRESETS:
+                pool(preset, deadline)
+    write_manifest()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# HF pools of LF frames
+# ---------------------------------------------------------------------------------------------------------------
+def lf_frames(preset: str) -> list:
+    """Every frozen LF frame of a preset (all relaxations, every step)."""
+    folder = DATA / "lf" / preset
+    index = read_json(folder / "index.json", {})
+    out = []
+    for name, row in sorted(index.items()):
+        if row.get("file"):
+            out += read_frames_gz(folder / row["file"])
+    return out
+
+
+def pool(preset: str, deadline: float) -> None:
+    """HF single points on ``POOL_SIZE`` LF frames of ``preset``: every relaxation's final frame, then farthest-point
+    samples (the selection step's ``fps`` strategy) from the rest. Frozen one frame at a time."""
+    from defectflow.engines import get_engine
+    from defectflow.relax import frame_to_atoms
+
+    folder = DATA / "lf" / preset
+    index_path = folder / "pool_index.json"
+    frames = lf_frames(preset)
+    if not frames:
+        log.info("pool %s: no LF frames frozen yet", preset)
+        return
+    index = read_json(index_path, {})
+    chosen = index.get("chosen") or pool_choice(frames)
+    index["chosen"] = chosen
+    done = index.setdefault("done", {})
+    engine = get_engine(hf_engine_settings(), fidelity="high")
+    from defectflow.engines.base import atoms_to_structure
+    from defectflow.train.data import charge_of
+
+    pool_path = folder / "pool_hf.extxyz.gz"
+    labelled = read_frames_gz(pool_path) if pool_path.is_file() else []
+    for n, i in enumerate(chosen, 1):
+        if str(i) in done:
+            continue
+        if time.time() > deadline:
+            log.info("pool %s: time limit reached", preset)
+            break
+        a = frames[i]
+        q = charge_of(a)
+        c0 = cpu_seconds()
+        with chdir(work_root() / "pools" / preset):
+            f = engine.single_point(atoms_to_structure(a, q), q, workdir=Path.cwd() / f"frame_{i}")
+        cpu = cpu_seconds() - c0
+        done[str(i)] = {"energy": f.energy, "cpu_seconds": round(cpu, 2), "wall_seconds": round(f.wall_seconds, 2),
+                        "error": f.error}
+        if f.energy is not None:
+            meta = {"defect": a.info["defect"], "distortion": a.info["distortion"], "lf_step": int(a.info["step"]),
+                    "lf_index": int(i), "LF_energy": float(a.info["REF_energy"])}
+            h = frame_to_atoms(f, head="hf", meta=meta)
+            h.arrays["LF_forces"] = a.arrays["REF_forces"]
+            labelled.append(h)
+            write_frames_gz(pool_path, labelled)
+        write_json(index_path, index)
+        print(f"  [pool {preset}] {n}/{len(chosen)} frame {i} q={q:+d}: "
+              f"{'failed' if f.energy is None else f'{f.energy:.4f} eV'}, {cpu:.0f} CPU-s", flush=True)
+
+
+def pool_choice(frames) -> list[int]:
+    """Indices into the preset's LF frames: every final frame, then fps over all frames up to ``POOL_SIZE``."""
+    from defectflow.select.strategies import farthest_point_indices
+
+    final = [i for i, a in enumerate(frames) if a.info.get("final")]
+    return farthest_point_indices(frames, POOL_SIZE, preselected=final)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# manifest and reference summary
+# ---------------------------------------------------------------------------------------------------------------
+def versions() -> dict[str, str | None]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, str | None] = {}
+    for pkg in ("defectflow", "doped", "shakenbreak", "pymatgen", "ase", "tblite"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    out["quantum_espresso"] = qe_version()
+    return out
+
+
+def qe_version() -> str | None:
+    """QE version from the newest pw.out under the work folder (pw.x prints it in its header)."""
+    import re
+
+    for out in sorted(work_root().rglob("pw.out"), key=lambda p: p.stat().st_mtime, reverse=True)[:1]:
+        m = re.search(r"Program PWSCF v\.(\S+)", out.read_text(errors="replace")[:4000])
+        if m:
+            return m.group(1)
+    return None
+
+
+def set_summary(folder: Path) -> dict[str, Any]:
+    index = read_json(folder / "index.json", {})
+    return {"relaxations": len(index), "frames": sum(r["n_steps"] for r in index.values() if r.get("file")),
+            "cpu_seconds": round(sum(r["cpu_seconds"] for r in index.values()), 1),
+            "wall_seconds": round(sum(r["wall_seconds"] for r in index.values()), 1),
+            "status": {s: sum(r["status"] == s for r in index.values()) for s in ("converged", "unconverged",
+                                                                                    "failed")}}
+
+
+def write_manifest() -> dict[str, Any]:
+    """``manifest.json``: what the data is, what it cost, code versions and a sha256 per file."""
+    from defectflow.engines import get_engine
+
+    gen = generation()
+    ref = load_campaign("reference")
+    hf = hf_engine_settings()
+    hf_index = read_json(DATA / "hf" / "index.json", {})
+    bulk_doc = read_json(DATA / "bulk_hf.json", {})
+    old = read_json(DATA / "manifest.json", {})
+    qe = qe_version() or (old.get("versions") or {}).get("quantum_espresso")
+    manifest = {
+        "system": {"defect": "v_Si", "host": "Si (diamond)", "cell": "2x2x2 primitive supercell, 16 sites",
+                   "n_atoms_defect_cell": len(gen.distortion_sets[0].structures[0].structure),
+                   "campaign": str(REFERENCE_YAML.relative_to(ROOT)), "seed": ref.distortions.seed},
+        "hf": {"settings": hf, "settings_digest": get_engine(hf).digest,
+               "relax": ref.relax.model_dump(mode="json")},
+        "charges": sorted(ds.charge for ds in gen.distortion_sets),
+        "starts_per_charge": {str(ds.charge): len(ds.structures) for ds in gen.distortion_sets},
+        "frames": sum(r["n_steps"] for r in hf_index.values() if r.get("file")),
+        "hf_calls": sum(r["n_steps"] for r in hf_index.values()) + (1 if bulk_doc else 0),
+        "hf_cpu_seconds": round(sum(r["cpu_seconds"] for r in hf_index.values())
+                                + bulk_doc.get("cpu_seconds", 0.0), 1),
+        "hf_wall_seconds": round(sum(r["wall_seconds"] for r in hf_index.values())
+                                 + bulk_doc.get("wall_seconds", 0.0), 1),
+        "complete": {"hf": len(hf_index) == sum(len(ds.structures) for ds in gen.distortion_sets)
+                     and bool(bulk_doc)},
+        "lf_presets": {},
+        "versions": {**versions(), "quantum_espresso": qe},
+        "files": {},
+    }
+    n_starts = sum(len(ds.structures) for ds in gen.distortion_sets)
+    for preset in LF_PRESETS:
+        folder = DATA / "lf" / preset
+        camp = load_campaign(preset)
+        entry = {"campaign": f"benchmarks/presets/{preset}.yaml", "lf": camp.fidelities.low.model_dump(mode="json"),
+                 **set_summary(folder)}
+        pidx = read_json(folder / "pool_index.json", {})
+        entry["pool"] = {"chosen": len(pidx.get("chosen", [])), "labelled": sum(
+            1 for d in pidx.get("done", {}).values() if d.get("energy") is not None),
+            "hf_cpu_seconds": round(sum(d["cpu_seconds"] for d in pidx.get("done", {}).values()), 1)}
+        entry["complete"] = entry["relaxations"] == n_starts
+        manifest["lf_presets"][preset] = entry
+        manifest["complete"][preset] = entry["complete"]
+    summary = reference_summary()
+    if summary is not None:
+        write_json(DATA / "reference.json", summary)
+    for path in sorted(DATA.rglob("*")):
+        if path.is_file() and path.name != "manifest.json" and not path.name.endswith(".tmp"):
+            manifest["files"][str(path.relative_to(DATA))] = sha256(path)
+    write_json(DATA / "manifest.json", manifest)
+    return manifest
+
+
+def reference_summary() -> dict[str, Any] | None:
+    """Ground state per q (ShakeNBreak's lowest-energy start), formation energies and CTLs of the direct-HF search,
+    once every HF relaxation and the bulk are frozen; None before."""
+    hf_index = read_json(DATA / "hf" / "index.json", {})
+    bulk_doc = read_json(DATA / "bulk_hf.json")
+    gen = generation()
+    if bulk_doc is None or len(hf_index) < sum(len(ds.structures) for ds in gen.distortion_sets):
+        return None
+    from defectflow.levels import LevelEntry, compute_levels
+
+    ref = load_campaign("reference")
+    states, entries = {}, []
+    for ds in gen.distortion_sets:
+        rows = {n: r for n, r in hf_index.items() if r["charge"] == ds.charge and r["energy"] is not None
+                and r["status"] != "failed"}
+        best = min(rows, key=lambda n: rows[n]["energy"])
+        final = read_frames_gz(DATA / "hf" / rows[best]["file"])[-1]
+        from defectflow.engines.base import atoms_to_structure
+
+        structure = atoms_to_structure(final, ds.charge)
+        unperturbed = next((r["energy"] for r in rows.values() if r["distortion"] == "Unperturbed"), None)
+        states[ds.name] = {"charge": ds.charge, "ground_state": rows[best]["distortion"],
+                           "energy": rows[best]["energy"],
+                           "energy_lowering": None if unperturbed is None else rows[best]["energy"] - unperturbed,
+                           "structure": structure.as_dict()}
+        entries.append(LevelEntry(defect=ds.defect, charge=ds.charge, energy=rows[best]["energy"],
+                                  structure=structure, defect_entry=ds.defect_entry))
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        lv = compute_levels(entries, gen.bulk_supercell, bulk_doc["energy"], bulk_doc["vbm"], bulk_doc["band_gap"],
+                            correction=ref.levels.correction, dielectric=ref.levels.dielectric,
+                            chemical_potentials=ref.levels.chemical_potentials, plot_dir=None)
+    return {"ground_states": states, "formation_energies_vbm": lv.formation_energies_vbm,
+            "transition_levels": [t.model_dump(mode="json") for t in lv.transition_levels],
+            "band_gap": bulk_doc["band_gap"], "vbm": bulk_doc["vbm"], "bulk_energy": bulk_doc["energy"],
+            "correction": lv.correction if hasattr(lv, "correction") else ref.levels.correction}
+
+
+def status() -> None:
+    gen = generation()
+    n = sum(len(ds.structures) for ds in gen.distortion_sets)
+    print(f"starts: {n} ({', '.join(f'q={ds.charge:+d}: {len(ds.structures)}' for ds in gen.distortion_sets)})")
+    print(f"bulk: {'frozen' if (DATA / 'bulk_hf.json').is_file() else 'missing'}")
+    for part in ("hf", *(f"lf/{p}" for p in LF_PRESETS)):
+        s = set_summary(DATA / part)
+        print(f"{part:14s} {s['relaxations']:3d}/{n} relaxations, {s['frames']:5d} frames, "
+              f"{s['cpu_seconds']:8.0f} CPU-s, {s['wall_seconds']:7.0f} wall-s, {s['status']}")
+    for preset in LF_PRESETS:
+        pidx = read_json(DATA / "lf" / preset / "pool_index.json", {})
+        print(f"pool {preset:9s} {len(pidx.get('done', {}))}/{len(pidx.get('chosen', [])) or POOL_SIZE} HF frames")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("action", choices=("status", "compute", "manifest"))
+    ap.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS),
+                    help="parts to compute, in the order given (default: all, cheapest first after the HF search)")
+    ap.add_argument("--minutes", type=float, default=None,
+                    help="start no new relaxation after this many minutes (the running one finishes)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    for noisy in ("pymatgen", "doped", "shakenbreak", "jobflow"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    sys.path.insert(0, str(ROOT))
+    if args.action == "status":
+        status()
+    elif args.action == "compute":
+        compute(args.only, args.minutes)
+    else:
+        m = write_manifest()
+        print(json.dumps({k: m[k] for k in ("charges", "starts_per_charge", "frames", "hf_calls", "hf_cpu_seconds",
+                                            "complete")}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
