@@ -20,36 +20,16 @@ from typing import Any
 #: Pseudo job name for what happens before the first job starts (doped + ShakeNBreak generation, graph building).
 GRAPH_BUILD = "(graph build)"
 
-#: (prefix of a jobflow job name, step) in the order they are tried; the first match wins.
-STEP_PREFIXES: tuple[tuple[str, str], ...] = (
-    (GRAPH_BUILD, "1 generate"),
-    ("generation", "1 generate"),
-    ("bulk ", "bulk references"),
-    ("relax_lf ", "2 relax (all distortions)"),
-    ("summary ", "2 relax (all distortions)"),
-    ("harvest_lf", "2 relax (all distortions)"),
-    ("select", "3 select + HF single points"),
-    ("label_hf", "3 select + HF single points"),
-    ("single_hf", "3 select + HF single points"),
-    ("collect_hf", "3 select + HF single points"),
-    ("train round", "4 train (main + ablations)"),
-    ("baseline ", "baseline (CHGNet, not defectflow cost)"),
-    ("start search", "5 search"),
-    ("search ", "5 search"),
-    ("verify ", "5 HF verification"),
-    ("finalize", "5 levels + top-up bookkeeping"),
-    ("store_inputs", "(jobflow bookkeeping)"),
-)
-
-
 def step_of(job_name: str | None) -> str:
-    """The pipeline step a jobflow job name belongs to ('(outside jobs)' for None, '(other)' if unknown)."""
+    """The step label (:func:`defectflow.steps.label_of`, e.g. '2 relax_lf') a jobflow job name belongs to;
+    '(outside jobs)' for None, '1 generation' for the graph build, '(other)' for a name of no step."""
+    from defectflow.steps import label_of
+
     if job_name is None:
         return "(outside jobs)"
-    for prefix, step in STEP_PREFIXES:
-        if job_name.startswith(prefix):
-            return step
-    return "(other)"
+    if job_name == GRAPH_BUILD:
+        return label_of("generation")
+    return label_of(job_name)
 
 
 def cpu_now() -> tuple[float, float, float]:

@@ -33,6 +33,7 @@ from pydantic import (
 from pymatgen.core import Structure
 
 from defectflow.engines import SETTINGS, AseSettings, CP2KSettings, QESettings, VaspSettings
+from defectflow.steps import RESOURCE_STEPS
 
 __all__ = [
     "Campaign",
@@ -405,8 +406,8 @@ class ExecutionSpec(_Section):
     work_dir: str = Field(
         "runs/{name}", description="Work directory (relative paths: from where defectflow runs); {name} = campaign name"
     )
-    resources: dict[Literal["relax_lf", "single_hf", "train", "search", "verify"], ResourceSpec] = Field(
-        default_factory=dict, description="Per-step resources for submit (relax_lf, single_hf, train, search, verify)"
+    resources: dict[Literal[RESOURCE_STEPS], ResourceSpec] = Field(
+        default_factory=dict, description=f"Per-step resources for submit ({', '.join(RESOURCE_STEPS)})"
     )
 
     @field_validator("store")

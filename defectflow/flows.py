@@ -3,7 +3,7 @@
 :class:`DefectCampaignMaker` builds, from a :class:`~defectflow.campaign.Campaign`:
 
 * ``generation``        the doped + ShakeNBreak output (one document),
-* ``bulk LF/HF static`` pristine-supercell single points, ``bulk reference`` (energies, HF band edges),
+* ``bulk_lf``, ``bulk_hf`` pristine-supercell single points, ``bulk_reference`` (energies, HF band edges),
 * ``relax_lf …``        one job per distorted structure per (defect, q), low fidelity, every ionic step kept,
 * ``summary …``         ShakeNBreak energy-vs-distortion summary and plot per (defect, q),
 * ``harvest_lf``        the low-fidelity training set (extxyz),
@@ -11,7 +11,7 @@
 * ``single_hf``         one HF single point per selected frame (dynamic: replaced once the selection is known),
 * ``train round 0``     the charge-embedded multi-fidelity MACE surrogate (+ ablations, metrics, plots),
 * ``baseline …``        optional foundation-model (CHGNet) search per (defect, q),
-* ``start search``      joins the above, then per (defect, q): ``search …`` (surrogate) → ``verify …`` (HF),
+* ``start_search``      joins the above, then per (defect, q): ``search …`` (surrogate) → ``verify …`` (HF),
                         and ``finalize`` (top-up retraining while verification disagrees, then doped levels).
 
 ``steps="lf"`` stops after the harvest (steps 1-2 only).
@@ -34,6 +34,7 @@ from defectflow.engines.jobs import single_point
 from defectflow.generate import GenerationResult, generate
 from defectflow.label import bulk_reference
 from defectflow.relax import HarvestFilter, harvest_training_set, relax_structure, summarize_distortions
+from defectflow.steps import name_job
 
 __all__ = ["DefectCampaignMaker", "record_generation"]
 
@@ -82,19 +83,15 @@ class DefectCampaignMaker(Maker):
                 get_engine(spec, fidelity=fid).check(generation.bulk_supercell)
 
         jobs: list = []
-        gen_job = record_generation(generation.model_dump_json())
-        gen_job.name = "generation"
+        gen_job = name_job(record_generation(generation.model_dump_json()), "generation")
         jobs.append(gen_job)
 
         # Structures enter jobs as JSON strings: jobflow scans every job argument for nested Jobs by serialising
         # it, which for Structure objects dominated graph construction (100 s for 4000 jobs; strings are skipped).
         bulk = generation.bulk_supercell.to_json()
-        bulk_lf = single_point(bulk, 0, low, "low", label="bulk_lf")
-        bulk_lf.name = "bulk LF static"
-        bulk_hf = single_point(bulk, 0, high, "high", label="bulk_hf")
-        bulk_hf.name = "bulk HF static"
-        bulk_ref = bulk_reference(bulk_lf.output, bulk_hf.output)
-        bulk_ref.name = "bulk reference"
+        bulk_lf = name_job(single_point(bulk, 0, low, "low", label="bulk_lf"), "bulk_lf")
+        bulk_hf = name_job(single_point(bulk, 0, high, "high", label="bulk_hf"), "bulk_hf")
+        bulk_ref = name_job(bulk_reference(bulk_lf.output, bulk_hf.output), "bulk_reference")
         jobs += [bulk_lf, bulk_hf, bulk_ref]
 
         plot_dir = str(campaign.work_dir() / "plots" / "distortions")
@@ -115,22 +112,21 @@ class DefectCampaignMaker(Maker):
                     fmax=campaign.relax.fmax,
                     max_steps=campaign.relax.max_steps,
                 )
-                j.name = f"relax_lf {ds.name} {start.label}"
-                j.metadata.update(defect=ds.defect, charge=ds.charge, distortion=start.label)
+                name_job(j, "relax_lf", ds.name, start.label, defect=ds.defect, charge=ds.charge,
+                         distortion=start.label)
                 jobs.append(j)
                 group.append(j.output)
             neighbour = _neighbour_element(ds, host_elements)
             s = summarize_distortions(group, ds.defect, ds.charge, ds.num_distorted_neighbours, neighbour,
                                       plot_dir, self.min_e_diff)
-            s.name = f"summary {ds.name}"
-            s.metadata.update(defect=ds.defect, charge=ds.charge)
+            name_job(s, "summary", ds.name, defect=ds.defect, charge=ds.charge)
             jobs.append(s)
             summaries[ds.name] = s.output
             relax_outputs.extend(group)
 
         flt = self.harvest_filter.model_copy(update={"keep_every": campaign.relax.keep_every})
         harvest = harvest_training_set(relax_outputs, "low", "lf", flt.model_dump())
-        harvest.name = "harvest_lf"
+        name_job(harvest, "harvest_lf")
         jobs.append(harvest)
         output: dict[str, Any] = {
             "generation": gen_job.output,
@@ -157,11 +153,11 @@ class DefectCampaignMaker(Maker):
 
         plots = campaign.work_dir() / "plots"
         sel = select_job(relax_outputs, campaign.selection.model_dump(mode="json"))
-        sel.name = "select"
+        name_job(sel, "select")
         lab = label_selected(sel.output, high, "high")
-        lab.name = "label_hf"  # replaced at run time by the "single_hf …" jobs + collect_hf
+        name_job(lab, "label_hf")  # replaced at run time by the "single_hf …" jobs + collect_hf
         train = train_job(harvest.output, lab.output, campaign.mlip.model_dump(mode="json"), str(plots / "model"))
-        train.name = "train round 0"
+        name_job(train, "train", "round", 0)
         jobs += [sel, lab, train]
         starts = {f"{ds.defect} {ds.charge:+d}": starts_payload(ds) for ds in generation.distortion_sets}
         baselines = []
@@ -170,8 +166,7 @@ class DefectCampaignMaker(Maker):
                 b = baseline_search(ds.defect, ds.charge, starts[f"{ds.defect} {ds.charge:+d}"],
                                     campaign.search.model_dump(mode="json"), campaign.search.foundation_baseline,
                                     str(plots / "search"))
-                b.name = f"baseline {ds.name}"
-                b.metadata.update(defect=ds.defect, charge=ds.charge)
+                name_job(b, "baseline", ds.name, defect=ds.defect, charge=ds.charge)
                 jobs.append(b)
                 baselines.append(b.output)
         context = {
@@ -186,7 +181,7 @@ class DefectCampaignMaker(Maker):
             "history": [],
         }
         st = start_search(train.output, lab.output, harvest.output, bulk_ref.output, baselines, json.dumps(context))
-        st.name = "start search"
+        name_job(st, "start_search")
         jobs.append(st)
         return {"selection": sel.output, "hf_labels": lab.output, "training": train.output, "result": st.output}
 

@@ -104,7 +104,7 @@ def _replot_levels(results, final: dict, out: Path) -> str | None:
     from defectflow.schemas import as_structure
 
     gen_doc = results.query(step="generation", load=True, properties=["output"])
-    bulk_doc = results.query({"name": "bulk reference"}, properties=["output"])
+    bulk_doc = results.query({"name": "bulk_reference"}, properties=["output"])
     if not gen_doc or not bulk_doc:
         return None
     generation = GenerationResult.model_validate(gen_doc[-1]["output"])

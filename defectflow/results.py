@@ -24,19 +24,9 @@ from typing import Any
 
 from jobflow import JobStore
 
-__all__ = ["Results", "RunInfo", "list_runs", "step_of", "write_json"]
+from defectflow.steps import HF_STEPS, step_of
 
-#: steps that call the high-fidelity engine (bulk HF is named "bulk HF static")
-HF_STEPS = ("single_hf", "verify")
-
-
-def step_of(name: str) -> str:
-    """Pipeline step of a job name: its first word ('relax_lf v_Si_0 Unperturbed' → 'relax_lf');
-    the bulk single points are 'bulk_lf' / 'bulk_hf'."""
-    if name.startswith("bulk "):
-        parts = name.split()
-        return f"bulk_{parts[1].lower()}" if len(parts) > 2 else "bulk"
-    return name.split(" ", 1)[0]
+__all__ = ["Results", "RunInfo", "list_runs", "write_json"]
 
 
 class RunInfo(dict):
@@ -107,8 +97,7 @@ class Results:
         crit: dict[str, Any] = dict(criteria or {})
         crit.update(self._campaign_filter() if all_runs else self._scope())
         if step:
-            crit["name"] = {"$regex": f"^{re.escape(step)}( |$)"} if not step.startswith("bulk_") else \
-                f"bulk {step[5:].upper()} static"
+            crit["name"] = {"$regex": f"^{re.escape(step)}( |$)"}
         if defect is not None:
             crit["metadata.defect"] = defect
         if charge is not None:
@@ -168,7 +157,7 @@ class Results:
         processes such as ``mpirun pw.x``), HF calls. Untracked steps count jobs only."""
         rows: dict[str, dict[str, Any]] = defaultdict(lambda: {"jobs": 0, "reused": 0, "wall_s": 0.0, "cpu_s": 0.0})
         for d in self.query(properties=["name", "metadata", "completed_at"]):
-            step = step_of(d["name"])
+            step = step_of(d["name"]) or d["name"].split(" ", 1)[0]
             row = rows[step]
             row["jobs"] += 1
             meta = d.get("metadata") or {}
@@ -182,7 +171,7 @@ class Results:
             row["cpu_s"] += cost.get("cpu_s", 0.0) + cost.get("cpu_children_s", 0.0)
         out = []
         for step, row in rows.items():
-            hf = step in HF_STEPS or step == "bulk_hf"
+            hf = step in HF_STEPS
             out.append({"step": step, **row, "wall_s": round(row["wall_s"], 2), "cpu_s": round(row["cpu_s"], 2),
                         "hf_calls": row["jobs"] - row["reused"] if hf else 0})
         return sorted(out, key=lambda r: r["step"])

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import math
 
-from defectflow.results import Results, step_of
+from defectflow.results import Results
+from defectflow.steps import step_of
 
 
 def check_results(r: Results, groups: set[tuple[str, int]], full: bool = True) -> None:

@@ -21,18 +21,11 @@ def _load(name: str):
 bu = _load("bench_utils")
 
 
-def test_step_of_maps_every_job_name_the_graph_makes():
+def test_step_of_labels_job_names_from_the_step_table():
     cases = {
-        "generation": "1 generate", bu.GRAPH_BUILD: "1 generate",
-        "bulk LF static": "bulk references", "bulk HF static": "bulk references", "bulk reference": "bulk references",
-        "relax_lf v_Si_+1 Dimer": "2 relax (all distortions)", "summary v_Si_0": "2 relax (all distortions)",
-        "harvest_lf": "2 relax (all distortions)",
-        "select": "3 select + HF single points", "label_hf": "3 select + HF single points", "single_hf": "3 select + HF single points",
-        "single_hf v_Si_0_Dimer_step3": "3 select + HF single points", "collect_hf": "3 select + HF single points",
-        "train round 1": "4 train (main + ablations)", "baseline v_Si_-1": "baseline (CHGNet, not defectflow cost)",
-        "start search": "5 search", "search v_Si +1 round 0": "5 search",
-        "verify v_Si -1 round 1": "5 HF verification", "finalize round 0": "5 levels + top-up bookkeeping",
-        "store_inputs": "(jobflow bookkeeping)",
+        "generation": "1 generation", bu.GRAPH_BUILD: "1 generation", "bulk_hf": "bulk bulk_hf",
+        "relax_lf v_Si_+1 Dimer": "2 relax_lf", "single_hf v_Si_0_Dimer_step3": "3 single_hf",
+        "train round 1": "4 train", "verify v_Si -1 round 1": "5 verify", "store_inputs": "- store_inputs",
     }
     for name, step in cases.items():
         assert bu.step_of(name) == step, name
@@ -53,9 +46,9 @@ def test_cpu_meter_charges_each_interval_to_the_running_job():
     assert jobs["relax_lf v_Si_0 Unperturbed"] == {"wall": 3, "self_cpu": 0.5, "child_cpu": 5.0}
     assert jobs["train round 0"]["wall"] == pytest.approx(1.5) and jobs["train round 0"]["self_cpu"] == pytest.approx(1.0)
     assert jobs[None]["wall"] == pytest.approx(1.5)
-    steps = m.by_step({"2 relax (all distortions)": "HF relax"})
+    steps = m.by_step({"2 relax_lf": "HF relax"})
     assert steps["HF relax"]["cpu"] == pytest.approx(5.5) and steps["HF relax"]["jobs"] == 1
-    assert steps["1 generate"]["jobs"] == 0 and steps["1 generate"]["cpu"] == pytest.approx(0.5)
+    assert steps["1 generation"]["jobs"] == 0 and steps["1 generation"]["cpu"] == pytest.approx(0.5)
     assert m.sum_where(lambda j: j.startswith("relax_lf"), "child_cpu") == pytest.approx(5.0)
 
 

@@ -61,7 +61,7 @@ BAD = [
     ({**BASE, "fidelities": {"high": {"engine": "qe", "ecutwfc": -3}}},
      ["fidelities.high.ecutwfc: expected a value greater than 0, got -3"]),
     ({**BASE, "fidelities": {"high": {"engine": "qe", "xc": "B3LYP"}}},
-     ["fidelities.high.xc: expected 'PBE', 'HSE06' or 'PBE0', got 'B3LYP'"]),
+     ["fidelities.high.xc: expected 'PBE', 'LDA', 'HSE06' or 'PBE0', got 'B3LYP'"]),
     ({**BASE, "charges": [0, 99]},
      ["charges: charge 99 outside ±10 (the range the MACE charge embedding covers)"]),
     ({**BASE, "charges": "sometimes"},

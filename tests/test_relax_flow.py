@@ -83,7 +83,7 @@ def test_graph_shape_and_names(generation, tmp_path):
     assert len(relax) == n_structures == 12
     assert len(flow.jobs) == n_structures + 4 + 3 + 1  # + generation, 2 bulk + reference, 3 summaries, harvest
     assert "relax_lf v_Si_-1 Bond_Distortion_-30.0%" in names and "summary v_Si_+1" in names
-    assert {"generation", "bulk LF static", "bulk HF static", "bulk reference", "harvest_lf"} <= set(names)
+    assert {"generation", "bulk_lf", "bulk_hf", "bulk_reference", "harvest_lf"} <= set(names)
     # the charge reaches every relaxation job, and the right engine settings too
     for j in flow.jobs:
         if j.name.startswith("relax_lf v_Si_-1"):
@@ -145,7 +145,7 @@ def test_failed_relaxation_is_recorded_and_flow_goes_on(finished_run):
 
 def test_bulk_reference_has_both_fidelities(finished_run):
     _, _, store, _ = finished_run
-    ref = store.query_one({"name": "bulk reference"})["output"]
+    ref = store.query_one({"name": "bulk_reference"})["output"]
     assert ref["natoms"] == 16 and not ref["errors"]
     # GFN1 and GFN2 are different methods: the two reference energies must differ
     assert ref["energy_lf"] != pytest.approx(ref["energy_hf"], abs=1e-3)

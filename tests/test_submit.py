@@ -102,16 +102,16 @@ def test_fireworks_resources_land_in_each_steps_jobs(static_flow):
     relax = [n for n in by_name if n.startswith("relax_lf ")]
     assert len(relax) == 4 and all(by_name[n] == applied["relax_lf"] for n in relax)
     assert by_name["train round 0"] == applied["train"]
-    for other in ("generation", "bulk LF static", "bulk HF static", "harvest_lf", "select", "label_hf",
-                  "start search"):
+    for other in ("generation", "bulk_lf", "bulk_hf", "harvest_lf", "select", "label_hf",
+                  "start_search"):
         assert by_name[other] == {}, other
-    # dynamic jobs: the HF single points created by label_hf, the search round created by start search
+    # dynamic jobs: the HF single points created by label_hf, the search round created by start_search
     lab = next(j for j in flow.jobs if j.name == "label_hf")
     dyn = _dynamic_jobs(lab, ["single_hf v_Si_+0_Unperturbed_step2", "collect_hf"])
     assert dyn["single_hf v_Si_+0_Unperturbed_step2"] == {
         "_category": "hfw", "_queueadapter": {"ntasks": 4, "walltime": "01:30:00", "queue": "hf"}}
     assert dyn["collect_hf"] == {}
-    start = next(j for j in flow.jobs if j.name == "start search")
+    start = next(j for j in flow.jobs if j.name == "start_search")
     dyn = _dynamic_jobs(start, ["search v_Si +0 round 0", "verify v_Si +0 round 0", "finalize round 0",
                                 "train round 1"])
     assert dyn["search v_Si +0 round 0"] == applied["search"]
@@ -145,7 +145,7 @@ def test_jobflow_remote_resources_follow_each_workers_scheduler(static_flow, tmp
     hf = _dynamic_jobs(lab, ["single_hf x"])["single_hf x"]
     # PBS takes processes, time limit and queue (no GPU key); a shell worker takes none of them
     assert hf["worker"] == "hfw" and (hf["resources"].processes, hf["resources"].queue_name) == (4, "hf")
-    start = next(j for j in flow.jobs if j.name == "start search")
+    start = next(j for j in flow.jobs if j.name == "start_search")
     search = _dynamic_jobs(start, ["search v_Si +0 round 0"])["search v_Si +0 round 0"]
     assert search["worker"] == "main" and "resources" not in search
 

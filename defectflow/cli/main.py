@@ -351,7 +351,8 @@ def _cmd_status(args) -> int:
     from rich.table import Table
 
     from defectflow.campaign import Campaign, CampaignError
-    from defectflow.results import Results, list_runs, step_of
+    from defectflow.results import Results, list_runs
+    from defectflow.steps import step_of
     from defectflow.store import make_store
     from defectflow.submit import submission_status
 

@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field
 from defectflow.engines.jobs import single_point
 from defectflow.relax import frame_to_atoms, write_extxyz
 from defectflow.schemas import Frame, as_model, get_field
+from defectflow.steps import name_job
 from defectflow.store.tracking import tracked
 
 logger = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ def collect_labels(hf_frames: list[Frame], selection) -> LabelledSet:
 
 
 @job
-@tracked("label", cache=False)
+@tracked("label_hf", cache=False)
 def label_selected(selection, fidelity: dict[str, Any], fidelity_name: str = "high") -> Response:
     """Replace this job by one HF single point per selected frame plus :func:`collect_labels`."""
     jobs = []
@@ -88,11 +89,11 @@ def label_selected(selection, fidelity: dict[str, Any], fidelity_name: str = "hi
         frame = as_model(Frame, frame)
         label = f"{get_field(sel, 'defect')}_{frame.charge:+d}_{get_field(sel, 'distortion')}_step{get_field(sel, 'step')}"
         j = single_point(frame.structure.to_json(), frame.charge, fidelity, fidelity_name, label=label)
-        j.name = f"single_hf {label}"
-        j.metadata.update(defect=get_field(sel, "defect"), charge=frame.charge, distortion=get_field(sel, "distortion"))
+        name_job(j, "single_hf", label, defect=get_field(sel, "defect"), charge=frame.charge,
+                 distortion=get_field(sel, "distortion"))
         jobs.append(j)
     collect = collect_labels([j.output for j in jobs], selection)
-    collect.name = "collect_hf"
+    name_job(collect, "collect_hf")
     return Response(replace=Flow([*jobs, collect], output=collect.output, name="single_hf"))
 
 

@@ -66,7 +66,7 @@ class RelaxRecord(BaseModel):
 
 
 @job(data="trajectory")
-@tracked("relax", engines=("fidelity",))
+@tracked("relax_lf", engines=("fidelity",))
 def relax_structure(
     structure,
     charge: int,
@@ -344,7 +344,7 @@ def _filter(records: list[RelaxRecord], flt: HarvestFilter) -> tuple[list[tuple[
 
 
 @job(data="extxyz")
-@tracked("harvest", cache=False)
+@tracked("harvest_lf", cache=False)
 def harvest_training_set(
     records: list[RelaxRecord],
     fidelity: str = "low",

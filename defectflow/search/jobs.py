@@ -23,6 +23,7 @@ from defectflow.levels import LevelEntry, LevelsResult, compute_levels
 from defectflow.relax import frames_to_extxyz
 from defectflow.schemas import Frame, Structure, as_model, as_structure, get_field
 from defectflow.search import SearchResult, SearchStart, rattled_starts, rmsd, search_ground_state
+from defectflow.steps import name_job
 from defectflow.store.tracking import tracked
 
 logger = logging.getLogger(__name__)
@@ -296,7 +297,7 @@ def build_search_round(lf_xyz: str, hf_xyz: str, context: dict[str, Any], baseli
     jobs = []
     if training is None:
         t = train_job(lf_xyz, hf_xyz, spec["mlip"], context.get("model_plot_dir", context["plot_dir"]))
-        t.name = f"train round {context['round']}"
+        name_job(t, "train", "round", context["round"])
         jobs.append(t)
         training = t.output
     searches, verifies = [], []
@@ -304,16 +305,14 @@ def build_search_round(lf_xyz: str, hf_xyz: str, context: dict[str, Any], baseli
         defect, q = group.rsplit(" ", 1)
         s = surrogate_search(training, defect, int(q), starts, spec["search"], context["plot_dir"],
                              seed=spec["distortions"]["seed"])
-        s.name = f"search {group} round {context['round']}"
+        name_job(s, "search", group, "round", context["round"], defect=defect, charge=int(q), round=context["round"])
         v = verify_ground_state(s.output, spec["fidelities"]["high"], spec["fidelities"]["low"], spec["verify"])
-        v.name = f"verify {group} round {context['round']}"
-        for j in (s, v):
-            j.metadata.update(defect=defect, charge=int(q), round=context["round"])
+        name_job(v, "verify", group, "round", context["round"], defect=defect, charge=int(q), round=context["round"])
         jobs += [s, v]
         searches.append(s.output)
         verifies.append(v.output)
     f = finalize(verifies, searches, baselines or [], training, context)
-    f.name = f"finalize round {context['round']}"
+    name_job(f, "finalize", "round", context["round"])
     jobs.append(f)
     return Flow(jobs, output=f.output, name=f"search round {context['round']}")
 

@@ -3,9 +3,9 @@
 :func:`tracked` wraps the function under ``@job`` and, when it runs as a job, records in the job document's
 ``metadata`` (next to ``campaign``, ``defect``, ``charge`` set when the graph is built):
 
-* ``step``      the pipeline step, named as :class:`defectflow.results.Results` and ``defectflow query --step``
-                name it (:func:`defectflow.results.step_of` of the job name: ``relax_lf``, ``bulk_hf``,
-                ``single_hf``, ``train``, ...); the decorator's own ``step`` argument only enters the cache key,
+* ``step``      the pipeline step (:data:`defectflow.steps.STEPS`): the decorator's own ``step`` argument; a job
+                used by several steps (the generic ``single_point``: ``bulk_lf``, ``bulk_hf``, ``single_hf``) is
+                given its step when the graph is built (:func:`defectflow.steps.name_job`), and keeps it,
 * ``cost``      ``wall_s`` (s), ``cpu_s`` (s, this process: every thread), ``cpu_children_s`` (s, finished child
                 processes, e.g. ``mpirun pw.x``), so CPU-seconds per step can be queried from any store,
 * ``cache_key`` a digest of everything that determines the result: the inputs as JSON, with engine settings
@@ -30,6 +30,8 @@ import resource
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
+
+from defectflow.steps import STEPS
 
 logger = logging.getLogger(__name__)
 
@@ -134,9 +136,7 @@ def tracked(step: str, cache: bool = True, engines: Iterable[str] = (), ignore: 
             else:
                 out, source = func(*args, **kwargs), None
             c1, k1 = _cpu()
-            from defectflow.results import step_of
-
-            meta = {"step": step_of(CURRENT_JOB.job.name), "cache_key": key,
+            meta = {"step": step if step in STEPS else CURRENT_JOB.job.metadata.get("step"), "cache_key": key,
                     "cost": {"wall_s": round(time.perf_counter() - t0, 4), "cpu_s": round(c1 - c0, 4),
                              "cpu_children_s": round(k1 - k0, 4)}}
             if source:

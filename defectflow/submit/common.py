@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from defectflow.campaign import Campaign
+from defectflow.steps import RESOURCE_STEPS, step_of
 
 logger = logging.getLogger(__name__)
 
@@ -31,18 +32,12 @@ __all__ = [
 #: File in the campaign's work directory recording the last submission.
 RECORD_FILE = "submission.json"
 
-#: jobflow ``name_filter`` (a substring match) selecting the jobs of each step of ``execution.resources``.
-#: Job names start with their step ("relax_lf v_Si_0 Unperturbed", "single_hf v_Si_+0_…", "train round 0",
-#: "search v_Si +0 round 0", "verify v_Si +0 round 0"); the trailing space keeps out the jobs that only fan out
-#: or join ("single_hf" replaced by the HF single points, "start search"), so those run with the defaults and
-#: do not pass a step's resources on to everything they create.
-STEP_NAME_FILTERS: dict[str, str] = {
-    "relax_lf": "relax_lf ",
-    "single_hf": "single_hf ",
-    "train": "train round ",
-    "search": "search ",
-    "verify": "verify ",
-}
+#: jobflow ``name_filter`` (a substring match) selecting the jobs of each step of ``execution.resources``
+#: (:data:`defectflow.steps.RESOURCE_STEPS`). Job names start with their step ("relax_lf v_Si_0 Unperturbed",
+#: "single_hf v_Si_+0_…", "train round 0", "search v_Si +0 round 0"); the trailing space keeps out the jobs that
+#: only fan out or join ("label_hf", "start_search"), so those run with the defaults and do not pass a step's
+#: resources on to everything they create.
+STEP_NAME_FILTERS: dict[str, str] = {step: f"{step} " for step in RESOURCE_STEPS}
 
 
 @dataclass
@@ -109,11 +104,9 @@ def read_record(work_dir: str | Path, manager: str | None = None) -> dict[str, A
 
 
 def count_states(rows: Iterable[tuple[str, str]]) -> dict[str, dict[str, int]]:
-    """``{step: {state: count}}`` from ``(job name, state)`` pairs; the step is the name's first word
-    (:func:`defectflow.results.step_of`: 'bulk LF static' → 'bulk_lf')."""
-    from defectflow.results import step_of
-
+    """``{step: {state: count}}`` from ``(job name, state)`` pairs (:func:`defectflow.steps.step_of`; a name of no
+    step counts under its first word)."""
     counts: dict[str, Counter] = defaultdict(Counter)
     for name, state in rows:
-        counts[step_of(name or "?")][str(state)] += 1
+        counts[step_of(name) or (name or "?").split(" ", 1)[0]][str(state)] += 1
     return {step: dict(c) for step, c in sorted(counts.items())}
