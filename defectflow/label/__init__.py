@@ -14,31 +14,16 @@ from typing import Any
 
 import numpy as np
 from jobflow import Flow, Response, job
-from pydantic import BaseModel, Field
 
 from defectflow.engines.jobs import single_point
 from defectflow.relax import frame_to_atoms, write_extxyz
-from defectflow.schemas import Frame, as_model, get_field
+from defectflow.schemas import BulkReference, Frame, LabelledSet, as_model, get_field
 from defectflow.steps import name_job
 from defectflow.store.tracking import tracked
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["LabelledSet", "BulkReference", "label_selected", "collect_labels", "bulk_reference", "hf_extxyz"]
-
-
-class LabelledSet(BaseModel):
-    """High-fidelity labels of the selected frames."""
-
-    fidelity: str = "high"
-    head: str = "hf"
-    n_requested: int = Field(description="Frames sent to the HF engine")
-    n_labelled: int = Field(description="Frames with a successful HF energy and forces")
-    failed: list[dict[str, Any]] = Field(default_factory=list, description="defect, charge, distortion, step, error")
-    per_group: dict[str, int] = Field(default_factory=dict, description="'defect q' → HF frames")
-    hf_seconds: float = Field(0.0, description="Sum of HF wall times in s")
-    frames: list[Frame] = Field(default_factory=list, description="The HF frames (data store)")
-    extxyz: str = Field("", description="HF frames as extxyz: REF_* = HF labels, LF_* = LF labels (data store)")
 
 
 def hf_extxyz(pairs: list[tuple[Frame, Frame, dict[str, Any]]], head: str = "hf") -> str:
@@ -95,21 +80,6 @@ def label_selected(selection, fidelity: dict[str, Any], fidelity_name: str = "hi
     collect = collect_labels([j.output for j in jobs], selection)
     name_job(collect, "collect_hf")
     return Response(replace=Flow([*jobs, collect], output=collect.output, name="single_hf"))
-
-
-class BulkReference(BaseModel):
-    """The pristine supercell at both fidelities: reference energies and (HF) band edges."""
-
-    natoms: int
-    energy_lf: float | None = Field(None, description="LF total energy of the bulk supercell in eV")
-    energy_hf: float | None = Field(None, description="HF total energy of the bulk supercell in eV")
-    vbm: float | None = Field(None, description="HF valence-band maximum in eV (HF engine's scale)")
-    cbm: float | None = Field(None, description="HF conduction-band minimum in eV")
-    band_gap: float | None = Field(None, description="HF band gap in eV (Γ-only supercell sampling unless set)")
-    vbm_lf: float | None = Field(None, description="LF valence-band maximum in eV, when reported")
-    band_gap_lf: float | None = Field(None, description="LF band gap in eV, when reported")
-    hf_seconds: float = Field(0.0, description="Wall seconds of the bulk HF single point")
-    errors: list[str] = Field(default_factory=list)
 
 
 @job

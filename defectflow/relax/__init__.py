@@ -28,7 +28,14 @@ from pydantic import BaseModel, Field
 
 from defectflow.engines import get_engine
 from defectflow.engines.base import safe_name
-from defectflow.schemas import Frame, RelaxTrajectory, Structure, as_model, as_structure
+from defectflow.schemas import (
+    DistortionSummary,
+    Frame,
+    RelaxRecord,
+    TrainingSet,
+    as_model,
+    as_structure,
+)
 from defectflow.store.tracking import tracked
 
 logger = logging.getLogger(__name__)
@@ -43,26 +50,6 @@ __all__ = [
     "harvest_training_set",
     "frames_to_extxyz",
 ]
-
-
-class RelaxRecord(BaseModel):
-    """Outcome of one relaxation of one distorted structure."""
-
-    defect: str = Field(description="Defect name without charge (v_Si), or 'bulk'")
-    charge: int = Field(description="Charge state q in e")
-    distortion: str = Field(description="ShakeNBreak label: Unperturbed, Bond_Distortion_-30.0%, Dimer, ...")
-    bond_distortion: float | None = Field(None, description="Bond distortion fraction, if any")
-    status: str = Field(description="converged | unconverged | failed")
-    error: str | None = None
-    n_steps: int = 0
-    energy: float | None = Field(None, description="Final energy in eV")
-    fmax: float | None = Field(None, description="Final max force in eV/Å")
-    wall_seconds: float = Field(0.0, description="Wall time in s")
-    engine: str
-    fidelity: str
-    settings_digest: str
-    final_structure: Structure | None = None
-    trajectory: RelaxTrajectory | None = Field(None, description="Every ionic step (stored in the data store)")
 
 
 @job(data="trajectory")
@@ -119,24 +106,6 @@ def relax_structure(
 # ---------------------------------------------------------------------------------------------------------------
 # per-(defect, q) summary
 # ---------------------------------------------------------------------------------------------------------------
-class DistortionSummary(BaseModel):
-    """Energy vs distortion for one (defect, q), ShakeNBreak style."""
-
-    defect: str
-    charge: int
-    energies: dict[str, float] = Field(description="Distortion label → final energy in eV (successful runs only)")
-    relative_energies: dict[str, float] = Field(description="Distortion label → energy relative to Unperturbed, eV")
-    status: dict[str, str] = Field(description="Distortion label → converged / unconverged / failed")
-    errors: dict[str, str] = Field(default_factory=dict, description="Distortion label → failure reason")
-    ground_state: str | None = Field(None, description="Lowest-energy distortion label (ShakeNBreak get_gs_distortion)")
-    energy_lowering: float | None = Field(None, description="E(ground state) − E(Unperturbed) in eV (≤ 0)")
-    energy_lowering_found: bool = Field(
-        False, description="True when a distortion lowers the energy by more than min_e_diff (ShakeNBreak: 0.05 eV)"
-    )
-    min_e_diff: float = 0.05
-    n_converged: int = 0
-    n_failed: int = 0
-    plot: str | None = Field(None, description="Path of the energy-vs-distortion PNG")
 
 
 def _snb_key(label: str, bond_distortion: float | None):
@@ -250,19 +219,6 @@ class HarvestFilter(BaseModel):
     )
     dedup_displacement: float = Field(0.02, ge=0, description="... and no atom moved more than this (Å)")
     keep_every: int = Field(1, ge=1, description="Keep every n-th step (first and last always kept)")
-
-
-class TrainingSet(BaseModel):
-    """Harvested frames of one fidelity, ready for mace-torch."""
-
-    fidelity: str
-    head: str = Field(description="MACE head name for these frames (lf / hf)")
-    n_frames: int
-    n_candidates: int = Field(description="Frames before filtering")
-    dropped: dict[str, int] = Field(description="Reason → number of frames dropped")
-    per_group: dict[str, int] = Field(description="'defect q' → frames kept")
-    charges: list[int]
-    extxyz: str = Field(description="The frames as extended XYZ text (stored in the data store)")
 
 
 def frame_to_atoms(frame: Frame, head: str, meta: dict[str, Any], fidelity: str | None = None,

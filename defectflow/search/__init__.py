@@ -24,51 +24,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, Field
 
-from defectflow.schemas import Structure
+from defectflow.schemas import Minimum, SearchResult, SearchStart
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["SearchStart", "Minimum", "SearchResult", "search_ground_state", "rattled_starts", "rmsd", "group_minima",
            "shortest_contact"]
-
-
-class SearchStart(BaseModel):
-    label: str = Field(description="ShakeNBreak label, or '<label>+rattle<k>' for an extra start")
-    bond_distortion: float | None = None
-    structure: Structure
-
-
-class Minimum(BaseModel):
-    """A distinct local minimum found by the surrogate."""
-
-    energy: float = Field(description="Surrogate energy in eV")
-    structure: Structure
-    labels: list[str] = Field(description="Starts that relaxed into this minimum")
-    relative_energy: float = Field(0.0, description="Energy above the lowest minimum in eV")
-
-
-class SearchResult(BaseModel):
-    """Surrogate search outcome for one (defect, q)."""
-
-    defect: str
-    charge: int
-    model: str = Field(description="What relaxed the starts (e.g. 'mace:hf', 'chgnet')")
-    n_starts: int
-    n_failed: int = 0
-    landscape: dict[str, float] = Field(description="Start label → final surrogate energy in eV")
-    unconverged: list[str] = Field(default_factory=list, description="Starts that hit the step limit")
-    rejected: dict[str, float] = Field(
-        default_factory=dict, description="Starts whose minimum was rejected as unphysical → its shortest "
-        "interatomic distance in Å (below min_distance_factor × covalent-radius sum)"
-    )
-    minima: list[Minimum] = Field(description="Distinct minima, lowest first")
-    ground_state: Minimum | None = None
-    ground_state_label: str | None = None
-    wall_seconds: float = 0.0
-    structures_per_second: float = Field(0.0, description="Relaxed starts per second of wall time")
-    plot: str | None = None
 
 
 def rmsd(a, b) -> float:

@@ -15,13 +15,19 @@ from pathlib import Path
 from typing import Any
 
 from jobflow import Flow, Response, job
-from pydantic import BaseModel, Field
 
 from defectflow.engines import get_engine
 from defectflow.label import hf_extxyz
-from defectflow.levels import LevelEntry, LevelsResult, compute_levels
+from defectflow.levels import LevelEntry, compute_levels
 from defectflow.relax import frames_to_extxyz
-from defectflow.schemas import Frame, Structure, as_model, as_structure, get_field
+from defectflow.schemas import (
+    CampaignResult,
+    GroundStateRecord,
+    Verification,
+    as_model,
+    as_structure,
+    get_field,
+)
 from defectflow.search import SearchResult, SearchStart, rattled_starts, rmsd, search_ground_state
 from defectflow.steps import name_job
 from defectflow.store.tracking import tracked
@@ -96,26 +102,6 @@ def baseline_search(defect: str, charge: int, starts: list[dict[str, Any]], sear
                                min_distance_factor=search_spec.get("min_distance_factor", 0.6))
 
 
-class Verification(BaseModel):
-    """High-fidelity check of one surrogate ground state."""
-
-    defect: str
-    charge: int
-    mode: str = Field(description="single_point or relax")
-    ground_state_label: str | None = Field(None, description="Start that led to the surrogate ground state")
-    structure: Structure | None = Field(None, description="Verified ground-state structure (HF-relaxed in relax mode)")
-    surrogate_energy: float | None = Field(None, description="Surrogate (HF head) energy in eV")
-    hf_energy: float | None = Field(None, description="HF energy in eV at the verified structure")
-    error_mev_per_atom: float | None = Field(None, description="|E_HF − E_surrogate| in meV/atom at the surrogate minimum")
-    agrees: bool = Field(False, description="error below verify.energy_threshold")
-    rmsd_to_hf_relaxed: float | None = Field(None, description="RMSD surrogate vs HF-relaxed ground state, Å")
-    rmsd_success: bool | None = Field(None, description="rmsd_to_hf_relaxed ≤ verify.rmsd_threshold")
-    hf_frame: Frame | None = Field(None, description="HF single point at the surrogate minimum")
-    lf_frame: Frame | None = Field(None, description="LF single point at the same geometry (top-up data)")
-    hf_seconds: float = 0.0
-    error: str | None = None
-
-
 @job(data=["hf_frame", "lf_frame"])
 @tracked("verify", engines=("high", "low"))
 def verify_ground_state(search, high: dict[str, Any], low: dict[str, Any], verify_spec: dict[str, Any]) -> Verification:
@@ -156,41 +142,6 @@ def verify_ground_state(search, high: dict[str, Any], low: dict[str, Any], verif
     if not v.agrees:
         v.lf_frame = get_engine(low, fidelity="low").single_point(gs, search.charge, workdir=Path.cwd() / (tag + "_lf"))
     return v
-
-
-class GroundStateRecord(BaseModel):
-    """Per (defect, q): what a user queries."""
-
-    defect: str
-    charge: int
-    ground_state_label: str | None = Field(None, description="ShakeNBreak start that led to the ground state")
-    structure: Structure | None = None
-    surrogate_energy: float | None = Field(None, description="eV")
-    hf_energy: float | None = Field(None, description="eV")
-    verification_error_mev_per_atom: float | None = None
-    rmsd_to_hf_relaxed: float | None = Field(None, description="Å (verify.mode: relax)")
-    n_minima: int = 0
-    landscape: dict[str, float] = Field(default_factory=dict, description="Start label → surrogate energy, eV")
-    landscape_plot: str | None = None
-    round: int | None = Field(None, description="Search round whose verified minimum this is: the lowest HF energy "
-                              "over all rounds is kept (a top-up round can make the surrogate worse)")
-    baseline_rmsd: float | None = Field(None, description="Foundation-model ground state vs this one, Å")
-    baseline_label: str | None = None
-
-
-class CampaignResult(BaseModel):
-    """Everything the campaign produced, in one document."""
-
-    campaign: str
-    ground_states: list[GroundStateRecord]
-    levels: LevelsResult | None = None
-    levels_error: str | None = None
-    rounds: list[dict[str, Any]] = Field(default_factory=list, description="Per verification round: disagreements")
-    model_comparison: list[dict[str, Any]] = Field(default_factory=list, description="Training metrics, main first")
-    hf_calls: int = Field(0, description="HF calculations: bulk + selected single points + verifications")
-    n_hf_selected: int = Field(0, description="Frames selected for HF single points (step 3)")
-    hf_seconds: float = Field(0.0, description="Wall seconds of the HF calculations counted in hf_calls")
-    plots: dict[str, str] = Field(default_factory=dict)
 
 
 @job

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from jobflow import job
 
+from defectflow.schemas import SelectedFrame, Selection, group_key
 from defectflow.select.base import (
     Candidate,
     GreedyStrategy,
@@ -34,7 +35,6 @@ from defectflow.select.base import (
     collect_candidates,
     group_candidates,
 )
-from defectflow.select.documents import SelectedFrame, Selection, group_key
 from defectflow.select.strategies import FPSStrategy, MinimaStrategy, StratifiedStrategy, soap_features
 from defectflow.store.tracking import tracked
 

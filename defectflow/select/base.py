@@ -20,8 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from defectflow.relax import RelaxRecord
-from defectflow.schemas import Frame, as_model
-from defectflow.select.documents import SelectedFrame, Selection, group_key
+from defectflow.schemas import Frame, SelectedFrame, Selection, as_model, group_key
 
 if TYPE_CHECKING:
     from defectflow.campaign import SelectionSpec

@@ -8,53 +8,17 @@ from pathlib import Path
 from typing import Any
 
 from jobflow import job
-from pydantic import BaseModel, Field
 
 from defectflow.campaign import MlipSpec
-from defectflow.schemas import as_model
+from defectflow.schemas import ComparisonRow, TrainingResult, as_model
 from defectflow.store.tracking import tracked
 from defectflow.train.data import read_frames
-from defectflow.train.metrics import Metrics, evaluate, plot_pca
+from defectflow.train.metrics import evaluate, plot_pca
 from defectflow.train.surrogate import TrainedModel, train_kind
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["ComparisonRow", "TrainingResult", "train_models", "train_job", "as_extxyz"]
-
-
-class ComparisonRow(BaseModel):
-    """One model's headline numbers, for the side-by-side ablation table."""
-
-    model: str = Field(description="main, no_charge, hf_only, lf_only")
-    kind: str = Field(description="multihead | delta | hf_only | lf_only")
-    charge_embedding: bool
-    hf_test_energy_rmse: float | None = Field(None, description="Held-out HF energy RMSE, meV/atom")
-    hf_test_energy_mae: float | None = Field(None, description="Held-out HF energy MAE, meV/atom")
-    hf_test_force_rmse: float | None = Field(None, description="Held-out HF force RMSE, meV/Å")
-    hf_test_force_mae: float | None = Field(None, description="Held-out HF force MAE, meV/Å")
-    lf_valid_energy_rmse: float | None = Field(None, description="LF validation energy RMSE (LF head), meV/atom")
-    lf_valid_force_rmse: float | None = Field(None, description="LF validation force RMSE (LF head), meV/Å")
-    pca_separation_ratio: dict[str, float] = Field(
-        default_factory=dict, description="Descriptor-PCA charge separation / spread per q pair (dimensionless)")
-    wall_seconds: float = Field(description="Training wall time, s")
-
-
-class TrainingResult(BaseModel):
-    """Output of the training step: the surrogate (``models['main']``), its ablations and their metrics."""
-
-    spec: dict[str, Any] = Field(description="MlipSpec used")
-    models: dict[str, TrainedModel] = Field(description="'main' and each ablation → trained model (bytes in the "
-                                                        "data store)")
-    metrics: dict[str, Metrics] = Field(description="Same keys → accuracy on held-out frames")
-    comparison: list[ComparisonRow] = Field(description="Side-by-side headline numbers, main first")
-    plots: dict[str, str] = Field(default_factory=dict, description="Plot name → PNG path")
-    n_lf_frames: int = Field(description="LF frames given")
-    n_hf_frames: int = Field(description="HF frames given")
-    wall_seconds: float = Field(description="Wall time of the whole step (training + evaluation), s")
-
-    @property
-    def main(self) -> TrainedModel:
-        return self.models["main"]
 
 
 _ABLATION_KIND = {"hf_only": "hf_only", "lf_only": "lf_only"}

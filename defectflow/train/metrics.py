@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, Field
 
 from defectflow.plotting import save_figure
+from defectflow.schemas import ErrorStats, Metrics, PCAResult, SetMetrics
 from defectflow.train.data import charge_label, charge_of, read_frames
 from defectflow.train.surrogate import TrainedModel, load_calculator, predict, torch_threads
 
@@ -27,58 +27,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["ErrorStats", "SetMetrics", "PCAResult", "Metrics", "error_stats", "evaluate", "descriptor_pca",
            "plot_parity", "plot_pca"]
-
-
-class ErrorStats(BaseModel):
-    """Errors of predictions against reference labels."""
-
-    n_frames: int = Field(description="Frames")
-    n_atoms: int = Field(description="Atoms over all frames")
-    energy_rmse: float = Field(description="Energy RMSE in meV/atom")
-    energy_mae: float = Field(description="Energy MAE in meV/atom")
-    force_rmse: float = Field(description="Force RMSE over Cartesian components in meV/Å")
-    force_mae: float = Field(description="Force MAE over Cartesian components in meV/Å")
-
-
-class SetMetrics(BaseModel):
-    """Errors on one set of frames, with the per-frame numbers the parity plot shows."""
-
-    dataset: str = Field(description="hf_test or lf_valid")
-    head: str = Field(description="Head used for the predictions (hf / lf)")
-    overall: ErrorStats
-    per_charge: dict[str, ErrorStats] = Field(description="Charge state q ('-1', '0', '+1') → errors")
-    charges: list[int] = Field(description="q of each frame, e")
-    n_atoms: list[int] = Field(description="Atoms of each frame")
-    energy_ref: list[float] = Field(description="Reference energy per frame, eV/atom")
-    energy_pred: list[float] = Field(description="Predicted energy per frame, eV/atom")
-
-
-class PCAResult(BaseModel):
-    """PCA of per-atom invariant MACE descriptors (all layers), coloured by the frame's q."""
-
-    n_atoms: int = Field(description="Atoms (points) in the PCA")
-    descriptor_dim: int = Field(description="Descriptor length per atom")
-    explained_variance_ratio: list[float] = Field(description="Fraction of the variance along PC1 and PC2")
-    centroids: dict[str, list[float]] = Field(description="q → centroid (PC1, PC2) of its atoms, descriptor units")
-    centroid_separation: dict[str, float] = Field(
-        description="'q1|q2' → distance between the two centroids in the PC1–PC2 plane, descriptor units")
-    separation_ratio: dict[str, float] = Field(
-        description="'q1|q2' → centroid distance / pooled RMS spread of the atoms about their centroids in the "
-        "PC1–PC2 plane (dimensionless; ≫ 1: charge states form separate clusters, ≈ 0: indistinguishable)")
-    descriptor_centroid_distance: dict[str, float] = Field(
-        description="'q1|q2' → distance between the per-q mean descriptors in the full descriptor space")
-
-
-class Metrics(BaseModel):
-    """Accuracy of one trained model (units in each field's description)."""
-
-    model: str = Field(description="Model label: main, no_charge, hf_only, lf_only")
-    kind: str = Field(description="multihead | delta | hf_only | lf_only")
-    charge_embedding: bool
-    hf_test: SetMetrics | None = Field(None, description="Held-out HF frames, HF prediction")
-    lf_valid: SetMetrics | None = Field(None, description="LF validation frames, LF head")
-    pca: PCAResult | None = Field(None, description="Descriptor PCA (paper Fig. 3a)")
-    plots: dict[str, str] = Field(default_factory=dict, description="Plot name → PNG path")
 
 
 def error_stats(e_pred, e_ref, n_atoms, f_pred, f_ref) -> ErrorStats:

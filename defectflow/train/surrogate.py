@@ -41,13 +41,14 @@ import time
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from ase.calculators.calculator import Calculator, all_changes
-from pydantic import BaseModel, Field
 
 from defectflow.campaign import MlipSpec
+from defectflow.schemas import ComponentRun, TrainedModel
+from defectflow.schemas.train import Kind
 from defectflow.train.data import (
     attach_lf_labels,
     delta_frames,
@@ -76,66 +77,10 @@ __all__ = [
 CHARGE_EMBEDDING_SPECS = (
     '{"total_charge": {"type": "categorical", "per": "graph", "num_classes": 21, "emb_dim": 8, "offset": 10}}'
 )
-Kind = Literal["multihead", "delta", "hf_only", "lf_only"]
 
 
 class TrainingError(RuntimeError):
     """mace_run_train failed; the message holds the command line and the tail of its log."""
-
-
-class ComponentRun(BaseModel):
-    """One ``mace_run_train`` run (one model file)."""
-
-    name: str = Field(description="Component name: main (multihead / single-head models), lf or delta (delta mode)")
-    heads: list[str] = Field(description="MACE heads of this model file")
-    command: str = Field(description="Exact command line (shell-quoted), run in `workdir`")
-    workdir: str = Field(description="Directory the command ran in (training files, logs, checkpoints)")
-    log_file: str = Field(description="Captured stdout+stderr of the command")
-    wall_seconds: float = Field(description="Wall time of the command in s (includes start-up and final evaluation)")
-    epochs: int = Field(description="Epochs run")
-    first_epoch_seconds: float | None = Field(
-        None, description="Wall time from training start to the end of epoch 0 in s (includes torch warm-up)")
-    seconds_per_epoch: float | None = Field(None, description="Median wall time per epoch after the first, in s")
-    n_train: dict[str, int] = Field(description="Head → training frames")
-    n_valid: dict[str, int] = Field(description="Head → validation frames")
-    batch_size: int = Field(description="Batch size used (the spec's, capped at the number of training frames)")
-    e0s: dict[str, dict[str, float]] = Field(
-        default_factory=dict, description="Head → {atomic number: E0 in eV} as fitted by mace ('average')")
-    model_sha256: str = Field(description="SHA-256 of the model file")
-
-
-class TrainedModel(BaseModel):
-    """A trained surrogate: its model file(s) as base64 text (kept in the jobflow ``data`` store) and provenance."""
-
-    label: str = Field(description="Name of this model: main, no_charge, hf_only or lf_only")
-    kind: Kind = Field(description="multihead | delta | hf_only | lf_only (module docstring)")
-    heads: list[str] = Field(description="Heads load_calculator accepts: lf, hf")
-    prediction_head: str = Field(description="Head that predicts the high fidelity (hf; lf for lf_only)")
-    charge_embedding: bool = Field(description="Conditioned on the total charge q")
-    embedding_readout: bool = Field(description="Charge-dependent energy readout used")
-    model_files: dict[str, str] = Field(
-        description="Component → mace model file (torch.save of the whole model, CPU tensors, float64), base64")
-    components: list[ComponentRun] = Field(description="The mace_run_train runs that produced the model files")
-    device: str = Field(description="Device trained on: cpu or cuda")
-    default_dtype: str = Field("float64", description="Floating-point precision of the model")
-    r_max: float = Field(description="Cutoff radius in Å")
-    split: dict[str, list[int]] = Field(
-        description="Indices into the input extxyz files: lf_train, lf_valid, hf_train, hf_valid, hf_test")
-    hf_test_extxyz: str = Field("", description="Held-out HF frames (extxyz text; REF_energy eV, REF_forces eV/Å)")
-    lf_valid_extxyz: str = Field("", description="LF validation frames (extxyz text)")
-    spec: dict[str, Any] = Field(description="The MlipSpec used (as a dict)")
-    mace_version: str = Field(description="mace-torch version")
-    wall_seconds: float = Field(description="Total training wall time in s")
-
-    @property
-    def commands(self) -> list[str]:
-        return [c.command for c in self.components]
-
-    def model_bytes(self, component: str = "main") -> bytes:
-        """The model file of one component as bytes."""
-        if component not in self.model_files:
-            raise KeyError(f"no model component {component!r}; available: {', '.join(self.model_files)}")
-        return base64.b64decode(self.model_files[component])
 
 
 # ---------------------------------------------------------------------------------------------------------------

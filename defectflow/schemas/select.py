@@ -1,4 +1,6 @@
-"""Output documents of the selection step (pydantic v2, stored by jobflow)."""
+"""Step 3a: the frames chosen for high-fidelity single points.
+
+Units follow ASE: energies in eV, forces in eV/Å, lengths in Å, times in s of wall clock."""
 
 from __future__ import annotations
 
@@ -6,14 +8,9 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from defectflow.schemas import Frame
+from defectflow.schemas.core import Frame, group_key
 
-__all__ = ["SelectedFrame", "Selection", "group_key"]
-
-
-def group_key(defect: str, charge: int) -> str:
-    """The '(defect, q)' group label used in every per-group count: ``'v_Si +1'`` (same as the harvest)."""
-    return f"{defect} {int(charge):+d}"
+__all__ = ["SelectedFrame", "Selection"]
 
 
 class SelectedFrame(BaseModel):

@@ -1,4 +1,4 @@
-"""Output documents shared by every step (pydantic v2, stored by jobflow).
+"""The documents every step shares: structures, frames, trajectories, the settings digest and the group key.
 
 Units follow ASE: energies in eV, forces in eV/Å, stress in eV/Å³ (Voigt order xx, yy, zz, yz, xz, xy,
 ASE sign convention: positive = tensile), lengths in Å, times in seconds of wall clock.
@@ -14,7 +14,8 @@ import numpy as np
 from pydantic import BaseModel, BeforeValidator, Field, PlainSerializer
 from pymatgen.core import Structure as _Structure
 
-__all__ = ["Frame", "RelaxTrajectory", "Structure", "as_model", "as_structure", "get_field", "settings_digest"]
+__all__ = ["Frame", "RelaxTrajectory", "Structure", "as_model", "as_structure", "get_field", "group_key",
+           "settings_digest"]
 
 
 def _as_structure(v: Any) -> Any:
@@ -33,6 +34,11 @@ def settings_digest(settings: dict[str, Any]) -> str:
     """Stable 12-hex-digit digest of a settings dictionary (key order does not matter)."""
     blob = json.dumps(settings, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def group_key(defect: str, charge: int) -> str:
+    """The '(defect, q)' key used everywhere a result is kept per group: ``'v_Si +1'``, ``'v_Si +0'``."""
+    return f"{defect} {int(charge):+d}"
 
 
 def as_model(cls, value):

@@ -1,0 +1,106 @@
+"""Step 5: surrogate searches, HF verifications and the campaign result.
+
+Units follow ASE: energies in eV, forces in eV/Å, lengths in Å, times in s of wall clock."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from defectflow.schemas.core import Frame, Structure
+from defectflow.schemas.levels import LevelsResult
+
+__all__ = ["SearchStart", "Minimum", "SearchResult", "Verification", "GroundStateRecord", "CampaignResult"]
+
+
+class SearchStart(BaseModel):
+    label: str = Field(description="ShakeNBreak label, or '<label>+rattle<k>' for an extra start")
+    bond_distortion: float | None = None
+    structure: Structure
+
+
+class Minimum(BaseModel):
+    """A distinct local minimum found by the surrogate."""
+
+    energy: float = Field(description="Surrogate energy in eV")
+    structure: Structure
+    labels: list[str] = Field(description="Starts that relaxed into this minimum")
+    relative_energy: float = Field(0.0, description="Energy above the lowest minimum in eV")
+
+
+class SearchResult(BaseModel):
+    """Surrogate search outcome for one (defect, q)."""
+
+    defect: str
+    charge: int
+    model: str = Field(description="What relaxed the starts (e.g. 'mace:hf', 'chgnet')")
+    n_starts: int
+    n_failed: int = 0
+    landscape: dict[str, float] = Field(description="Start label → final surrogate energy in eV")
+    unconverged: list[str] = Field(default_factory=list, description="Starts that hit the step limit")
+    rejected: dict[str, float] = Field(
+        default_factory=dict, description="Starts whose minimum was rejected as unphysical → its shortest "
+        "interatomic distance in Å (below min_distance_factor × covalent-radius sum)"
+    )
+    minima: list[Minimum] = Field(description="Distinct minima, lowest first")
+    ground_state: Minimum | None = None
+    ground_state_label: str | None = None
+    wall_seconds: float = 0.0
+    structures_per_second: float = Field(0.0, description="Relaxed starts per second of wall time")
+    plot: str | None = None
+
+
+class Verification(BaseModel):
+    """High-fidelity check of one surrogate ground state."""
+
+    defect: str
+    charge: int
+    mode: str = Field(description="single_point or relax")
+    ground_state_label: str | None = Field(None, description="Start that led to the surrogate ground state")
+    structure: Structure | None = Field(None, description="Verified ground-state structure (HF-relaxed in relax mode)")
+    surrogate_energy: float | None = Field(None, description="Surrogate (HF head) energy in eV")
+    hf_energy: float | None = Field(None, description="HF energy in eV at the verified structure")
+    error_mev_per_atom: float | None = Field(None, description="|E_HF − E_surrogate| in meV/atom at the surrogate minimum")
+    agrees: bool = Field(False, description="error below verify.energy_threshold")
+    rmsd_to_hf_relaxed: float | None = Field(None, description="RMSD surrogate vs HF-relaxed ground state, Å")
+    rmsd_success: bool | None = Field(None, description="rmsd_to_hf_relaxed ≤ verify.rmsd_threshold")
+    hf_frame: Frame | None = Field(None, description="HF single point at the surrogate minimum")
+    lf_frame: Frame | None = Field(None, description="LF single point at the same geometry (top-up data)")
+    hf_seconds: float = 0.0
+    error: str | None = None
+
+
+class GroundStateRecord(BaseModel):
+    """Per (defect, q): what a user queries."""
+
+    defect: str
+    charge: int
+    ground_state_label: str | None = Field(None, description="ShakeNBreak start that led to the ground state")
+    structure: Structure | None = None
+    surrogate_energy: float | None = Field(None, description="eV")
+    hf_energy: float | None = Field(None, description="eV")
+    verification_error_mev_per_atom: float | None = None
+    rmsd_to_hf_relaxed: float | None = Field(None, description="Å (verify.mode: relax)")
+    n_minima: int = 0
+    landscape: dict[str, float] = Field(default_factory=dict, description="Start label → surrogate energy, eV")
+    landscape_plot: str | None = None
+    round: int | None = Field(None, description="Search round whose verified minimum this is: the lowest HF energy "
+                              "over all rounds is kept (a top-up round can make the surrogate worse)")
+    baseline_rmsd: float | None = Field(None, description="Foundation-model ground state vs this one, Å")
+    baseline_label: str | None = None
+
+
+class CampaignResult(BaseModel):
+    """Everything the campaign produced, in one document."""
+
+    campaign: str
+    ground_states: list[GroundStateRecord]
+    levels: LevelsResult | None = None
+    levels_error: str | None = None
+    rounds: list[dict[str, Any]] = Field(default_factory=list, description="Per verification round: disagreements")
+    model_comparison: list[dict[str, Any]] = Field(default_factory=list, description="Training metrics, main first")
+    hf_calls: int = Field(0, description="HF calculations: bulk + selected single points + verifications")
+    n_hf_selected: int = Field(0, description="Frames selected for HF single points (step 3)")
+    hf_seconds: float = Field(0.0, description="Wall seconds of the HF calculations counted in hf_calls")
+    plots: dict[str, str] = Field(default_factory=dict)
