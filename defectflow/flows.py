@@ -22,7 +22,6 @@ known before anything runs; pass ``generation=`` to reuse an earlier :func:`~def
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,9 +31,12 @@ from defectflow.campaign import Campaign
 from defectflow.engines import get_engine
 from defectflow.engines.jobs import single_point
 from defectflow.generate import GenerationResult, generate
-from defectflow.label import bulk_reference
+from defectflow.label import bulk_reference, label_selected
 from defectflow.relax import HarvestFilter, harvest_training_set, relax_structure, summarize_distortions
+from defectflow.search.jobs import SearchContext, SearchGroup, baseline_search, shakenbreak_starts, start_search
+from defectflow.select import select_job
 from defectflow.steps import name_job
+from defectflow.train.jobs import train_job
 
 __all__ = ["DefectCampaignMaker", "record_generation"]
 
@@ -146,42 +148,31 @@ class DefectCampaignMaker(Maker):
         return flow
 
     def _steps_3_to_5(self, campaign, generation, jobs, relax_outputs, harvest, bulk_ref, high) -> dict[str, Any]:
-        from defectflow.label import label_selected
-        from defectflow.search.jobs import baseline_search, start_search, starts_payload
-        from defectflow.select import select_job
-        from defectflow.train.jobs import train_job
-
         plots = campaign.work_dir() / "plots"
-        sel = select_job(relax_outputs, campaign.selection.model_dump(mode="json"))
-        name_job(sel, "select")
-        lab = label_selected(sel.output, high, "high")
-        name_job(lab, "label_hf")  # replaced at run time by the "single_hf …" jobs + collect_hf
-        train = train_job(harvest.output, lab.output, campaign.mlip.model_dump(mode="json"), str(plots / "model"))
-        name_job(train, "train", "round", 0)
+        sel = name_job(select_job(relax_outputs, campaign.selection.model_dump(mode="json")), "select")
+        # replaced at run time by the "single_hf …" jobs + collect_hf
+        lab = name_job(label_selected(sel.output, high, "high"), "label_hf")
+        train = name_job(train_job(harvest.output.extxyz, lab.output.extxyz, campaign.mlip, str(plots / "model")),
+                         "train", "round", 0)
         jobs += [sel, lab, train]
-        starts = {f"{ds.defect} {ds.charge:+d}": starts_payload(ds) for ds in generation.distortion_sets}
+        groups = [SearchGroup(defect=ds.defect, charge=ds.charge, starts=shakenbreak_starts(ds),
+                              defect_entry=ds.defect_entry) for ds in generation.distortion_sets]
         baselines = []
         if campaign.search.foundation_baseline:
-            for ds in generation.distortion_sets:
-                b = baseline_search(ds.defect, ds.charge, starts[f"{ds.defect} {ds.charge:+d}"],
-                                    campaign.search.model_dump(mode="json"), campaign.search.foundation_baseline,
-                                    str(plots / "search"))
-                name_job(b, "baseline", ds.name, defect=ds.defect, charge=ds.charge)
+            for g in groups:
+                b = name_job(baseline_search(g.defect, g.charge, g.starts, campaign.search,
+                                             campaign.search.foundation_baseline, str(plots / "search")),
+                             "baseline", g.key, defect=g.defect, charge=g.charge)
                 jobs.append(b)
                 baselines.append(b.output)
-        context = {
-            "campaign": json.loads(campaign.model_dump_json()),
-            "round": 0,
-            "starts": starts,
-            "defect_entries": {f"{ds.defect} {ds.charge:+d}": ds.defect_entry for ds in generation.distortion_sets},
-            "plot_dir": str(plots / "search"),
-            "model_plot_dir": str(plots / "model"),
-            "bulk_structure": generation.bulk_supercell.to_json(),
-            "hf_calls": 1,  # the bulk HF single point
-            "history": [],
-        }
-        st = start_search(train.output, lab.output, harvest.output, bulk_ref.output, baselines, json.dumps(context))
-        name_job(st, "start_search")
+        context = SearchContext(
+            campaign=campaign.name, search=campaign.search, verify=campaign.verify, mlip=campaign.mlip,
+            levels=campaign.levels, fidelities=campaign.fidelities, seed=campaign.distortions.seed, groups=groups,
+            bulk_structure=generation.bulk_supercell, plot_dir=str(plots / "search"),
+            model_plot_dir=str(plots / "model"), hf_calls=1,  # the bulk HF single point
+        )
+        st = name_job(start_search(train.output, lab.output, harvest.output.extxyz, bulk_ref.output, baselines,
+                                   context), "start_search")
         jobs.append(st)
         return {"selection": sel.output, "hf_labels": lab.output, "training": train.output, "result": st.output}
 

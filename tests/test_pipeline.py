@@ -54,9 +54,9 @@ def test_every_charge_state_has_a_verified_ground_state(run):
 def test_top_up_round_was_recorded_and_run(run):
     _, r = run
     rounds = r.result.rounds
-    assert [x["round"] for x in rounds] == [0, 1]
-    assert rounds[0]["retrained"] is True and rounds[0]["disagreeing"]
-    assert rounds[1]["retrained"] is False  # max_rounds reached
+    assert [x.round for x in rounds] == [0, 1]
+    assert rounds[0].retrained is True and rounds[0].disagreeing
+    assert rounds[1].retrained is False  # max_rounds reached
 
 
 def test_final_ground_state_is_the_lowest_verified_hf_energy_of_any_round(run):

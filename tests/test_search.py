@@ -75,9 +75,11 @@ def test_chgnet_baseline_search_runs_offline(tmp_path):
     from defectflow.search.jobs import baseline_search
     from defectflow.store import make_store
 
-    starts = [{"label": "Unperturbed", "bond_distortion": None, "structure": cell().to_json()},
-              {"label": "Bond_Distortion_-30.0%", "bond_distortion": -0.3, "structure": cell(0.3).to_json()}]
-    job = baseline_search("v_Si", 0, starts, {"fmax": 0.1, "max_steps": 50}, "chgnet", str(tmp_path))
+    from defectflow.campaign import SearchSpec
+
+    starts = [SearchStart(label="Unperturbed", structure=cell()),
+              SearchStart(label="Bond_Distortion_-30.0%", bond_distortion=-0.3, structure=cell(0.3))]
+    job = baseline_search("v_Si", 0, starts, SearchSpec(fmax=0.1, max_steps=50), "chgnet", str(tmp_path))
     store = make_store("embedded", tmp_path)
     run_locally(job, store=store, create_folders=True, root_dir=str(tmp_path), log=False, ensure_success=True)
     store.connect()
@@ -86,7 +88,7 @@ def test_chgnet_baseline_search_runs_offline(tmp_path):
     assert set(res["landscape"]) == {"Unperturbed", "Bond_Distortion_-30.0%"}
     assert res["ground_state"]["energy"] == pytest.approx(min(res["landscape"].values()))
     with pytest.raises(ValueError, match="search.foundation_baseline: expected 'chgnet'"):
-        baseline_search.original("v_Si", 0, starts, {}, "mace_mp")
+        baseline_search.original("v_Si", 0, starts, SearchSpec(), "mace_mp")
 
 
 def test_collapsed_minimum_is_rejected_not_chosen():
@@ -116,8 +118,7 @@ def test_collapsed_minimum_is_rejected_not_chosen():
 def test_best_verified_keeps_the_lowest_hf_energy_over_rounds():
     """A top-up round can make the surrogate worse: the final ground state is the verified minimum with the lowest
     HF energy of any round, and a failed verification never replaces one that worked."""
-    import json
-
+    from defectflow.schemas import KeptGroundState
     from defectflow.search import SearchResult
     from defectflow.search.jobs import Verification, best_verified
 
@@ -129,12 +130,13 @@ def test_best_verified_keeps_the_lowest_hf_energy_over_rounds():
         return [v], [s]
 
     b0 = best_verified({}, *round_of(-10.0, 0.1), 0)
-    b0 = json.loads(json.dumps(b0))  # it travels as JSON in the next round's context
+    # it travels as JSON in the next round's context
+    b0 = {k: KeptGroundState.model_validate_json(v.model_dump_json()) for k, v in b0.items()}
     b1 = best_verified(b0, *round_of(-7.0, 0.2), 1)  # worse: round 0 kept
-    assert b1["v_Si +0"]["round"] == 0 and b1["v_Si +0"]["verification"]["hf_energy"] == -10.0
-    kept = Verification.model_validate(b1["v_Si +0"]["verification"])
+    assert b1["v_Si +0"].round == 0 and b1["v_Si +0"].verification.hf_energy == -10.0
+    kept = b1["v_Si +0"].verification
     assert rmsd(kept.structure, cell(0.1)) < 1e-8 and kept.ground_state_label == "L0.1"
     b2 = best_verified(b1, *round_of(-10.5, 0.3), 2)  # better: replaces
-    assert b2["v_Si +0"]["round"] == 2 and b2["v_Si +0"]["landscape"] == {"L0.3": -1.0}
+    assert b2["v_Si +0"].round == 2 and b2["v_Si +0"].landscape == {"L0.3": -1.0}
     b3 = best_verified(b2, *round_of(None, 0.4), 3)  # failed HF: never chosen
-    assert b3["v_Si +0"]["round"] == 2
+    assert b3["v_Si +0"].round == 2

@@ -84,7 +84,7 @@ def test_same_seed_same_selection_and_input_order_does_not_matter(xtb_records, s
     spec = SelectionSpec(strategy=strategy, budget=6, per_group_max=4, seed=7)
     a = select_frames(xtb_records, spec)
     b = select_frames(list(reversed(xtb_records)), spec)
-    c = select_frames([r.model_dump() for r in xtb_records], spec.model_dump())
+    c = select_frames(list(xtb_records), spec.model_dump())
     assert a.keys() == b.keys() == c.keys()
     assert [x.reason for x in a.chosen] == [x.reason for x in b.chosen]
 
@@ -125,7 +125,7 @@ def test_job_runs_in_jobflow_and_stores_frames_in_data_store(xtb_records):
     from maggma.stores import MemoryStore
 
     store = JobStore(MemoryStore(), additional_stores={"data": MemoryStore()})
-    j = select_job([r.model_dump(mode="json") for r in xtb_records], {"strategy": "fps", "budget": 3})
+    j = select_job(list(xtb_records), {"strategy": "fps", "budget": 3})
     run_locally(j, store=store, log=False)
     out = Selection.model_validate(store.query_one({"uuid": j.uuid}, load=True)["output"])
     assert out.n_chosen == 3 and sorted(out.per_group.values()) == [1, 2]

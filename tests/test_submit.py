@@ -218,7 +218,7 @@ def test_fireworks_runs_the_whole_graph(fireworks_run):
     status = status_of_submission(campaign.work_dir())  # reopens the recorded LaunchPad
     assert all(set(states) == {"COMPLETED"} for states in status.values()), status
     for step in ("generation", "bulk_lf", "bulk_hf", "relax_lf", "harvest_lf", "label_hf", "single_hf", "collect_hf",
-                 "train", "start", "search", "verify", "finalize"):
+                 "train", "start_search", "search", "verify", "finalize"):
         assert step in status, step
     assert status["relax_lf"]["COMPLETED"] == 4 and status["search"]["COMPLETED"] == 2
     assert submission_status(campaign.work_dir())["steps"] == status  # what `defectflow status` shows

@@ -337,8 +337,8 @@ def test_train_job_keeps_model_bytes_in_data_store(dataset, tmp_path):
     from defectflow.train import train_job
 
     lf, hf = dataset
-    spec = MlipSpec(**{**TINY, "max_epochs": 2}).model_dump()
-    j = train_job({"extxyz": lf, "n_frames": 0}, hf, spec, plot_dir=str(tmp_path / "plots"))
+    spec = MlipSpec(**{**TINY, "max_epochs": 2})
+    j = train_job(lf, hf, spec, plot_dir=str(tmp_path / "plots"))
     store = embedded_store(tmp_path / "store")
     run_locally(j, store=store, create_folders=True, root_dir=str(tmp_path / "jobs"), log=False)
     store.connect()

@@ -17,7 +17,7 @@ from jobflow import Flow, Response, job
 
 from defectflow.engines.jobs import single_point
 from defectflow.relax import frame_to_atoms, write_extxyz
-from defectflow.schemas import BulkReference, Frame, LabelledSet, as_model, get_field
+from defectflow.schemas import BulkReference, Frame, LabelledSet, Selection, group_key
 from defectflow.steps import name_job
 from defectflow.store.tracking import tracked
 
@@ -40,23 +40,21 @@ def hf_extxyz(pairs: list[tuple[Frame, Frame, dict[str, Any]]], head: str = "hf"
 
 @job(data=["frames", "extxyz"])
 @tracked("collect_hf", cache=False)
-def collect_labels(hf_frames: list[Frame], selection) -> LabelledSet:
+def collect_labels(hf_frames: list[Frame], selection: Selection) -> LabelledSet:
     """Pair every HF single point with its selected LF frame; record failures."""
-    chosen = get_field(selection, "chosen")
+    chosen = selection.chosen
     pairs, failed, per_group, seconds = [], [], {}, 0.0
     good = []
     for hf, sel in zip(hf_frames, chosen, strict=True):
-        hf = as_model(Frame, hf)
-        lf = get_field(sel, "frame")
-        lf = as_model(Frame, lf)
-        meta = {"defect": get_field(sel, "defect"), "distortion": get_field(sel, "distortion"), "step": get_field(sel, "step")}
+        lf = sel.frame
+        meta = {"defect": sel.defect, "distortion": sel.distortion, "step": sel.step}
         seconds += hf.wall_seconds
         if hf.energy is None or not hf.scf_converged or hf.forces is None or not np.all(np.isfinite(hf.forces_array)):
             failed.append({**meta, "charge": hf.charge, "error": hf.error or "SCF not converged"})
             continue
         pairs.append((hf, lf, meta))
         good.append(hf)
-        key = f"{meta['defect']} {hf.charge:+d}"
+        key = group_key(sel.defect, hf.charge)
         per_group[key] = per_group.get(key, 0) + 1
     if failed:
         logger.warning("%d of %d HF single points failed", len(failed), len(chosen))
@@ -66,16 +64,14 @@ def collect_labels(hf_frames: list[Frame], selection) -> LabelledSet:
 
 @job
 @tracked("label_hf", cache=False)
-def label_selected(selection, fidelity: dict[str, Any], fidelity_name: str = "high") -> Response:
+def label_selected(selection: Selection, fidelity: dict[str, Any], fidelity_name: str = "high") -> Response:
     """Replace this job by one HF single point per selected frame plus :func:`collect_labels`."""
     jobs = []
-    for sel in get_field(selection, "chosen"):
-        frame = get_field(sel, "frame")
-        frame = as_model(Frame, frame)
-        label = f"{get_field(sel, 'defect')}_{frame.charge:+d}_{get_field(sel, 'distortion')}_step{get_field(sel, 'step')}"
+    for sel in selection.chosen:
+        frame = sel.frame
+        label = f"{sel.defect}_{frame.charge:+d}_{sel.distortion}_step{sel.step}"
         j = single_point(frame.structure.to_json(), frame.charge, fidelity, fidelity_name, label=label)
-        name_job(j, "single_hf", label, defect=get_field(sel, "defect"), charge=frame.charge,
-                 distortion=get_field(sel, "distortion"))
+        name_job(j, "single_hf", label, defect=sel.defect, charge=frame.charge, distortion=sel.distortion)
         jobs.append(j)
     collect = collect_labels([j.output for j in jobs], selection)
     name_job(collect, "collect_hf")
@@ -86,8 +82,6 @@ def label_selected(selection, fidelity: dict[str, Any], fidelity_name: str = "hi
 @tracked("bulk_reference", cache=False)
 def bulk_reference(lf: Frame, hf: Frame) -> BulkReference:
     """Collect the bulk LF/HF single points into one reference document."""
-    lf = as_model(Frame, lf)
-    hf = as_model(Frame, hf)
     errors = [f"{name}: {f.error}" for name, f in (("low", lf), ("high", hf)) if f.error]
     return BulkReference(natoms=len(hf.structure), energy_lf=lf.energy, energy_hf=hf.energy, vbm=hf.vbm,
                          cbm=hf.cbm, band_gap=hf.band_gap, vbm_lf=lf.vbm, band_gap_lf=lf.band_gap,

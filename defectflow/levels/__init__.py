@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from defectflow.schemas import LevelEntry, LevelsResult, TransitionLevel
+from defectflow.schemas import LevelEntry, LevelsResult, TransitionLevel, group_key
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def compute_levels(
         de.bulk_entry = bulk_entry
         corr = image_charge_correction(e.structure, e.charge, eps) if scheme == "image_charge" else 0.0
         de.corrections = {"image_charge_correction": corr} if corr else {}
-        corrections[f"{e.defect} {e.charge:+d}"] = corr
+        corrections[group_key(e.defect, e.charge)] = corr
         doped_entries.append(de)
 
     # Chemical potentials (they shift formation energies, never CTLs): user values are absolute eV/atom
@@ -131,7 +131,7 @@ def compute_levels(
         ef_vbm = {}
         for e, de in zip(entries, doped_entries, strict=True):
             ef = thermo.get_formation_energy(de, fermi_level=0.0)
-            ef_vbm[f"{e.defect} {e.charge:+d}"] = float(ef)
+            ef_vbm[group_key(e.defect, e.charge)] = float(ef)
         plot = None
         if plot_dir is not None:
             plot = _plot(thermo, Path(plot_dir))

@@ -33,8 +33,8 @@ from defectflow.schemas import (
     Frame,
     RelaxRecord,
     TrainingSet,
-    as_model,
     as_structure,
+    group_key,
 )
 from defectflow.store.tracking import tracked
 
@@ -142,7 +142,6 @@ def summarize_distortions(
     """ShakeNBreak's ground-state distortion and energy-vs-distortion plot for one (defect, q)."""
     from shakenbreak.analysis import get_gs_distortion
 
-    records = [as_model(RelaxRecord, r) for r in records]
     energies = {r.distortion: r.energy for r in records if r.energy is not None and r.status != "failed"}
     status = {r.distortion: r.status for r in records}
     errors = {r.distortion: r.error for r in records if r.status == "failed" and r.error}
@@ -309,11 +308,10 @@ def harvest_training_set(
 ) -> TrainingSet:
     """Every ionic step of every relaxation → one extxyz training set (filtered, near-duplicates removed)."""
     flt = HarvestFilter.model_validate(harvest_filter or {})
-    records = [as_model(RelaxRecord, r) for r in records]
     kept, dropped, candidates = _filter(records, flt)
     per_group: dict[str, int] = {}
     for f, meta in kept:
-        key = f"{meta['defect']} {f.charge:+d}"
+        key = group_key(meta["defect"], f.charge)
         per_group[key] = per_group.get(key, 0) + 1
     logger.info("harvested %d of %d frames (%s)", len(kept), candidates, dropped)
     return TrainingSet(

@@ -6,12 +6,11 @@ engine or the campaign: documents are the lowest layer.
 """
 
 from defectflow.schemas.core import (
+    MSONDict,
     Frame,
     RelaxTrajectory,
     Structure,
-    as_model,
     as_structure,
-    get_field,
     group_key,
     settings_digest,
 )
@@ -22,7 +21,9 @@ from defectflow.schemas.relax import DistortionSummary, RelaxRecord, TrainingSet
 from defectflow.schemas.search import (
     CampaignResult,
     GroundStateRecord,
+    KeptGroundState,
     Minimum,
+    RoundRecord,
     SearchResult,
     SearchStart,
     Verification,
@@ -41,9 +42,9 @@ from defectflow.schemas.train import (
 
 __all__ = [
     "BulkReference", "CampaignResult", "ComparisonRow", "ComponentRun", "DistortedStructure", "DistortionSet",
-    "DistortionSummary", "ErrorStats", "Frame", "GenerationResult", "GroundStateRecord", "LabelledSet", "LevelEntry",
-    "LevelsResult", "Metrics", "Minimum", "PCAResult", "RelaxRecord", "RelaxTrajectory", "SearchResult",
+    "DistortionSummary", "ErrorStats", "Frame", "GenerationResult", "GroundStateRecord", "KeptGroundState", "LabelledSet", "LevelEntry",
+    "LevelsResult", "MSONDict", "Metrics", "Minimum", "PCAResult", "RelaxRecord", "RelaxTrajectory", "RoundRecord", "SearchResult",
     "SearchStart", "SelectedFrame", "Selection", "SetMetrics", "Structure", "TrainedModel", "TrainingResult",
-    "TrainingSet", "TransitionLevel", "Verification", "as_model", "as_structure", "get_field", "group_key",
+    "TrainingSet", "TransitionLevel", "Verification", "as_structure", "group_key",
     "settings_digest",
 ]

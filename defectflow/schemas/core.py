@@ -14,8 +14,7 @@ import numpy as np
 from pydantic import BaseModel, BeforeValidator, Field, PlainSerializer
 from pymatgen.core import Structure as _Structure
 
-__all__ = ["Frame", "RelaxTrajectory", "Structure", "as_model", "as_structure", "get_field", "group_key",
-           "settings_digest"]
+__all__ = ["MSONDict", "Frame", "RelaxTrajectory", "Structure", "as_structure", "group_key", "settings_digest"]
 
 
 def _as_structure(v: Any) -> Any:
@@ -30,6 +29,15 @@ Structure = Annotated[
 ]
 
 
+def _mson_as_dict(v: Any) -> Any:
+    return v.as_dict() if hasattr(v, "as_dict") else v
+
+
+#: An MSONable object kept as its ``as_dict()`` (a doped DefectEntry, ...): jobflow decodes such dicts back into
+#: objects when it hands them to a job, so the field accepts the object too.
+MSONDict = Annotated[dict[str, Any], BeforeValidator(_mson_as_dict)]
+
+
 def settings_digest(settings: dict[str, Any]) -> str:
     """Stable 12-hex-digit digest of a settings dictionary (key order does not matter)."""
     blob = json.dumps(settings, sort_keys=True, default=str).encode()
@@ -39,18 +47,6 @@ def settings_digest(settings: dict[str, Any]) -> str:
 def group_key(defect: str, charge: int) -> str:
     """The '(defect, q)' key used everywhere a result is kept per group: ``'v_Si +1'``, ``'v_Si +0'``."""
     return f"{defect} {int(charge):+d}"
-
-
-def as_model(cls, value):
-    """``cls`` instance from an instance or its dict (jobflow hands job outputs to jobs in either form)."""
-    return cls.model_validate(value) if isinstance(value, dict) else value
-
-
-def get_field(obj: Any, key: str, default: Any = None) -> Any:
-    """``obj[key]`` for a dict, ``obj.key`` otherwise (a document or its dict), ``default`` when absent."""
-    if obj is None:
-        return default
-    return obj.get(key, default) if isinstance(obj, dict) else getattr(obj, key, default)
 
 
 def as_structure(value: Any) -> _Structure:

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from defectflow.schemas.core import Structure
+from defectflow.schemas.core import MSONDict, Structure
 
 __all__ = ["DistortedStructure", "DistortionSet", "GenerationResult"]
 
@@ -31,7 +31,7 @@ class DistortionSet(BaseModel):
     distorted_atoms: list[int] = Field(default_factory=list, description="Indices of the distorted neighbours")
     rattle_stdev: float | None = Field(None, description="Rattle standard deviation used, in Å")
     structures: list[DistortedStructure]
-    defect_entry: dict[str, Any] | None = Field(
+    defect_entry: MSONDict | None = Field(
         None, description="doped DefectEntry (as_dict) for this charge state, for the levels step"
     )
 

@@ -4,18 +4,11 @@ Units follow ASE: energies in eV, forces in eV/Å, lengths in Å, times in s of 
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from pydantic import BaseModel, Field
 
-from pydantic import BaseModel, BeforeValidator, Field
-
-from defectflow.schemas.core import Structure
+from defectflow.schemas.core import MSONDict, Structure
 
 __all__ = ["LevelEntry", "TransitionLevel", "LevelsResult"]
-
-
-def _as_dict(v: Any) -> Any:
-    """jobflow decodes MSONable dicts into objects when a job runs: accept the DefectEntry itself too."""
-    return v.as_dict() if hasattr(v, "as_dict") else v
 
 
 class LevelEntry(BaseModel):
@@ -25,7 +18,7 @@ class LevelEntry(BaseModel):
     charge: int
     energy: float = Field(description="High-fidelity total energy of the defect supercell in eV")
     structure: Structure = Field(description="Ground-state structure")
-    defect_entry: Annotated[dict[str, Any], BeforeValidator(_as_dict)] = Field(
+    defect_entry: MSONDict = Field(
         description="doped DefectEntry (or its as_dict) from the generation step"
     )
 

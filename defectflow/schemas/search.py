@@ -11,7 +11,8 @@ from pydantic import BaseModel, Field
 from defectflow.schemas.core import Frame, Structure
 from defectflow.schemas.levels import LevelsResult
 
-__all__ = ["SearchStart", "Minimum", "SearchResult", "Verification", "GroundStateRecord", "CampaignResult"]
+__all__ = ["SearchStart", "Minimum", "SearchResult", "Verification", "KeptGroundState", "RoundRecord",
+           "GroundStateRecord", "CampaignResult"]
 
 
 class SearchStart(BaseModel):
@@ -71,6 +72,26 @@ class Verification(BaseModel):
     error: str | None = None
 
 
+class KeptGroundState(BaseModel):
+    """Per (defect, q), the verified surrogate minimum with the lowest HF energy over the rounds so far."""
+
+    round: int = Field(description="Search round whose minimum this is")
+    n_minima: int = Field(description="Distinct minima of that round's search")
+    landscape: dict[str, float] = Field(description="Start label → surrogate energy of that round's search, eV")
+    plot: str | None = Field(None, description="That search's landscape PNG")
+    verification: Verification = Field(description="Its HF verification (without the HF/LF frames)")
+
+
+class RoundRecord(BaseModel):
+    """What one search-and-verify round found."""
+
+    round: int
+    errors_mev_per_atom: dict[str, float | None] = Field(
+        description="'defect q' → |E_HF − E_surrogate| at the surrogate ground state, meV/atom")
+    disagreeing: list[str] = Field(description="'defect q' groups above verify.energy_threshold (with an LF frame)")
+    retrained: bool = Field(description="Whether a top-up round followed")
+
+
 class GroundStateRecord(BaseModel):
     """Per (defect, q): what a user queries."""
 
@@ -98,7 +119,7 @@ class CampaignResult(BaseModel):
     ground_states: list[GroundStateRecord]
     levels: LevelsResult | None = None
     levels_error: str | None = None
-    rounds: list[dict[str, Any]] = Field(default_factory=list, description="Per verification round: disagreements")
+    rounds: list[RoundRecord] = Field(default_factory=list, description="Per verification round: disagreements")
     model_comparison: list[dict[str, Any]] = Field(default_factory=list, description="Training metrics, main first")
     hf_calls: int = Field(0, description="HF calculations: bulk + selected single points + verifications")
     n_hf_selected: int = Field(0, description="Frames selected for HF single points (step 3)")

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from defectflow.relax import RelaxRecord
-from defectflow.schemas import Frame, SelectedFrame, Selection, as_model, group_key
+from defectflow.schemas import Frame, SelectedFrame, Selection, group_key
 
 if TYPE_CHECKING:
     from defectflow.campaign import SelectionSpec
@@ -73,7 +73,7 @@ def collect_candidates(records: list[RelaxRecord | dict]) -> tuple[list[Candidat
     are skipped with a warning. Returns the candidates and the warnings.
     """
     warnings: list[str] = []
-    recs = [as_model(RelaxRecord, r) for r in records]
+    recs = list(records)
     # canonical order: the selection must not depend on the order in which jobs finished
     order = sorted(range(len(recs)), key=lambda i: (recs[i].defect, recs[i].charge, recs[i].distortion, i))
     out: list[Candidate] = []

@@ -13,7 +13,7 @@ Multi-fidelity modes, E0 handling and the extxyz keys are documented in :mod:`de
 """
 
 from defectflow.train.data import LF_ENERGY_KEY, LF_FORCES_KEY, attach_lf_labels, delta_frames, split_frames
-from defectflow.train.jobs import ComparisonRow, TrainingResult, as_extxyz, train_job, train_models
+from defectflow.train.jobs import ComparisonRow, TrainingResult, train_job, train_models
 from defectflow.train.metrics import ErrorStats, Metrics, PCAResult, SetMetrics, evaluate
 from defectflow.train.surrogate import (
     CHARGE_EMBEDDING_SPECS,
@@ -41,7 +41,6 @@ __all__ = [
     "TrainedModel",
     "TrainingError",
     "TrainingResult",
-    "as_extxyz",
     "attach_lf_labels",
     "delta_frames",
     "evaluate",

@@ -10,7 +10,7 @@ from typing import Any
 from jobflow import job
 
 from defectflow.campaign import MlipSpec
-from defectflow.schemas import ComparisonRow, TrainingResult, as_model
+from defectflow.schemas import ComparisonRow, TrainingResult
 from defectflow.store.tracking import tracked
 from defectflow.train.data import read_frames
 from defectflow.train.metrics import evaluate, plot_pca
@@ -18,13 +18,13 @@ from defectflow.train.surrogate import TrainedModel, train_kind
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ComparisonRow", "TrainingResult", "train_models", "train_job", "as_extxyz"]
+__all__ = ["ComparisonRow", "TrainingResult", "train_models", "train_job"]
 
 
 _ABLATION_KIND = {"hf_only": "hf_only", "lf_only": "lf_only"}
 
 
-def train_models(lf_extxyz: str, hf_extxyz: str, spec: MlipSpec | dict, workdir: str | Path,
+def train_models(lf_extxyz: str, hf_extxyz: str, spec: MlipSpec, workdir: str | Path,
                  plot_dir: str | Path | None = None) -> TrainingResult:
     """Train the surrogate (``spec.multi_fidelity``) and each of ``spec.ablations`` on the same split; evaluate all.
 
@@ -34,7 +34,6 @@ def train_models(lf_extxyz: str, hf_extxyz: str, spec: MlipSpec | dict, workdir:
     Plots (``plot_dir``): ``parity_<model>.png``, ``pca_<model>.png`` and, with ``no_charge``,
     ``pca_charge_embedding.png`` (charge-embedded vs not, side by side: the paper's Fig. 3a).
     """
-    spec = as_model(MlipSpec, spec)
     t0 = time.perf_counter()
     workdir = Path(workdir)
     models: dict[str, TrainedModel] = {"main": train_kind(lf_extxyz, hf_extxyz, spec, workdir / "main",
@@ -82,33 +81,14 @@ def train_models(lf_extxyz: str, hf_extxyz: str, spec: MlipSpec | dict, workdir:
     )
 
 
-def as_extxyz(value: Any) -> str:
-    """extxyz text from a TrainingSet (document or dict with 'extxyz'), a list of them, or text."""
-    if value is None:
-        return ""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, (list, tuple)):
-        return "".join(as_extxyz(v) for v in value)
-    if isinstance(value, dict) and "extxyz" in value:
-        return value["extxyz"]
-    if hasattr(value, "extxyz"):
-        return value.extxyz
-    raise TypeError(f"expected extxyz text or a TrainingSet, got {type(value).__name__}")
-
-
 @job(data=["model_files", "hf_test_extxyz", "lf_valid_extxyz"])
 @tracked("train", ignore=("plot_dir",))
-def train_job(lf_training_set, hf_frames_extxyz, spec_dict: dict[str, Any] | None = None,
-              plot_dir: str | None = None) -> TrainingResult:
+def train_job(lf_extxyz: str, hf_extxyz: str, spec: MlipSpec, plot_dir: str | None = None) -> TrainingResult:
     """Train the surrogate and ablations in the job's directory; model bytes and extxyz go to the ``data`` store.
 
-    ``lf_training_set``: the LF :class:`~defectflow.relax.TrainingSet` (or its dict, or extxyz text);
-    ``hf_frames_extxyz``: HF frames as extxyz text (or a TrainingSet / list of them); for delta learning they need
-    ``LF_energy``/``LF_forces`` or matching LF frames. ``plot_dir``: where PNGs go (default: ``plots`` in the job
-    directory).
+    ``lf_extxyz``/``hf_extxyz``: the LF and HF training frames as extxyz text (the harvest's and the HF labels'
+    ``extxyz`` fields); for delta learning the HF frames need ``LF_energy``/``LF_forces`` or matching LF frames.
+    ``plot_dir``: where PNGs go (default: ``plots`` in the job directory).
     """
-    spec = MlipSpec.model_validate(spec_dict or {})
     plot_dir = plot_dir or str(Path.cwd() / "plots")
-    return train_models(as_extxyz(lf_training_set), as_extxyz(hf_frames_extxyz), spec, Path.cwd() / "train",
-                        plot_dir=plot_dir)
+    return train_models(lf_extxyz, hf_extxyz, spec, Path.cwd() / "train", plot_dir=plot_dir)
