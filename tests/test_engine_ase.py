@@ -123,3 +123,42 @@ def test_tblite_reports_band_edges_for_bulk_si(tmp_path):
     # GFN2-xTB, 64-atom Si at Γ: a gap of ~1.7 eV (xTB is not DFT; this checks the edges are real levels)
     assert 0.5 < f.band_gap < 3.0
     assert -12.0 < f.vbm < -3.0  # vacuum-referenced xTB levels
+
+
+def test_band_edges_one_definition_for_every_engine():
+    """defectflow.engines.outputs.band_edges: what QE's, CP2K's and the ASE engine's parsers all decide with."""
+    from defectflow.engines.outputs import band_edges
+
+    levels = [-5.0, 1.0, 2.0, 3.0]
+    assert band_edges(levels, [2, 2, 0.1, 0], 2.0) == (1.0, 2.0)  # restricted: half = 1
+    assert band_edges(levels, [1, 1, 0.6, 0], 1.0) == (2.0, 3.0)  # a level more than half filled is occupied
+    assert band_edges(levels, [2, 1, 1, 0], [2, 2, 1, 1]) == (2.0, 3.0)  # a full occupation per level
+    nan = float("nan")
+    assert band_edges(levels, [nan] * 4, 1.0, reference=1.5) == (1.0, 2.0)  # unprinted: below the Fermi level
+    assert band_edges(levels, [1, nan, nan, 0], 1.0) == (None, None)  # unprinted, no reference
+    assert band_edges(levels, [1, 1, 1, 1], 1.0) == (3.0, None)  # no empty level computed
+    assert band_edges([], [], 1.0) == (None, None)
+
+
+class Interrupted(Calculator):
+    """Ctrl-C arriving during the calculation."""
+
+    implemented_properties = ["energy", "forces"]
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        raise KeyboardInterrupt
+
+
+def test_close_calculator_runs_when_interrupted(tmp_path, monkeypatch):
+    """close_calculator (which ends e.g. cp2k_shell and its MPI ranks) runs in a finally block: also for a
+    KeyboardInterrupt, which is not recorded as a failure but re-raised."""
+    from defectflow.engines.ase import AseEngine
+
+    closed = []
+    monkeypatch.setattr(AseEngine, "close_calculator", lambda self, calc: closed.append(type(calc).__name__))
+    engine = get_engine({"engine": "ase", "calculator": f"{__name__}.Interrupted"})
+    with pytest.raises(KeyboardInterrupt):
+        engine.single_point(si_vac15(), 0, tmp_path / "sp")
+    with pytest.raises(KeyboardInterrupt):
+        engine.relax(si_vac15(), 0, tmp_path / "relax", max_steps=3)
+    assert closed == ["Interrupted", "Interrupted"]

@@ -11,7 +11,10 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -288,3 +291,63 @@ def test_unconverged_scf_is_recorded_not_raised(tmp_path):
     f = traj.frames[0]
     assert not f.scf_converged and "max_scf=3" in f.error and math.isfinite(f.energy)
     assert _children() == []
+
+
+# -- interrupts ----------------------------------------------------------------------------------------------
+def test_shell_command_starts_its_own_session(tmp_path):
+    eng = CP2KEngine({"mpi_procs": 2})
+    if shutil.which("mpirun") is None or not HAVE_CP2K:
+        pytest.skip("needs mpirun and cp2k_shell")
+    cmd = eng.shell_command(tmp_path / "a dir")
+    assert cmd.startswith(f"cd '{tmp_path / 'a dir'}' && echo $$ > cp2k_shell.pid && exec ")
+    if shutil.which("setsid"):
+        assert " ".join(cmd.split(" && exec ")[1].split()[:3]) == f"{shutil.which('setsid')} env OMP_NUM_THREADS=1"
+
+
+_INTERRUPT_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+from conftest import si_vacancy
+from defectflow.engines.cp2k import CP2KEngine
+
+CP2KEngine({settings!r}).single_point(si_vacancy(), -1, "run")
+print("FINISHED", flush=True)
+"""
+
+
+@needs_cp2k
+@pytest.mark.dft
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_sigint_ends_cp2k_shell_and_ranks(tmp_path):
+    """Ctrl-C while cp2k_shell computes (q = -1, UKS, ~20 s): the engine's ``finally`` ends the shell, mpirun and
+    both ranks (checked by the pids, groups and sessions recorded before the signal)."""
+    from test_engine_qe import _descendants, _proc_table, _survivors
+
+    script = tmp_path / "run.py"
+    script.write_text(_INTERRUPT_SCRIPT.format(tests=str(Path(__file__).resolve().parent), settings=FAST))
+    with open(tmp_path / "script.out", "w") as out:
+        proc = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
+                                env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            recorded = _descendants(proc.pid, _proc_table())
+            if sum(info["comm"].startswith("cp2k_shell") for info in recorded.values()) >= FAST["mpi_procs"]:
+                break
+            assert proc.poll() is None, (tmp_path / "script.out").read_text()
+            assert time.monotonic() < deadline, "cp2k_shell did not start"
+            time.sleep(0.1)
+        time.sleep(2.0)  # the SCF is running
+        recorded = _descendants(proc.pid, _proc_table())
+        (leader,) = [pid for pid, info in recorded.items() if info["ppid"] == proc.pid]
+        if shutil.which("setsid"):
+            assert {info["sid"] for info in recorded.values()} == {leader} != {os.getsid(proc.pid)}
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) != 0
+        text = (tmp_path / "script.out").read_text()
+        assert "KeyboardInterrupt" in text and "FINISHED" not in text
+        assert _survivors(recorded) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

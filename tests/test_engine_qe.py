@@ -1,20 +1,29 @@
-"""Quantum ESPRESSO engine: input generation and pseudopotential choice (no pw.x), and real pw.x runs (dft).
+"""Quantum ESPRESSO engine: input generation and pseudopotential choice (no pw.x), the child-process module
+(:mod:`defectflow.engines.process`), and real pw.x runs (dft).
 
 The pw.x runs use the 7-atom Si vacancy cell at ecutwfc = 20 Ry, Γ only, Fermi–Dirac 0.002 Ry: a test setting
-that converges for q = 0 and q = -1 (PBE) and for HSE06 in a few seconds on 2 cores.
+that converges for q = 0 and q = -1 (PBE) and for HSE06 in a few seconds on 2 cores. The interrupt test runs the
+benchmark reference's setting (15-atom cell, 2×2×2 k-points, 18 Ry) and kills it after a few seconds.
 """
 
 from __future__ import annotations
 
 import functools
+import io
 import math
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import have, si_conventional, si_vacancy
+from ase.io.espresso import read_fortran_namelist
+from conftest import have, si_conventional, si_vac15, si_vacancy
 from pymatgen.core import Lattice, Structure
 
 from defectflow.engines.base import EngineError
@@ -75,6 +84,30 @@ def _namelist_value(text: str, key: str) -> str | None:
     return m.group(1).strip() if m else None
 
 
+def _read_pw_input(text: str) -> tuple[dict[str, dict], dict]:
+    """(namelists as read by ASE's Fortran-namelist reader, the cards: species, cell Å, positions Å, k-points)."""
+    namelists, card_lines = read_fortran_namelist(io.StringIO(text))
+    cards: dict = {"species": [], "cell": [], "positions": [], "symbols": [], "k_points": None, "units": {}}
+    card = None
+    for line in card_lines:
+        tokens = line.split()
+        if tokens[0].upper() in ("ATOMIC_SPECIES", "CELL_PARAMETERS", "ATOMIC_POSITIONS", "K_POINTS"):
+            card = tokens[0].upper()
+            cards["units"][card] = tokens[1].lower() if len(tokens) > 1 else None
+            if card == "K_POINTS":
+                cards["k_points"] = [cards["units"][card]]
+        elif card == "ATOMIC_SPECIES":
+            cards["species"].append((tokens[0], float(tokens[1]), tokens[2]))
+        elif card == "CELL_PARAMETERS":
+            cards["cell"].append([float(x) for x in tokens])
+        elif card == "ATOMIC_POSITIONS":
+            cards["symbols"].append(tokens[0])
+            cards["positions"].append([float(x) for x in tokens[1:4]])
+        elif card == "K_POINTS":
+            cards["k_points"] += [int(x) for x in tokens]
+    return {name: dict(entries) for name, entries in namelists.items()}, cards
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Input generation (no pw.x)
 # ------------------------------------------------------------------------------------------------------------
@@ -98,8 +131,9 @@ def test_input_charge_and_spin_auto():
         assert _namelist_value(text, "occupations") == "'smearing'"
         assert _namelist_value(text, "smearing") == "'fd'"
         assert _namelist_value(text, "input_dft") is None
-        assert "K_POINTS gamma" in text
-        assert "Si 28.085500 Si.pbe-rrkj.UPF" in text
+        cards = _read_pw_input(text)[1]
+        assert cards["k_points"] == ["gamma"]
+        assert cards["species"] == [("Si", 28.0855, "Si.pbe-rrkj.UPF")]  # amu
 
 
 def test_input_spin_forced():
@@ -138,7 +172,7 @@ def test_input_relax_thresholds_and_extras():
     assert _namelist_value(text, "wfc_extrapolation") == "'second_order'"
     assert _namelist_value(text, "nbnd") == "40"
     assert _namelist_value(text, "mixing_beta") == "0.2"
-    assert "K_POINTS automatic\n  2 2 2 0 0 0" in text
+    assert _read_pw_input(text)[1]["k_points"] == ["automatic", 2, 2, 2, 0, 0, 0]
     with pytest.raises(EngineError, match="unknown namelist"):
         make_pw_input(_si7(), 0, QESettings(input_data={"cell": {}}, **FAST), _si_pseudos())
 
@@ -266,6 +300,86 @@ def test_input_lda():
     assert _namelist_value(text, "exxdiv_treatment") is None
 
 
+# The frozen DFT reference (benchmarks/reference.py, benchmarks/presets/reference.yaml) was computed with the
+# hand-written namelist writer that ASE's writer replaced. These are the namelists that writer produced for the
+# reference's settings (read back with ASE's Fortran-namelist reader): the pw.x input must stay physically the same.
+REFERENCE = {"engine": "qe", "xc": "PBE", "ecutwfc": 18.0, "kpts": [2, 2, 2], "conv_thr": 1e-6, "mpi_procs": 2}
+_PSEUDO_DIR = "/usr/share/espresso/pseudo"
+_CONTROL_RELAX = {
+    "calculation": "relax", "prefix": "pwscf", "outdir": "./out", "pseudo_dir": _PSEUDO_DIR,
+    "tprnfor": True, "tstress": True, "verbosity": "high",
+    "forc_conv_thr": 0.0011227676078560645,  # 0.05 eV/Å / √3 in Ry/bohr
+    "etot_conv_thr": 1e-4, "nstep": 100,
+}
+_SYSTEM_Q1 = {  # 15 Si × 4 − 1 = 59 valence electrons: odd → nspin 2, 1 μB start (1/59), nbnd 30 + 4
+    "ibrav": 0, "nat": 15, "ntyp": 1, "ecutwfc": 18.0, "tot_charge": 1.0, "nbnd": 34,
+    "occupations": "smearing", "smearing": "fd", "degauss": 0.002,
+    "nspin": 2, "starting_magnetization(1)": 0.016949,
+}
+_ELECTRONS = {"conv_thr": 1e-6, "mixing_beta": 0.4, "electron_maxstep": 100}
+_IONS = {"ion_dynamics": "bfgs", "wfc_extrapolation": "second_order", "pot_extrapolation": "second_order"}
+_HYBRID = {"input_dft": "hse", "nqx1": 1, "nqx2": 1, "nqx3": 1, "exxdiv_treatment": "gygi-baldereschi",
+           "x_gamma_extrapolation": True, "ecutfock": 36.0}
+FROZEN_INPUTS = {
+    # (xc, calculation, UPF file): namelists
+    "a: reference PBE relax": ("PBE", "relax", "Si.pbe-rrkj.UPF",
+                               {"control": _CONTROL_RELAX, "system": _SYSTEM_Q1, "electrons": _ELECTRONS,
+                                "ions": _IONS}),
+    "b: LDA relax": ("LDA", "relax", "Si.pz-vbc.UPF",
+                     {"control": _CONTROL_RELAX, "system": {**_SYSTEM_Q1, "input_dft": "pz"},
+                      "electrons": _ELECTRONS, "ions": _IONS}),
+    "c: HSE06 single point": ("HSE06", "scf", "Si.pbe-rrkj.UPF",
+                              {"control": {k: v for k, v in _CONTROL_RELAX.items()
+                                           if k not in ("forc_conv_thr", "etot_conv_thr", "nstep")}
+                               | {"calculation": "scf"},
+                               "system": {**_SYSTEM_Q1, **_HYBRID}, "electrons": _ELECTRONS}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FROZEN_INPUTS))
+def test_reference_inputs_unchanged(case):
+    """q = +1, 15-atom Si vacancy cell, the reference's settings (relax: fmax 0.05 eV/Å, 100 steps): every
+    namelist key and value as the frozen reference's pw.x inputs had them, and the same cards."""
+    xc, calculation, upf, expected = FROZEN_INPUTS[case]
+    s = si_vac15()
+    pseudos = {"Si": UPFInfo(path=Path(upf), element="Si", pseudo_type="NC", functional=xc, z_valence=4.0)}
+    settings = QESettings(**{**REFERENCE, "xc": xc})
+    text = make_pw_input(s, 1, settings, pseudos, calculation, _PSEUDO_DIR, "./out", fmax=0.05, max_steps=100)
+    namelists, cards = _read_pw_input(text)
+    assert namelists == expected
+    assert namelists["control"].get("forc_conv_thr", 0.0011227676078560645) == pytest.approx(
+        0.05 / math.sqrt(3) / RY_PER_BOHR_IN_EV_PER_ANG, rel=1e-15
+    )
+    assert cards["species"] == [("Si", 28.0855, upf)]  # amu (pymatgen's mass, as before)
+    assert cards["units"]["CELL_PARAMETERS"] == cards["units"]["ATOMIC_POSITIONS"] == "angstrom"
+    assert cards["symbols"] == ["Si"] * 15
+    np.testing.assert_allclose(cards["cell"], s.lattice.matrix, rtol=0, atol=1e-9)  # Å
+    np.testing.assert_allclose(cards["positions"], s.cart_coords, rtol=0, atol=1e-9)  # Å
+    assert cards["k_points"] == ["automatic", 2, 2, 2, 0, 0, 0]
+
+
+def test_input_user_magnetization_and_two_species():
+    """Two species, spin on: one starting_magnetization per species (QE's 1-based species order), an
+    input_data override of one of them kept, and no spin keys at all without nspin = 2."""
+    s = _si7()
+    s.replace(3, "C")
+    pseudos = {**_si_pseudos(), "C": UPFInfo(path=Path("C.pbe-mt_gipaw.UPF"), element="C", pseudo_type="NC",
+                                              functional="PBE", z_valence=4.0)}
+    nl, cards = _read_pw_input(make_pw_input(s, 0, QESettings(spin="on", starting_magnetization=0.2, **FAST),
+                                             pseudos))
+    assert (nl["system"]["nspin"], nl["system"]["ntyp"]) == (2, 2)
+    assert nl["system"]["starting_magnetization(1)"] == nl["system"]["starting_magnetization(2)"] == 0.2
+    assert [sp[0] for sp in cards["species"]] == ["Si", "C"]
+    nl = _read_pw_input(make_pw_input(
+        s, 0, QESettings(spin="on", input_data={"system": {"starting_magnetization(2)": -0.5}}, **FAST), pseudos
+    ))[0]
+    assert nl["system"]["starting_magnetization(1)"] == pytest.approx(1 / 28, abs=1e-6)
+    assert nl["system"]["starting_magnetization(2)"] == -0.5
+    nl = _read_pw_input(make_pw_input(s, 0, QESettings(spin="off", **FAST), pseudos))[0]
+    assert not any(k.startswith(("nspin", "starting_magnetization")) for k in nl["system"])
+    assert set(nl) == {"control", "system", "electrons"}  # no empty &IONS (or &CELL) for an scf run
+
+
 @needs_debian_pseudo
 def test_missing_pseudopotential_message():
     s = Structure(Lattice.cubic(6.0), ["Si", "Sb"], [[0, 0, 0], [0.5, 0.5, 0.5]])
@@ -334,10 +448,8 @@ def test_pbe_charged_single_points(pbe_pair):
     assert re.search(r"number of electrons\s*=\s*28\.00", out0)
     assert re.search(r"number of electrons\s*=\s*29\.00", outm1)
     # odd electron count → spin-polarised (auto), even → not
-    assert (
-        "nspin = 2" in (root / "qm1" / "pw.in").read_text()
-        and "nspin" not in (root / "q0" / "pw.in").read_text()
-    )
+    assert _read_pw_input((root / "qm1" / "pw.in").read_text())[0]["system"]["nspin"] == 2
+    assert "nspin" not in _read_pw_input((root / "q0" / "pw.in").read_text())[0]["system"]
     assert fm1.magnetization is not None and f0.magnetization is None
     assert fm1.magnetization == pytest.approx(
         round(fm1.magnetization), abs=0.05
@@ -441,7 +553,7 @@ def test_bulk_band_edges(tmp_path):
     assert f.vbm is not None and f.cbm is not None and f.fermi_level is not None
     assert f.vbm < f.fermi_level < f.cbm
     assert 0.5 < f.band_gap < 1.1
-    assert "nbnd = 20" in (tmp_path / "pw.in").read_text()  # 16 occupied + 4 empty
+    assert _read_pw_input((tmp_path / "pw.in").read_text())[0]["system"]["nbnd"] == 20  # 16 occupied + 4 empty
     # self-consistency with QE's own printout: the VBM is the highest occupied eigenvalue at Γ
     text = (tmp_path / "pw.out").read_text()
     gamma = re.search(
@@ -449,3 +561,180 @@ def test_bulk_band_edges(tmp_path):
     )
     levels = [float(x) for x in re.findall(r"-?\d+\.\d+", gamma.group(1))]
     assert f.vbm == pytest.approx(levels[15], abs=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Child processes: own session, ended on timeout and on interrupt (defectflow.engines.process)
+# ------------------------------------------------------------------------------------------------------------
+needs_proc = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+TESTS = Path(__file__).resolve().parent
+
+
+def _proc_table() -> dict[int, dict]:
+    """pid → comm, state, ppid, pgrp, sid, start (clock ticks since boot) of every process (Linux /proc)."""
+    table = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        f = text.rsplit(")", 1)[1].split()
+        table[int(stat.parent.name)] = {
+            "comm": text[text.index("(") + 1 : text.rindex(")")], "state": f[0], "ppid": int(f[1]),
+            "pgrp": int(f[2]), "sid": int(f[3]), "start": int(f[19]),
+        }
+    return table
+
+
+def _descendants(root: int, table: dict[int, dict]) -> dict[int, dict]:
+    out, todo = {}, [root]
+    while todo:
+        parent = todo.pop()
+        for pid, info in table.items():
+            if info["ppid"] == parent and pid not in out:
+                out[pid] = info
+                todo.append(pid)
+    return out
+
+
+def _survivors(recorded: dict[int, dict], timeout: float = 15.0) -> list[str]:
+    """Processes still alive (not zombies) `timeout` s later: a recorded pid with the same start time, or any
+    process in a recorded process group or session other than this test's own."""
+    own = {os.getpgrp(), os.getsid(0)}
+    groups = {i["pgrp"] for i in recorded.values()} - own
+    sessions = {i["sid"] for i in recorded.values()} - own
+    deadline = time.monotonic() + timeout
+    while True:
+        table = _proc_table()
+        left = [
+            f"{pid} {info['comm']} (pgrp {info['pgrp']}, sid {info['sid']})"
+            for pid, info in table.items()
+            if info["state"] not in "ZX"
+            and ((pid in recorded and recorded[pid]["start"] == info["start"])
+                 or info["pgrp"] in groups or info["sid"] in sessions)
+        ]
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.2)
+
+
+_TREE = (  # a launcher with a child in a process group of its own, as OpenMPI's mpirun starts its ranks
+    "import subprocess, sys, time\n"
+    "child = subprocess.Popen(['sleep', '300'], process_group=0)\n"
+    "open(sys.argv[1], 'w').write(str(child.pid))\n"
+    "time.sleep(300)\n"
+)
+
+
+@needs_proc
+def test_run_process_timeout_ends_the_whole_session(tmp_path):
+    from defectflow.engines import process
+
+    pid_file = tmp_path / "child.pid"
+    result = process.run_process(
+        [sys.executable, "-c", _TREE, str(pid_file)], cwd=tmp_path, timeout=1.5, grace=2.0,
+        stdout=tmp_path / "out.txt", stderr=subprocess.STDOUT,
+    )
+    assert result.timed_out and result.returncode == -signal.SIGTERM and 1.5 <= result.wall_seconds < 10
+    child = int(pid_file.read_text())
+    info = _proc_table().get(child)
+    assert info is None or info["state"] in "ZX", info  # the grandchild in its own group is gone too
+    assert process.live_pids() == []
+    ok = process.run_process(["sh", "-c", "exit 3"], stdout=subprocess.DEVNULL)
+    assert (ok.returncode, ok.timed_out) == (3, False)
+    with pytest.raises(ValueError, match="file"):
+        process.run_process(["true"], stdout=subprocess.PIPE)
+
+
+_SIGTERM_SCRIPT = """
+import sys
+from defectflow.engines import process
+process.install_signal_handlers(grace=2.0)
+print("READY", flush=True)
+process.run_process([sys.executable, "-c", {tree!r}, "child.pid"])
+"""
+
+
+@needs_proc
+def test_sigterm_handler_ends_children(tmp_path):
+    """SIGTERM to a program that installed process.install_signal_handlers(): every child session ends and the
+    program exits with 128 + 15 (SystemExit, so `finally` blocks run)."""
+    script = tmp_path / "run.py"
+    script.write_text(_SIGTERM_SCRIPT.format(tree=_TREE))
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "READY"
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "child.pid").exists() or not (tmp_path / "child.pid").read_text():
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        recorded = _descendants(proc.pid, _proc_table())
+        assert len(recorded) == 2  # the launcher and its child
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+        assert _survivors(recorded) == []
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+_INTERRUPT_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+from conftest import si_vac15
+from defectflow.engines.qe import QEEngine
+
+engine = QEEngine({settings!r})
+print("READY", flush=True)
+engine.relax(si_vac15(), 1, "run", fmax=0.001, max_steps=100)
+print("FINISHED", flush=True)
+"""
+
+
+@pytest.mark.dft
+@needs_proc
+@needs_pw
+@needs_debian_pseudo
+def test_sigint_ends_mpirun_and_every_pw_x(tmp_path):
+    """Ctrl-C (SIGINT) to a Python process running a QE relaxation (the benchmark reference's setting: 15 atoms,
+    q = +1, 2×2×2 k-points, 18 Ry, mpirun -np 2: several seconds per ionic step): once pw.x runs, SIGINT makes the
+    engine end mpirun and both pw.x ranks; nothing it started survives. Checked by the pids, process groups and
+    sessions of its descendants, recorded before the signal (another pw.x on the machine does not count)."""
+    settings = {**REFERENCE, "pseudo_dir": str(DEBIAN_PSEUDO)}
+    script = tmp_path / "run.py"
+    script.write_text(_INTERRUPT_SCRIPT.format(tests=str(TESTS), settings=settings))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    with open(tmp_path / "script.out", "w") as out:
+        proc = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
+                                env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            recorded = _descendants(proc.pid, _proc_table())
+            if sum(info["comm"] == "pw.x" for info in recorded.values()) >= 2:
+                break
+            assert proc.poll() is None, (tmp_path / "script.out").read_text()
+            assert time.monotonic() < deadline, "pw.x did not start"
+            time.sleep(0.1)
+        time.sleep(1.0)  # pw.x is computing
+        recorded = _descendants(proc.pid, _proc_table())
+        comms = sorted(info["comm"] for info in recorded.values())
+        assert "mpirun" in comms or "orterun" in comms, comms
+        assert {i["sid"] for i in recorded.values()} == {recorded_leader_sid(recorded, proc.pid)}
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(timeout=60)
+        text = (tmp_path / "script.out").read_text()
+        assert rc != 0 and "KeyboardInterrupt" in text and "FINISHED" not in text
+        assert _survivors(recorded) == []
+        assert (tmp_path / "run" / "pw.out").exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def recorded_leader_sid(recorded: dict[int, dict], parent: int) -> int:
+    """The session of the engine's direct child (mpirun): its own pid (start_new_session), not the script's."""
+    (leader,) = [pid for pid, info in recorded.items() if info["ppid"] == parent]
+    assert recorded[leader]["sid"] == leader != os.getsid(parent)
+    return leader

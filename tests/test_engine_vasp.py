@@ -9,6 +9,8 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import subprocess
+import sys
 from functools import cache
 from pathlib import Path
 
@@ -24,7 +26,9 @@ from defectflow.engines.vasp import (
     KBAR_TO_EV_PER_A3,
     VaspEngine,
     VaspSettings,
+    frames_from_task,
     to_frame,
+    trajectory_from_task,
     trajectory_from_vasprun,
     zval_for,
 )
@@ -144,23 +148,49 @@ def test_settings_digest_and_registry():
 def test_maker_serialises_for_a_worker():
     """A maker travels to a worker as JSON; monty must find the generator class by module + name there.
 
-    The class is built lazily (atomate2 is slow to import) and served by the module's ``__getattr__``: it is
-    never a module global, so this in-process round trip takes the same path as a fresh worker process.
+    The class is a plain module-level class of ``defectflow.engines.vasp.sets`` (no class built in a function, no
+    module ``__getattr__``); that module imports atomate2, so ``defectflow.engines.vasp`` does not import it.
     """
     from monty.json import MontyDecoder
 
     import defectflow.engines.vasp as vasp_module
+    from defectflow.engines.vasp.sets import DefectSetGenerator
 
-    assert "DefectSetGenerator" not in vars(vasp_module)
+    assert not hasattr(vasp_module, "__getattr__") and "DefectSetGenerator" not in vars(vasp_module)
+    assert DefectSetGenerator.__qualname__ == "DefectSetGenerator"
+    assert DefectSetGenerator.__module__ == "defectflow.engines.vasp.sets"
     maker = VaspEngine({"xc": "HSE06"}).relax_maker(-2, fmax=0.02, max_steps=10)
+    assert type(maker.input_set_generator) is DefectSetGenerator
     blob = json.loads(json.dumps(maker.as_dict()))
-    assert blob["input_set_generator"]["@module"] == "defectflow.engines.vasp"
+    assert blob["input_set_generator"]["@module"] == "defectflow.engines.vasp.sets"
     assert blob["input_set_generator"]["@class"] == "DefectSetGenerator"
     back = MontyDecoder().process_decoded(blob)
     assert type(back).__name__ == "HSERelaxMaker"
     gen = back.input_set_generator
     assert gen.charge == -2 and gen.user_incar_settings["EDIFFG"] == -0.02 and gen.user_incar_settings["NSW"] == 10
     assert gen.get_input_set(si7(), potcar_spec=True)["INCAR"]["NELECT"] == N_NEUTRAL + 2
+
+
+def test_importing_engines_does_not_import_atomate2():
+    """``defectflow.engines`` is imported by every CLI call; atomate2 (seconds to import) only by the makers."""
+    code = (
+        "import sys, defectflow.engines, defectflow.engines.vasp\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'atomate2', 'custodian', 'emmet'}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_high_fidelity_writes_single_point_inputs(tmp_path):
+    """The method runs only HF single points: write_inputs for the ``high`` fidelity gives a static INCAR."""
+    high = VaspEngine({"xc": "HSE06"}, fidelity="high")
+    incar = Incar.from_file(high.write_inputs(si7(), 1, tmp_path / "hf") / "INCAR")
+    assert incar["NSW"] == 0 and incar["IBRION"] == -1 and "EDIFFG" not in incar
+    assert incar["LHFCALC"] is True and incar["NELECT"] == N_NEUTRAL - 1
+    relax = Incar.from_file(high.write_inputs(si7(), 1, tmp_path / "hf_relax", "relax") / "INCAR")
+    assert relax["IBRION"] == 2 and relax["NSW"] == 100  # asked for explicitly
+    low = Incar.from_file(VaspEngine({}, fidelity="low").write_inputs(si7(), 0, tmp_path / "lf") / "INCAR")
+    assert low["IBRION"] == 2 and low["NSW"] == 100 and low["EDIFFG"] == pytest.approx(-0.05)
 
 
 def test_not_configured_raises_clear_error(tmp_path, monkeypatch):
@@ -318,6 +348,37 @@ def test_trajectory_from_vasprun_every_ionic_step(tmp_path):
     assert frame.energy == pytest.approx(energies[-1]) and frame.step == 0
 
 
+def _task_doc(vasprun_path: Path, as_models: bool) -> dict:
+    """A TaskDoc-shaped document (``calcs_reversed[0]``: input parameters, output ionic steps) of a vasprun.xml,
+    with emmet's IonicStep models (as atomate2's TaskDoc holds them) or plain dicts (a TaskDoc from a store)."""
+    from emmet.core.vasp.calculation import IonicStep
+    from pymatgen.io.vasp import Vasprun
+
+    vr = Vasprun(str(vasprun_path), parse_dos=False, parse_eigen=False, parse_potcar_file=False)
+    steps = [IonicStep(**step) for step in vr.ionic_steps]
+    if not as_models:
+        steps = [json.loads(json.dumps(step.model_dump(), default=lambda o: o.as_dict())) for step in steps]
+    return {"state": "successful",
+            "calcs_reversed": [{"input": {"parameters": dict(vr.parameters)}, "output": {"ionic_steps": steps}}]}
+
+
+@pytest.mark.parametrize("as_models", [True, False])
+def test_trajectory_from_task_equals_vasprun(tmp_path, as_models):
+    """The engine builds its documents from atomate2's TaskDoc: the same numbers as from vasprun.xml."""
+    structures, energies, forces, stresses = _relax_data(4)
+    path = _write_relax_vasprun(tmp_path / "vasprun.xml", structures, energies, forces, stresses, [9, 6, 40, 4])
+    task = _task_doc(path, as_models)
+    from_xml = trajectory_from_vasprun(path, charge=-1, fmax=0.05, settings={"xc": "PBE"}, fidelity="high")
+    from_task = trajectory_from_task(task, charge=-1, fmax=0.05, settings={"xc": "PBE"}, fidelity="high")
+    assert (from_task.status, from_task.error, from_task.n_steps) == (from_xml.status, from_xml.error, 4)
+    for a, b in zip(from_task.frames, from_xml.frames, strict=True):
+        assert a.model_dump(exclude={"wall_seconds"}) == b.model_dump(exclude={"wall_seconds"})
+    assert [f.scf_converged for f in from_task.frames] == [True, True, False, True]  # NELM = 40 from the task
+    assert to_frame(task, charge=-1).energy == pytest.approx(energies[-1])
+    assert len(frames_from_task({"state": "successful", "output": {}}, charge=0)) == 0
+    assert trajectory_from_task({"calcs_reversed": []}, charge=0).status == "failed"
+
+
 def test_trajectory_missing_or_broken_output(tmp_path):
     with pytest.raises(FileNotFoundError):
         trajectory_from_vasprun(tmp_path, charge=0)
@@ -416,3 +477,25 @@ def test_single_point_runs_through_atomate2(tmp_path, fake_vasp):
     assert frame.energy == pytest.approx(energies[-1]) and frame.charge == 1 and frame.xc == "HSE06"
     incar = Incar.from_file(tmp_path / "sp" / "INCAR")
     assert incar["NELECT"] == N_NEUTRAL - 1 and incar["LHFCALC"] is True and incar["NSW"] == 0
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+def test_graph_job_keeps_its_metadata_around_the_nested_vasp_job(tmp_path, fake_vasp, monkeypatch):
+    """The engine's atomate2 job runs inside the campaign's ``single_point`` job (jobflow run_locally nested in a
+    running job): the outer job still records ``metadata.cache_key``/``cost`` (tracked) and returns its Frame."""
+    from jobflow import JobStore, run_locally
+    from maggma.stores import MemoryStore
+
+    from defectflow.engines.jobs import single_point
+
+    settings, energies = fake_vasp
+    monkeypatch.chdir(tmp_path)
+    job = single_point(si7(), 1, {"engine": "vasp", **settings}, "high", label="sp")
+    store = JobStore(MemoryStore())
+    responses = run_locally(job, store=store, create_folders=False, root_dir=tmp_path, log=False,
+                            ensure_success=True)
+    frame = responses[job.uuid][1].output
+    assert frame.energy == pytest.approx(energies[-1]) and frame.charge == 1 and frame.fidelity == "high"
+    doc = store.query_one({"uuid": job.uuid})
+    assert doc["metadata"]["cache_key"] and doc["metadata"]["cost"]["wall_s"] > 0
+    assert Incar.from_file(tmp_path / "sp" / "INCAR")["NSW"] == 0

@@ -1,6 +1,13 @@
 """Charge-aware engines: ``qe`` (Quantum ESPRESSO), ``cp2k``, ``vasp`` (atomate2 makers) and ``ase`` (any ASE
 calculator: tblite xTB, a MACE model, CHGNet, EMT...).
 
+Layout (one package per code, as in atomate2): ``engines/<code>/`` with ``settings.py`` (the pydantic settings),
+``inputs.py`` (input writers: ASE's pw.x writer, the CP2K template, atomate2 VASP makers), ``outputs.py`` (parsers
+→ Frames), ``engine.py`` (the :class:`~defectflow.engines.base.Engine`); ``ase.py`` for any ASE calculator.
+Shared: :mod:`~defectflow.engines.base` (the interface), :mod:`~defectflow.engines.outputs` (band edges),
+:mod:`~defectflow.engines.process` (child processes: own session, ended on timeout or interrupt;
+``terminate_all()`` for a top-level signal handler), :mod:`~defectflow.engines.jobs` (jobflow jobs).
+
 >>> from defectflow.engines import get_engine
 >>> engine = get_engine({"engine": "ase", "calculator": "tblite.ase.TBLite", "kwargs": {"method": "GFN1-xTB"}})
 >>> frame = engine.single_point(structure, charge=-1)          # doctest: +SKIP
@@ -39,16 +46,16 @@ def get_engine(settings: EngineSettings | dict[str, Any], fidelity: str | None =
 __all__ = [
     "ENGINES",
     "SETTINGS",
-    "Engine",
-    "EngineError",
-    "EngineSettings",
-    "get_engine",
     "AseEngine",
     "AseSettings",
     "CP2KEngine",
     "CP2KSettings",
+    "Engine",
+    "EngineError",
+    "EngineSettings",
     "QEEngine",
     "QESettings",
     "VaspEngine",
     "VaspSettings",
+    "get_engine",
 ]

@@ -22,7 +22,8 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 from pydantic import Field, field_validator
 
-from defectflow.engines.base import AseDrivenEngine, EngineError, EngineSettings, edges_from_levels
+from defectflow.engines.base import AseDrivenEngine, EngineError, EngineSettings
+from defectflow.engines.outputs import band_edges
 
 # Calculators we know how to hand a total charge and spin to.  name → (charge kwarg, multiplicity kwarg)
 KNOWN_CHARGE_KWARGS: dict[str, tuple[str | None, str | None]] = {
@@ -117,7 +118,7 @@ class AseEngine(AseDrivenEngine):
         if res is not None and hasattr(res, "get"):
             eps = np.asarray(res.get("orbital-energies")) * Hartree
             occ = np.asarray(res.get("orbital-occupations"))
-            vbm, cbm = edges_from_levels(eps, occ, 2.0 if eps.ndim == 1 else 1.0)
+            vbm, cbm = band_edges(eps, occ, 2.0 if eps.ndim == 1 else 1.0)
             return vbm, cbm, None
         if hasattr(calc, "get_eigenvalues") and hasattr(calc, "get_occupation_numbers"):
             nspin = calc.get_number_of_spins() if hasattr(calc, "get_number_of_spins") else 1
@@ -129,7 +130,7 @@ class AseEngine(AseDrivenEngine):
                     w = calc.get_k_point_weights()[k] if hasattr(calc, "get_k_point_weights") else 1.0
                     occ.append(np.asarray(calc.get_occupation_numbers(kpt=k, spin=sp)) / (w or 1.0))
             ef = calc.get_fermi_level() if hasattr(calc, "get_fermi_level") else None
-            vbm, cbm = edges_from_levels(eps, occ, 2.0 / nspin)
+            vbm, cbm = band_edges(eps, occ, 2.0 / nspin)
             return vbm, cbm, ef
         return None, None, None
 

@@ -30,14 +30,14 @@ from defectflow.schemas import Frame, RelaxTrajectory, settings_digest
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "AseDrivenEngine",
     "Engine",
     "EngineError",
     "EngineSettings",
-    "AseDrivenEngine",
-    "structure_to_atoms",
     "atoms_to_structure",
     "mpi_prefix",
     "safe_name",
+    "structure_to_atoms",
 ]
 
 
@@ -199,14 +199,6 @@ class Engine(ABC):
         )
 
 
-def edges_from_levels(eigenvalues, occupations, max_occupation: float) -> tuple[float | None, float | None]:
-    """VBM = highest level with occupation > max/2, CBM = lowest with occupation < max/2 (eV in, eV out)."""
-    e = np.asarray(eigenvalues, dtype=float).ravel()
-    o = np.asarray(occupations, dtype=float).ravel()
-    occ, emp = e[o > max_occupation / 2], e[o < max_occupation / 2]
-    return (float(occ.max()) if occ.size else None, float(emp.min()) if emp.size else None)
-
-
 class AseDrivenEngine(Engine):
     """An engine whose single points come from an ASE calculator and whose relaxations are driven by an ASE
     optimizer (BFGS by default), recording every ionic step. Subclasses implement :meth:`make_calculator`.
@@ -220,8 +212,9 @@ class AseDrivenEngine(Engine):
     def make_calculator(self, atoms, charge: int, workdir: Path):
         """Return an ASE calculator for ``atoms`` at total charge ``charge`` running in ``workdir``."""
 
-    def close_calculator(self, calc) -> None:  # noqa: B027 - optional hook
-        """Release resources (e.g. a ``cp2k_shell`` process)."""
+    def close_calculator(self, calc) -> None:  # an optional hook: does nothing by default
+        """Release resources (e.g. a ``cp2k_shell`` process). Called in a ``finally`` block, also when the call is
+        interrupted: it must end every process the calculator started."""
 
     def band_edges(self, calc) -> tuple[float | None, float | None, float | None]:
         """(vbm, cbm, fermi_level) in eV from the calculator, or Nones. Subclasses override for their codes."""
@@ -267,8 +260,8 @@ class AseDrivenEngine(Engine):
         atoms = structure_to_atoms(structure, charge)
         t0 = time.perf_counter()
         calc = self.make_calculator(atoms, charge, workdir)
-        atoms.calc = calc
-        try:
+        try:  # close_calculator runs whatever happens, KeyboardInterrupt and SystemExit included
+            atoms.calc = calc
             return self._frame_from_atoms(atoms, charge, t0, 0)
         except EngineError:
             raise
@@ -286,8 +279,6 @@ class AseDrivenEngine(Engine):
         self.check(structure)
         atoms = structure_to_atoms(structure, charge)
         t_start = time.perf_counter()
-        calc = self.make_calculator(atoms, charge, workdir)
-        atoms.calc = calc
         frames: list[Frame] = []
         clock = {"t": time.perf_counter()}
 
@@ -297,7 +288,9 @@ class AseDrivenEngine(Engine):
 
         opt_cls = getattr(optimize, self.optimizer)
         status, error = "unconverged", None
-        try:
+        calc = self.make_calculator(atoms, charge, workdir)
+        try:  # close_calculator runs whatever happens, KeyboardInterrupt and SystemExit included
+            atoms.calc = calc
             opt = opt_cls(atoms, logfile=str(workdir / "opt.log"))
             opt.attach(record, interval=1)
             converged = opt.run(fmax=fmax, steps=max_steps)

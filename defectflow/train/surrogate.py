@@ -47,6 +47,7 @@ import numpy as np
 from ase.calculators.calculator import Calculator, all_changes
 
 from defectflow.campaign import MlipSpec
+from defectflow.engines.process import run_process
 from defectflow.schemas import ComponentRun, TrainedModel
 from defectflow.schemas.train import Kind
 from defectflow.train.data import (
@@ -213,8 +214,8 @@ def _run_mace(workdir: Path, name: str, heads: dict[str, dict[str, Any]], spec: 
         env["OMP_NUM_THREADS"] = str(spec.num_threads)
     elif device == "cpu" and "OMP_NUM_THREADS" not in env:
         env["OMP_NUM_THREADS"] = "1"  # measured: 0.4 s/epoch vs 25-35 s/epoch with 2 threads on a busy 2-core host
-    with open(log_file, "w") as log:
-        proc = subprocess.run(cmd, cwd=workdir, stdout=log, stderr=subprocess.STDOUT, env=env)
+    # in its own session, ended with this call on an interrupt: no orphaned mace_run_train after Ctrl-C
+    proc = run_process(cmd, cwd=workdir, env=env, stdout=log_file, stderr=subprocess.STDOUT)
     wall = time.perf_counter() - t0
     text = log_file.read_text(errors="replace")
     model_path = workdir / f"{name}.model"
