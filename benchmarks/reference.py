@@ -128,6 +128,28 @@ def work_root() -> Path:
     return ROOT / "runs" / "benchmarks" / "reference"
 
 
+#: Where a developer who pauses this computation (SIGSTOP/SIGCONT of its process tree, e.g. to run the test suite
+#: on the same cores without sharing them) logs "STOP <unix time>" / "CONT <unix time>" lines; the paused seconds
+#: are taken out of each relaxation's wall time.
+PAUSE_LOG = ROOT / "runs" / "benchmarks" / "pauses.log"
+
+
+def paused_seconds(t0: float, t1: float) -> float:
+    """Seconds of [t0, t1] (unix time) during which the computation was paused (``PAUSE_LOG``)."""
+    if not PAUSE_LOG.is_file():
+        return 0.0
+    total, stopped = 0.0, None
+    for line in PAUSE_LOG.read_text().splitlines():
+        kind, _, when = line.partition(" ")
+        if kind == "STOP":
+            stopped = float(when)
+        elif kind == "CONT" and stopped is not None:
+            a, b = max(stopped, t0), min(float(when), t1)
+            total += max(0.0, b - a)
+            stopped = None
+    return total
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # campaigns and starts
 # ---------------------------------------------------------------------------------------------------------------
@@ -170,7 +192,7 @@ def relax_name(ds, label: str) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 def record_frames(record, ds) -> list:
     """A RelaxRecord's trajectory as ASE Atoms with the keys of the module docstring."""
-    from defectflow.relax import frame_to_atoms
+    from defectflow.train.data import frame_to_atoms
 
     frames = record.trajectory.frames if record.trajectory else []
     out = []
@@ -186,8 +208,10 @@ def record_frames(record, ds) -> list:
     return out
 
 
-def relax_set(part: str, fidelity: dict[str, Any], fidelity_name: str, relax_spec, deadline: float) -> None:
-    """Relax every start not yet frozen in ``DATA/<part>/`` (one file + one index entry per relaxation)."""
+def relax_set(part: str, fidelity: dict[str, Any], fidelity_name: str, relax_spec, deadline: float,
+              redo: set[str] = frozenset()) -> None:
+    """Relax every start not yet frozen in ``DATA/<part>/`` (one file + one index entry per relaxation), and those
+    named in ``redo`` again (e.g. one that shared the cores with another job: its CPU-seconds are not clean)."""
     from defectflow.relax import relax_structure
 
     gen = generation()
@@ -195,19 +219,21 @@ def relax_set(part: str, fidelity: dict[str, Any], fidelity_name: str, relax_spe
     index_path = folder / "index.json"
     index = read_json(index_path, {})
     todo = [(ds, st) for ds, st in starts(gen) if relax_name(ds, st.label) not in index]
+    todo += [(ds, st) for ds, st in starts(gen) if relax_name(ds, st.label) in redo and (ds, st) not in todo]
     log.info("%s: %d of %d relaxations frozen, %d to do", part, len(index), len(index) + len(todo), len(todo))
     for n, (ds, st) in enumerate(todo, 1):
         if time.time() > deadline:
             log.info("%s: time limit reached; %d left for the next run", part, len(todo) - n + 1)
             return
         name = relax_name(ds, st.label)
-        c0, t0 = cpu_seconds(), time.perf_counter()
+        c0, t0, u0, load0 = cpu_seconds(), time.perf_counter(), time.time(), os.getloadavg()[0]
         with chdir(work_root() / part), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             rec = relax_structure.original(st.structure, ds.charge, fidelity, fidelity_name, defect=ds.defect,
                                            distortion=st.label, bond_distortion=st.bond_distortion,
                                            fmax=relax_spec.fmax, max_steps=relax_spec.max_steps)
         cpu, wall = cpu_seconds() - c0, time.perf_counter() - t0
+        wall -= paused_seconds(u0, time.time())
         atoms = record_frames(rec, ds)
         if atoms:
             write_frames_gz(folder / f"{name}.extxyz.gz", atoms)
@@ -215,6 +241,7 @@ def relax_set(part: str, fidelity: dict[str, Any], fidelity_name: str, relax_spe
                        "bond_distortion": st.bond_distortion, "status": rec.status, "error": rec.error,
                        "n_steps": rec.n_steps, "energy": rec.energy, "fmax": rec.fmax,
                        "wall_seconds": round(wall, 2), "cpu_seconds": round(cpu, 2),
+                       "load_average": [round(load0, 2), round(os.getloadavg()[0], 2)],
                        "engine": rec.engine, "settings_digest": rec.settings_digest,
                        "file": f"{name}.extxyz.gz" if atoms else None}
         write_json(index_path, index)
@@ -251,7 +278,7 @@ def hf_engine_settings() -> dict[str, Any]:
     return load_campaign("reference").fidelities.high.model_dump(mode="json")
 
 
-def compute(only: list[str], minutes: float | None) -> None:
+def compute(only: list[str], minutes: float | None, redo: set[str] = frozenset()) -> None:
     deadline = time.time() + 60 * minutes if minutes else float("inf")
     ref = load_campaign("reference")
     generation()
@@ -259,10 +286,10 @@ def compute(only: list[str], minutes: float | None) -> None:
         if part == "bulk":
             bulk(deadline)
         elif part == "hf":
-            relax_set("hf", hf_engine_settings(), "high", ref.relax, deadline)
+            relax_set("hf", hf_engine_settings(), "high", ref.relax, deadline, redo)
         elif part in LF_PRESETS:
             camp = load_campaign(part)
-            relax_set(f"lf/{part}", camp.fidelities.low.model_dump(mode="json"), "low", camp.relax, deadline)
+            relax_set(f"lf/{part}", camp.fidelities.low.model_dump(mode="json"), "low", camp.relax, deadline, redo)
         elif part == "pools":
             for preset in LF_PRESETS:
                 pool(preset, deadline)
@@ -287,7 +314,7 @@ def pool(preset: str, deadline: float) -> None:
     """HF single points on ``POOL_SIZE`` LF frames of ``preset``: every relaxation's final frame, then farthest-point
     samples (the selection step's ``fps`` strategy) from the rest. Frozen one frame at a time."""
     from defectflow.engines import get_engine
-    from defectflow.relax import frame_to_atoms
+    from defectflow.train.data import frame_to_atoms
 
     folder = DATA / "lf" / preset
     index_path = folder / "pool_index.json"
@@ -464,7 +491,7 @@ def reference_summary() -> dict[str, Any] | None:
     return {"ground_states": states, "formation_energies_vbm": lv.formation_energies_vbm,
             "transition_levels": [t.model_dump(mode="json") for t in lv.transition_levels],
             "band_gap": bulk_doc["band_gap"], "vbm": bulk_doc["vbm"], "bulk_energy": bulk_doc["energy"],
-            "correction": lv.correction if hasattr(lv, "correction") else ref.levels.correction}
+            "correction": lv.correction_scheme}
 
 
 def status() -> None:
@@ -487,6 +514,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("action", choices=("status", "compute", "manifest"))
     ap.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS),
                     help="parts to compute, in the order given (default: all, cheapest first after the HF search)")
+    ap.add_argument("--redo", nargs="+", default=[], metavar="NAME",
+                    help="relax these again even if frozen (names as in <set>/index.json, e.g. "
+                    "'v_Si_0__Bond_Distortion_-50.0_'): one that shared the cores with other work")
     ap.add_argument("--minutes", type=float, default=None,
                     help="start no new relaxation after this many minutes (the running one finishes)")
     args = ap.parse_args(argv)
@@ -497,7 +527,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.action == "status":
         status()
     elif args.action == "compute":
-        compute(args.only, args.minutes)
+        compute(args.only, args.minutes, set(args.redo))
     else:
         m = write_manifest()
         print(json.dumps({k: m[k] for k in ("charges", "starts_per_charge", "frames", "hf_calls", "hf_cpu_seconds",

@@ -105,7 +105,7 @@ def step_lf_relax(work: Path, cfg: dict) -> dict:
     from pymatgen.core import Structure
 
     from defectflow.engines import get_engine
-    from defectflow.relax import frames_to_extxyz
+    from defectflow.train.data import frames_to_extxyz
 
     c = _campaign()
     _, st = _start(work)

@@ -29,11 +29,17 @@ from jobflow import Flow, Maker, job
 
 from defectflow.campaign import Campaign
 from defectflow.engines import get_engine
-from defectflow.engines.jobs import single_point
 from defectflow.generate import GenerationResult, generate
 from defectflow.label import bulk_reference, label_selected
+from defectflow.label.jobs import single_point
 from defectflow.relax import HarvestFilter, harvest_training_set, relax_structure, summarize_distortions
-from defectflow.search.jobs import SearchContext, SearchGroup, baseline_search, shakenbreak_starts, start_search
+from defectflow.search.jobs import (
+    SearchContext,
+    SearchGroup,
+    baseline_search,
+    shakenbreak_starts,
+    start_search,
+)
 from defectflow.select import select_job
 from defectflow.steps import name_job
 from defectflow.train.jobs import train_job

@@ -11,6 +11,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
+from defectflow.campaign import Campaign, ResourceSpec
 from defectflow.engines import SETTINGS
 
 
@@ -58,8 +59,6 @@ def _table(model: type[BaseModel]) -> list[str]:
 
 
 def campaign_reference_markdown() -> str:
-    from defectflow.campaign import Campaign
-
     out = [
         "# Campaign file reference",
         "",
@@ -85,7 +84,6 @@ def campaign_reference_markdown() -> str:
     for engine, cls in SETTINGS.items():
         doc = (cls.__doc__ or "").strip().splitlines()[0]
         out += [f"### `engine: {engine}`", "", doc, "", *_table(cls), ""]
-    from defectflow.campaign import ResourceSpec
 
     out += ["## `execution.resources.<step>`", "", *_table(ResourceSpec), ""]
     return "\n".join(out)

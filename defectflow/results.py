@@ -24,7 +24,9 @@ from typing import Any
 
 from jobflow import JobStore
 
+from defectflow.campaign import Campaign
 from defectflow.steps import HF_STEPS, step_of
+from defectflow.store import make_store
 
 __all__ = ["Results", "RunInfo", "list_runs", "write_json"]
 
@@ -56,9 +58,6 @@ class Results:
     def for_campaign(cls, campaign, run: str | None = None) -> Results:
         """Results of a campaign (a :class:`~defectflow.campaign.Campaign` or a YAML path) from the store its
         ``execution`` section names."""
-        from defectflow.campaign import Campaign
-        from defectflow.store import make_store
-
         if not isinstance(campaign, Campaign):
             campaign = Campaign.from_yaml(campaign)
         return cls(make_store(campaign.execution.store, campaign.work_dir()), campaign.name, run)

@@ -486,7 +486,7 @@ def test_graph_job_keeps_its_metadata_around_the_nested_vasp_job(tmp_path, fake_
     from jobflow import JobStore, run_locally
     from maggma.stores import MemoryStore
 
-    from defectflow.engines.jobs import single_point
+    from defectflow.label.jobs import single_point
 
     settings, energies = fake_vasp
     monkeypatch.chdir(tmp_path)

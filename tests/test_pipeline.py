@@ -129,7 +129,7 @@ def test_results_api_answers_from_the_embedded_store(run):
 
 def test_figures_are_drawn_again_from_the_store_alone(run, tmp_path):
     """`defectflow plot`'s engine: every figure of the finished run, from the store (no work-dir files)."""
-    from defectflow.plotting import replot
+    from defectflow.replot import replot
     from defectflow.results import Results
 
     campaign, _ = run

@@ -23,7 +23,6 @@ pytest.importorskip("mace")
 
 from defectflow.campaign import MlipSpec  # noqa: E402
 from defectflow.engines import get_engine  # noqa: E402
-from defectflow.relax import frames_to_extxyz  # noqa: E402
 from defectflow.train import (  # noqa: E402
     DeltaCalculator,
     TrainedModel,
@@ -35,7 +34,10 @@ from defectflow.train import (  # noqa: E402
     train_models,
     train_surrogate,
 )
-from defectflow.train.data import read_frames  # noqa: E402
+from defectflow.train.data import (
+    frames_to_extxyz,  # noqa: E402
+    read_frames,  # noqa: E402
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(hidden_irreps="8x0e", max_L=0, num_interactions=2, correlation=2, r_max=4.0, max_epochs=6,

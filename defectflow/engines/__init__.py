@@ -6,7 +6,7 @@ Layout (one package per code, as in atomate2): ``engines/<code>/`` with ``settin
 → Frames), ``engine.py`` (the :class:`~defectflow.engines.base.Engine`); ``ase.py`` for any ASE calculator.
 Shared: :mod:`~defectflow.engines.base` (the interface), :mod:`~defectflow.engines.outputs` (band edges),
 :mod:`~defectflow.engines.process` (child processes: own session, ended on timeout or interrupt;
-``terminate_all()`` for a top-level signal handler), :mod:`~defectflow.engines.jobs` (jobflow jobs).
+``terminate_all()`` for a top-level signal handler).
 
 >>> from defectflow.engines import get_engine
 >>> engine = get_engine({"engine": "ase", "calculator": "tblite.ase.TBLite", "kwargs": {"method": "GFN1-xTB"}})

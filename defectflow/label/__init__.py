@@ -15,27 +15,15 @@ from typing import Any
 import numpy as np
 from jobflow import Flow, Response, job
 
-from defectflow.engines.jobs import single_point
-from defectflow.relax import frame_to_atoms, write_extxyz
+from defectflow.label.jobs import single_point
 from defectflow.schemas import BulkReference, Frame, LabelledSet, Selection, group_key
 from defectflow.steps import name_job
 from defectflow.store.tracking import tracked
+from defectflow.train.data import hf_extxyz
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LabelledSet", "BulkReference", "label_selected", "collect_labels", "bulk_reference", "hf_extxyz"]
-
-
-def hf_extxyz(pairs: list[tuple[Frame, Frame, dict[str, Any]]], head: str = "hf") -> str:
-    """extxyz of HF frames with MACE keys (REF_energy, REF_forces, total_charge, head) plus LF_energy/LF_forces."""
-    images = []
-    for hf, lf, meta in pairs:
-        atoms = frame_to_atoms(hf, head, meta, fidelity="high", stress=False)
-        if lf is not None and lf.energy is not None:
-            atoms.info["LF_energy"] = lf.energy
-            atoms.arrays["LF_forces"] = lf.forces_array
-        images.append(atoms)
-    return write_extxyz(images)
+__all__ = ["LabelledSet", "BulkReference", "label_selected", "collect_labels", "bulk_reference"]
 
 
 @job(data=["frames", "extxyz"])

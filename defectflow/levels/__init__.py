@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from defectflow.plotting import save_figure
 from defectflow.schemas import LevelEntry, LevelsResult, TransitionLevel, group_key
 
 logger = logging.getLogger(__name__)
@@ -144,7 +145,6 @@ def _plot(thermo, plot_dir: Path) -> str | None:
     import matplotlib
 
     matplotlib.use("Agg")
-    from defectflow.plotting import save_figure
 
     try:
         return save_figure(thermo.plot(), plot_dir / "formation_energies.png", dpi=150)

@@ -14,7 +14,6 @@ Jobs (jobflow):
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 import time
@@ -28,6 +27,7 @@ from pydantic import BaseModel, Field
 
 from defectflow.engines import get_engine
 from defectflow.engines.base import safe_name
+from defectflow.plotting import save_figure
 from defectflow.schemas import (
     DistortionSummary,
     Frame,
@@ -37,6 +37,7 @@ from defectflow.schemas import (
     group_key,
 )
 from defectflow.store.tracking import tracked
+from defectflow.train.data import frames_to_extxyz
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +48,9 @@ __all__ = [
     "TrainingSet",
     "relax_structure",
     "summarize_distortions",
+    "plot_distortions",
+    "snb_energies",
     "harvest_training_set",
-    "frames_to_extxyz",
 ]
 
 
@@ -157,7 +159,7 @@ def summarize_distortions(
     rel = {k: v - ref for k, v in energies.items()} if ref is not None else {}
     plot = None
     if plot_dir and "Unperturbed" in snb and snb["distortions"]:
-        plot = _plot(snb, defect, charge, plot_dir, num_nearest_neighbours, neighbour_atom)
+        plot = plot_distortions(snb, defect, charge, plot_dir, num_nearest_neighbours, neighbour_atom)
     return DistortionSummary(
         defect=defect,
         charge=charge,
@@ -175,8 +177,11 @@ def summarize_distortions(
     )
 
 
-def _plot(snb: dict, defect: str, charge: int, plot_dir: str, nn: int | None, atom: str | None) -> str | None:
-    """Energy vs bond distortion with ShakeNBreak's own plot_defect (same look as ``snb-plot``)."""
+def plot_distortions(snb: dict, defect: str, charge: int, plot_dir: str, nn: int | None = None,
+                     atom: str | None = None) -> str | None:
+    """Energy vs bond distortion with ShakeNBreak's own plot_defect (same look as ``snb-plot``): ``snb`` is
+    :func:`snb_energies`' dict (eV), ``nn``/``atom`` the distorted neighbours' count and element for the legend.
+    Returns the PNG path, or None when ShakeNBreak draws nothing; never raises."""
     import warnings
 
     import matplotlib
@@ -194,7 +199,6 @@ def _plot(snb: dict, defect: str, charge: int, plot_dir: str, nn: int | None, at
                               save_plot=False, close_figure=False, max_energy_above_unperturbed=5.0)
         if fig is None:
             return None
-        from defectflow.plotting import save_figure
 
         return save_figure(fig, out / f"{species}.png", dpi=150)
     except Exception as exc:  # noqa: BLE001 - a plot must never fail the campaign
@@ -218,35 +222,6 @@ class HarvestFilter(BaseModel):
     )
     dedup_displacement: float = Field(0.02, ge=0, description="... and no atom moved more than this (Å)")
     keep_every: int = Field(1, ge=1, description="Keep every n-th step (first and last always kept)")
-
-
-def frame_to_atoms(frame: Frame, head: str, meta: dict[str, Any], fidelity: str | None = None,
-                   stress: bool = True):
-    """One frame as ASE Atoms with MACE's keys: REF_energy, REF_forces, (REF_stress), total_charge, head."""
-    from defectflow.engines.base import structure_to_atoms
-
-    atoms = structure_to_atoms(frame.structure, frame.charge)
-    atoms.info.pop("charge", None)  # extxyz would clash with ASE's own "charge" handling
-    atoms.info.update({"REF_energy": frame.energy, "total_charge": frame.charge, "head": head,
-                       "fidelity": fidelity or frame.fidelity or head, "step": frame.step, **meta})
-    atoms.arrays["REF_forces"] = frame.forces_array
-    if stress and frame.stress is not None:
-        atoms.info["REF_stress"] = np.asarray(frame.stress, dtype=float)
-    return atoms
-
-
-def write_extxyz(images) -> str:
-    """Atoms → extended XYZ text."""
-    from ase.io import write
-
-    buf = io.StringIO()
-    write(buf, images, format="extxyz")
-    return buf.getvalue()
-
-
-def frames_to_extxyz(frames: list[tuple[Frame, dict[str, Any]]], head: str) -> str:
-    """Write frames as extxyz with MACE's keys: REF_energy, REF_forces, REF_stress, total_charge, head."""
-    return write_extxyz([frame_to_atoms(frame, head, meta) for frame, meta in frames])
 
 
 def _filter(records: list[RelaxRecord], flt: HarvestFilter) -> tuple[list[tuple[Frame, dict]], dict[str, int], int]:

@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from defectflow.engines.base import atoms_to_structure, structure_to_atoms
+from defectflow.plotting import save_figure
 from defectflow.schemas import Minimum, SearchResult, SearchStart
 
 logger = logging.getLogger(__name__)
@@ -119,8 +121,6 @@ def search_ground_state(
     ``min_distance_factor`` × the pair's covalent-radius sum is rejected as unphysical (0 disables the check)."""
     from ase.optimize import FIRE
 
-    from defectflow.engines.base import atoms_to_structure, structure_to_atoms
-
     calc = calculator_factory()
     t0 = time.perf_counter()
     finals, landscape, unconverged, failed, rejected = [], {}, [], 0, {}
@@ -188,6 +188,5 @@ def plot_landscape(result: SearchResult, starts: list[SearchStart] | dict[str, f
     ax.set_title(f"{result.defect} q={result.charge:+d} ({result.model})")
     ax.axhline(0, color="k", lw=0.5)
     fig.tight_layout()
-    from defectflow.plotting import save_figure
 
     return save_figure(fig, plot_dir / f"{result.defect}_{result.charge:+d}_{result.model.replace(':', '-')}.png", dpi=150)

@@ -19,9 +19,7 @@ from pydantic import BaseModel, Field
 
 from defectflow.campaign import FidelitiesSpec, LevelsSpec, MlipSpec, SearchSpec, VerifySpec
 from defectflow.engines import get_engine
-from defectflow.label import hf_extxyz
 from defectflow.levels import LevelEntry, compute_levels
-from defectflow.relax import frames_to_extxyz
 from defectflow.schemas import (
     BulkReference,
     CampaignResult,
@@ -42,6 +40,7 @@ from defectflow.schemas import (
 from defectflow.search import rattled_starts, rmsd, search_ground_state
 from defectflow.steps import name_job
 from defectflow.store.tracking import tracked
+from defectflow.train.data import frames_to_extxyz, hf_extxyz
 from defectflow.train.jobs import train_job
 from defectflow.train.surrogate import load_calculator
 

@@ -21,10 +21,12 @@ Add your own with :func:`register_strategy`: any callable ``(records, spec) -> S
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 from jobflow import job
 
+from defectflow.campaign import SelectionSpec
+from defectflow.relax import RelaxRecord
 from defectflow.schemas import SelectedFrame, Selection, group_key
 from defectflow.select.base import (
     Candidate,
@@ -37,10 +39,6 @@ from defectflow.select.base import (
 )
 from defectflow.select.strategies import FPSStrategy, MinimaStrategy, StratifiedStrategy, soap_features
 from defectflow.store.tracking import tracked
-
-if TYPE_CHECKING:
-    from defectflow.campaign import SelectionSpec
-    from defectflow.relax import RelaxRecord
 
 __all__ = [
     "Selection",
@@ -101,8 +99,6 @@ def get_strategy(name: str) -> StrategyFn:
 
 
 def _as_spec(spec: Any) -> SelectionSpec:
-    from defectflow.campaign import SelectionSpec
-
     if spec is None:
         return SelectionSpec()
     if isinstance(spec, SelectionSpec):

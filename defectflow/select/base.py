@@ -17,13 +17,11 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
+from defectflow.campaign import SelectionSpec
 from defectflow.relax import RelaxRecord
 from defectflow.schemas import Frame, SelectedFrame, Selection, group_key
-
-if TYPE_CHECKING:
-    from defectflow.campaign import SelectionSpec
 
 logger = logging.getLogger(__name__)
 

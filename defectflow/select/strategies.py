@@ -8,6 +8,7 @@ import zlib
 
 import numpy as np
 
+from defectflow.engines.base import structure_to_atoms
 from defectflow.select.base import Candidate, GreedyStrategy, SelectionState, SelectionStrategy
 
 logger = logging.getLogger(__name__)
@@ -115,8 +116,6 @@ def soap_features(structures, r_cut: float = 5.0, n_max: int = 6, l_max: int = 4
                   species: list[str] | None = None) -> np.ndarray:
     """Per-structure averaged SOAP (dscribe, ``average='inner'``, periodic): one row per structure."""
     from dscribe.descriptors import SOAP
-
-    from defectflow.engines.base import structure_to_atoms
 
     atoms = [structure_to_atoms(s, 0) for s in structures]
     if species is None:

@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from defectflow.engines import get_engine
 from defectflow.steps import STEPS
 
 logger = logging.getLogger(__name__)
@@ -39,8 +40,6 @@ __all__ = ["tracked", "cache_key"]
 
 
 def _engine_digest(spec: Any) -> Any:
-    from defectflow.engines import get_engine
-
     try:
         return {"engine_digest": get_engine(spec).digest}
     except Exception:  # noqa: BLE001 - not a valid engine spec: key on the raw value

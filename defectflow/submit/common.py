@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from defectflow.campaign import Campaign
+from defectflow.flows import DefectCampaignMaker
 from defectflow.steps import RESOURCE_STEPS, step_of
+from defectflow.store import make_store
 
 logger = logging.getLogger(__name__)
 
@@ -66,9 +68,6 @@ class SubmitRecord:
 def build_flow(campaign: Campaign | str | Path, steps: str = "all"):
     """``(campaign, flow, store)``: the campaign (read from YAML when a path), its graph
     (:class:`~defectflow.flows.DefectCampaignMaker`) and its JobStore (:func:`~defectflow.store.make_store`)."""
-    from defectflow.flows import DefectCampaignMaker
-    from defectflow.store import make_store
-
     if not isinstance(campaign, Campaign):
         campaign = Campaign.from_yaml(campaign)
     work = campaign.work_dir()

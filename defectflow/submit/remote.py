@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from defectflow.campaign import Campaign, ResourceSpec
+from defectflow.store import make_store
 from defectflow.submit.common import (
     STEP_NAME_FILTERS,
     SubmitRecord,
@@ -172,8 +173,6 @@ def submit_jobflow_remote(campaign: Campaign | str | Path, project: str | None =
     from jobflow_remote import submit_flow
     from jobflow_remote.config.base import ConfigError
     from pymongo.errors import PyMongoError
-
-    from defectflow.store import make_store
 
     if not isinstance(campaign, Campaign):
         campaign = Campaign.from_yaml(campaign)

@@ -11,12 +11,19 @@ key                 where     meaning
 ``head``            info      MACE head (lf / hf); rewritten here per training file
 ``LF_energy``       info      HF frames only, for ``multi_fidelity='delta'``: LF total energy at the same geometry, eV
 ``LF_forces``       arrays    HF frames only, for ``multi_fidelity='delta'``: LF forces at the same geometry, eV/Å
+``REF_stress``      info      stress of the frame's own fidelity (Voigt, ASE sign), eV/Å³, when the engine gives it
+``fidelity``        info      the frame's fidelity name (low / high)
+``defect``          info      defect name (v_Si)
+``distortion``      info      ShakeNBreak start the frame's relaxation began from
+``step``            info      ionic step of that relaxation (0: the start)
 ``split``           info      written here: train / valid / test
 ``source_index``    info      written here: index of the frame in the extxyz it came from
 ==================  ========  ====================================================================================
 
 HF frames are single points on geometries of the LF relaxations, so the pipeline knows their LF labels; when it
 only has the two extxyz texts, :func:`attach_lf_labels` copies them over by matching geometry and charge.
+Every extxyz defectflow writes or reads goes through this module (:func:`frame_to_atoms`, :func:`frames_to_extxyz`,
+:func:`hf_extxyz`, :func:`frames_to_text`, :func:`read_frames`): the keys above are spelled nowhere else.
 """
 
 from __future__ import annotations
@@ -25,9 +32,13 @@ import io
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from ase import Atoms
+
+from defectflow.engines.base import structure_to_atoms
+from defectflow.schemas import Frame
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +48,10 @@ __all__ = [
     "CHARGE_KEY",
     "LF_ENERGY_KEY",
     "LF_FORCES_KEY",
+    "STRESS_KEY",
+    "frame_to_atoms",
+    "frames_to_extxyz",
+    "hf_extxyz",
     "Split",
     "read_frames",
     "write_frames",
@@ -50,9 +65,42 @@ __all__ = [
 
 ENERGY_KEY = "REF_energy"
 FORCES_KEY = "REF_forces"
+STRESS_KEY = "REF_stress"
 CHARGE_KEY = "total_charge"
 LF_ENERGY_KEY = "LF_energy"
 LF_FORCES_KEY = "LF_forces"
+
+
+def frame_to_atoms(frame: Frame, head: str, meta: dict[str, Any], fidelity: str | None = None,
+                   stress: bool = True) -> Atoms:
+    """One frame as ASE Atoms with MACE's keys (module docstring): energy, forces, (stress), total charge, head,
+    fidelity and step, plus ``meta`` (defect, distortion, ...) in ``info``."""
+    atoms = structure_to_atoms(frame.structure, frame.charge)
+    atoms.info.pop("charge", None)  # extxyz would clash with ASE's own "charge" handling
+    atoms.info.update({ENERGY_KEY: frame.energy, CHARGE_KEY: frame.charge, "head": head,
+                       "fidelity": fidelity or frame.fidelity or head, "step": frame.step, **meta})
+    atoms.arrays[FORCES_KEY] = frame.forces_array
+    if stress and frame.stress is not None:
+        atoms.info[STRESS_KEY] = np.asarray(frame.stress, dtype=float)
+    return atoms
+
+
+def frames_to_extxyz(frames: Sequence[tuple[Frame, dict[str, Any]]], head: str) -> str:
+    """(frame, meta) pairs → extxyz text with MACE's keys (:func:`frame_to_atoms`)."""
+    return frames_to_text([frame_to_atoms(frame, head, meta) for frame, meta in frames])
+
+
+def hf_extxyz(pairs: Sequence[tuple[Frame, Frame | None, dict[str, Any]]], head: str = "hf") -> str:
+    """(HF frame, LF frame at the same geometry, meta) → extxyz of the HF frames with the LF labels
+    (``LF_energy``/``LF_forces``) attached where the LF frame has them (Δ-learning needs them)."""
+    images = []
+    for hf, lf, meta in pairs:
+        atoms = frame_to_atoms(hf, head, meta, fidelity="high", stress=False)
+        if lf is not None and lf.energy is not None:
+            atoms.info[LF_ENERGY_KEY] = lf.energy
+            atoms.arrays[LF_FORCES_KEY] = lf.forces_array
+        images.append(atoms)
+    return frames_to_text(images)
 
 
 def read_frames(extxyz: str | Path | None) -> list[Atoms]:

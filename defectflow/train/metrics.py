@@ -20,7 +20,7 @@ import numpy as np
 
 from defectflow.plotting import save_figure
 from defectflow.schemas import ErrorStats, Metrics, PCAResult, SetMetrics
-from defectflow.train.data import charge_label, charge_of, read_frames
+from defectflow.train.data import ENERGY_KEY, FORCES_KEY, charge_label, charge_of, read_frames
 from defectflow.train.surrogate import TrainedModel, load_calculator, predict, torch_threads
 
 logger = logging.getLogger(__name__)
@@ -43,8 +43,8 @@ def error_stats(e_pred, e_ref, n_atoms, f_pred, f_ref) -> ErrorStats:
 
 def _set_metrics(calc, frames, dataset: str, head: str) -> tuple[SetMetrics, dict[str, Any]]:
     e_pred, f_pred = predict(calc, frames)
-    e_ref = np.array([float(a.info["REF_energy"]) for a in frames])
-    f_ref = [np.asarray(a.arrays["REF_forces"], float) for a in frames]
+    e_ref = np.array([float(a.info[ENERGY_KEY]) for a in frames])
+    f_ref = [np.asarray(a.arrays[FORCES_KEY], float) for a in frames]
     n = np.array([len(a) for a in frames])
     q = [charge_of(a) for a in frames]
     per_q = {}

@@ -51,6 +51,9 @@ from defectflow.engines.process import run_process
 from defectflow.schemas import ComponentRun, TrainedModel
 from defectflow.schemas.train import Kind
 from defectflow.train.data import (
+    CHARGE_KEY,
+    ENERGY_KEY,
+    FORCES_KEY,
     attach_lf_labels,
     delta_frames,
     frames_to_text,
@@ -75,8 +78,8 @@ __all__ = [
 ]
 
 #: mace-torch embedding of the total charge: categorical, per graph, q ∈ [−10, 10] (campaign.MAX_ABS_CHARGE).
-CHARGE_EMBEDDING_SPECS = (
-    '{"total_charge": {"type": "categorical", "per": "graph", "num_classes": 21, "emb_dim": 8, "offset": 10}}'
+CHARGE_EMBEDDING_SPECS = json.dumps(
+    {CHARGE_KEY: {"type": "categorical", "per": "graph", "num_classes": 21, "emb_dim": 8, "offset": 10}}
 )
 
 
@@ -176,8 +179,8 @@ def _run_mace(workdir: Path, name: str, heads: dict[str, dict[str, Any]], spec: 
         "--model", "MACE",
         "--heads", heads_arg,
         "--E0s", "average",
-        "--energy_key", "REF_energy",
-        "--forces_key", "REF_forces",
+        "--energy_key", ENERGY_KEY,
+        "--forces_key", FORCES_KEY,
         "--hidden_irreps", spec.hidden_irreps,
         "--r_max", str(spec.r_max),
         "--num_interactions", str(spec.num_interactions),
@@ -196,7 +199,7 @@ def _run_mace(workdir: Path, name: str, heads: dict[str, dict[str, Any]], spec: 
         "--save_cpu",
     ]
     if charge_embedding:
-        cmd += ["--total_charge_key", "total_charge", "--embedding_specs", CHARGE_EMBEDDING_SPECS]
+        cmd += ["--total_charge_key", CHARGE_KEY, "--embedding_specs", CHARGE_EMBEDDING_SPECS]
         if embedding_readout:
             cmd += ["--use_embedding_readout", "True"]
     if spec.pair_repulsion:
@@ -432,7 +435,7 @@ def torch_threads(n: int | None = None):
         torch.set_num_threads(old)
 
 
-def predict(calc, frames, charge_key: str = "total_charge") -> tuple[np.ndarray, list[np.ndarray]]:
+def predict(calc, frames, charge_key: str = CHARGE_KEY) -> tuple[np.ndarray, list[np.ndarray]]:
     """Energies (eV) and forces (eV/Å) of frames, with q taken from ``info[charge_key]`` into ``info['charge']``."""
     energies, forces = [], []
     for atoms in frames:

@@ -15,8 +15,8 @@ from pathlib import Path
 from ase.calculators.calculator import all_changes
 from ase.calculators.cp2k import CP2K
 
-from defectflow.engines import process
-from defectflow.engines.base import AseDrivenEngine, EngineError, mpi_prefix
+import defectflow.engines.process as process
+from defectflow.engines.base import AseDrivenEngine, EngineError, mpi_prefix, structure_to_atoms
 from defectflow.engines.cp2k.inputs import (
     data_dir,
     find_basis,
@@ -165,8 +165,6 @@ class CP2KEngine(AseDrivenEngine):
 
         from ase.calculators.calculator import Parameters
         from ase.calculators.cp2k import CP2K
-
-        from defectflow.engines.base import structure_to_atoms
 
         is_atoms = hasattr(structure, "get_chemical_symbols")
         atoms = structure if is_atoms else structure_to_atoms(structure, charge)

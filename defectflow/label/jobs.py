@@ -1,4 +1,5 @@
-"""Engine operations as jobflow jobs (one job per structure, so an executor can spread them)."""
+"""One engine single point as a jobflow job (the bulk single points and the selected HF single points: one job
+per structure, so an executor can spread them)."""
 
 from __future__ import annotations
 
