@@ -182,13 +182,13 @@ def _model(work: Path):
 
 def step_search(work: Path, cfg: dict) -> dict:
     from defectflow.search import search_ground_state
-    from defectflow.search.jobs import _starts, starts_payload
+    from defectflow.search.jobs import search_starts, shakenbreak_starts
     from defectflow.train.surrogate import load_calculator
 
     c = _campaign()
     ds, _ = _start(work)
     model = _model(work)
-    starts = _starts(starts_payload(ds), c.search.model_dump(), c.distortions.seed)
+    starts = search_starts(shakenbreak_starts(ds), c.search, c.distortions.seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         res = search_ground_state(ds.defect, ds.charge, starts, lambda: load_calculator(model, head="hf"),
@@ -216,18 +216,15 @@ def _time_calls(calc, structure, charge: int, n: int) -> float:
 
 
 def _relax(calc, structure, charge: int, fmax: float, steps: int) -> dict:
-    from ase.optimize import BFGS
+    """One BFGS relaxation through the library's relaxation driver (the ase engine around ``calc``)."""
+    from defectflow.engines import CalculatorEngine
 
-    from defectflow.engines.base import structure_to_atoms
-
-    atoms = structure_to_atoms(structure, charge)
-    atoms.calc = calc
     t0 = time.perf_counter()
-    opt = BFGS(atoms, logfile=None)
-    ok = opt.run(fmax=fmax, steps=steps)
+    traj = CalculatorEngine(calc, optimizer="BFGS").relax(structure, charge, workdir=None, fmax=fmax,
+                                                           max_steps=steps, keep="last")
     wall = time.perf_counter() - t0
-    return {"wall": wall, "steps": opt.get_number_of_steps(), "converged": bool(ok),
-            "structures_per_second": 1 / wall if wall > 0 else None}
+    return {"wall": wall, "steps": traj.frames[-1].step if traj.frames else 0,
+            "converged": traj.status == "converged", "structures_per_second": 1 / wall if wall > 0 else None}
 
 
 def _big_cell():

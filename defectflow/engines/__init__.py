@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from defectflow.engines.ase import AseEngine, AseSettings
+from defectflow.engines.ase import AseEngine, AseSettings, CalculatorEngine
 from defectflow.engines.base import Engine, EngineError, EngineSettings
 from defectflow.engines.cp2k import CP2KEngine, CP2KSettings
 from defectflow.engines.qe import QEEngine, QESettings
@@ -48,6 +48,7 @@ __all__ = [
     "SETTINGS",
     "AseEngine",
     "AseSettings",
+    "CalculatorEngine",
     "CP2KEngine",
     "CP2KSettings",
     "Engine",

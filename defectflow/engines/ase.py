@@ -155,4 +155,23 @@ class AseEngine(AseDrivenEngine):
             raise EngineError(f"kwargs: {self.settings.calculator} rejected {sorted(kwargs)}: {exc}") from exc
 
 
-__all__ = ["AseEngine", "AseSettings", "load_calculator_class"]
+class CalculatorEngine(AseEngine):
+    """The ``ase`` engine around a calculator object that is already built (a loaded MACE surrogate, CHGNet): the
+    surrogate search and the benchmarks relax through the same driver as every other engine
+    (:meth:`AseDrivenEngine.relax`). ``xc`` labels the frames (e.g. ``mace:hf``); the charge reaches the
+    calculator through ``atoms.info["charge"]`` only."""
+
+    def __init__(self, calculator, xc: str = "surrogate", optimizer: str = "FIRE", fidelity: str | None = None):
+        path = f"{type(calculator).__module__}.{type(calculator).__qualname__}"
+        super().__init__(AseSettings(calculator=path, xc=xc, optimizer=optimizer, charge_kwarg=None,
+                                     spin_kwarg=None), fidelity=fidelity)
+        self.calculator = calculator
+
+    def check(self, structure) -> None:
+        """Nothing to import: the calculator exists."""
+
+    def make_calculator(self, atoms, charge: int, workdir: Path | None):
+        return self.calculator
+
+
+__all__ = ["AseEngine", "AseSettings", "CalculatorEngine", "load_calculator_class"]

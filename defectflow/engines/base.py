@@ -271,16 +271,19 @@ class AseDrivenEngine(Engine):
         finally:
             self.close_calculator(calc)
 
-    def relax(self, structure, charge, workdir=".", fmax=0.05, max_steps=100):
+    def relax(self, structure, charge, workdir=".", fmax=0.05, max_steps=100, keep: Literal["all", "last"] = "all"):
+        """Relax with the ASE optimizer :attr:`optimizer`; ``keep='last'`` records only the final frame (the
+        surrogate search, where the path is not training data); ``workdir=None`` writes no optimizer log."""
         from ase import optimize
 
-        workdir = Path(workdir)
-        workdir.mkdir(parents=True, exist_ok=True)
+        if workdir is not None:
+            workdir = Path(workdir)
+            workdir.mkdir(parents=True, exist_ok=True)
         self.check(structure)
         atoms = structure_to_atoms(structure, charge)
         t_start = time.perf_counter()
         frames: list[Frame] = []
-        clock = {"t": time.perf_counter()}
+        clock = {"t": time.perf_counter(), "steps": 0}
 
         def record():
             frames.append(self._frame_from_atoms(atoms, charge, clock["t"], len(frames)))
@@ -291,9 +294,13 @@ class AseDrivenEngine(Engine):
         calc = self.make_calculator(atoms, charge, workdir)
         try:  # close_calculator runs whatever happens, KeyboardInterrupt and SystemExit included
             atoms.calc = calc
-            opt = opt_cls(atoms, logfile=str(workdir / "opt.log"))
-            opt.attach(record, interval=1)
+            opt = opt_cls(atoms, logfile=None if workdir is None else str(workdir / "opt.log"))
+            if keep == "all":
+                opt.attach(record, interval=1)
             converged = opt.run(fmax=fmax, steps=max_steps)
+            if keep == "last":
+                record()
+                frames[-1].step = opt.nsteps
             status = "converged" if converged else "unconverged"
             if not converged:
                 error = f"not converged to fmax={fmax} eV/Å within {max_steps} steps"

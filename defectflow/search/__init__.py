@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from defectflow.engines.base import atoms_to_structure, structure_to_atoms
+from defectflow.engines import CalculatorEngine
 from defectflow.plotting import save_figure
 from defectflow.schemas import Minimum, SearchResult, SearchStart
 
@@ -119,28 +119,20 @@ def search_ground_state(
 
     ``fmax`` in eV/Å, ``energy_tolerance`` in eV. A minimum with an interatomic distance below
     ``min_distance_factor`` × the pair's covalent-radius sum is rejected as unphysical (0 disables the check)."""
-    from ase.optimize import FIRE
-
-    calc = calculator_factory()
+    engine = CalculatorEngine(calculator_factory(), xc=model, optimizer="FIRE")
     t0 = time.perf_counter()
     finals, landscape, unconverged, failed, rejected = [], {}, [], 0, {}
     for s in starts:
-        atoms = structure_to_atoms(s.structure, charge)
-        atoms.calc = calc
-        try:
-            opt = FIRE(atoms, logfile=None)
-            ok = opt.run(fmax=fmax, steps=max_steps)
-            energy = float(atoms.get_potential_energy())
-        except Exception as exc:  # noqa: BLE001 - one bad start must not stop the search
-            logger.warning("surrogate relaxation of %s q=%+d %s failed: %s", defect, charge, s.label, exc)
+        # the one relaxation driver (engines.base.AseDrivenEngine.relax): FIRE, final frame only
+        traj = engine.relax(s.structure, charge, workdir=None, fmax=fmax, max_steps=max_steps, keep="last")
+        last = traj.final
+        if traj.status == "failed" or last is None or not np.isfinite(last.energy):
+            logger.warning("surrogate relaxation of %s q=%+d %s failed: %s", defect, charge, s.label, traj.error)
             failed += 1
             continue
-        if not np.isfinite(energy):
-            failed += 1
-            continue
-        if not ok:
+        if traj.status == "unconverged":
             unconverged.append(s.label)
-        final = atoms_to_structure(atoms, charge)
+        energy, final = float(last.energy), last.structure
         if min_distance_factor > 0:
             shortest, ratio = shortest_contact(final)
             if ratio < min_distance_factor:
