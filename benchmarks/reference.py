@@ -208,7 +208,7 @@ def record_frames(record, ds) -> list:
     return out
 
 
-def relax_set(part: str, fidelity: dict[str, Any], fidelity_name: str, relax_spec, deadline: float,
+def relax_set(part: str, settings: dict[str, Any], fidelity: str, relax_spec, deadline: float,
               redo: set[str] = frozenset()) -> None:
     """Relax every start not yet frozen in ``DATA/<part>/`` (one file + one index entry per relaxation), and those
     named in ``redo`` again (e.g. one that shared the cores with another job: its CPU-seconds are not clean)."""
@@ -229,7 +229,7 @@ def relax_set(part: str, fidelity: dict[str, Any], fidelity_name: str, relax_spe
         c0, t0, u0, load0 = cpu_seconds(), time.perf_counter(), time.time(), os.getloadavg()[0]
         with chdir(work_root() / part), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            rec = relax_structure.original(st.structure, ds.charge, fidelity, fidelity_name, defect=ds.defect,
+            rec = relax_structure.original(st.structure, ds.charge, settings, fidelity, defect=ds.defect,
                                            distortion=st.label, bond_distortion=st.bond_distortion,
                                            fmax=relax_spec.fmax, max_steps=relax_spec.max_steps)
         cpu, wall = cpu_seconds() - c0, time.perf_counter() - t0

@@ -97,8 +97,8 @@ class DefectCampaignMaker(Maker):
         # Structures enter jobs as JSON strings: jobflow scans every job argument for nested Jobs by serialising
         # it, which for Structure objects dominated graph construction (100 s for 4000 jobs; strings are skipped).
         bulk = generation.bulk_supercell.to_json()
-        bulk_lf = name_job(single_point(bulk, 0, low, "low", label="bulk_lf"), "bulk_lf")
-        bulk_hf = name_job(single_point(bulk, 0, high, "high", label="bulk_hf"), "bulk_hf")
+        bulk_lf = name_job(single_point(bulk, 0, low, "low", tag="bulk_lf"), "bulk_lf")
+        bulk_hf = name_job(single_point(bulk, 0, high, "high", tag="bulk_hf"), "bulk_hf")
         bulk_ref = name_job(bulk_reference(bulk_lf.output, bulk_hf.output), "bulk_reference")
         jobs += [bulk_lf, bulk_hf, bulk_ref]
 

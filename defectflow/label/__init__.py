@@ -52,14 +52,14 @@ def collect_labels(hf_frames: list[Frame], selection: Selection) -> LabelledSet:
 
 @job
 @tracked("label_hf", cache=False)
-def label_selected(selection: Selection, fidelity: dict[str, Any], fidelity_name: str = "high") -> Response:
+def label_selected(selection: Selection, settings: dict[str, Any], fidelity: str = "high") -> Response:
     """Replace this job by one HF single point per selected frame plus :func:`collect_labels`."""
     jobs = []
     for sel in selection.chosen:
         frame = sel.frame
-        label = f"{sel.defect}_{frame.charge:+d}_{sel.distortion}_step{sel.step}"
-        j = single_point(frame.structure.to_json(), frame.charge, fidelity, fidelity_name, label=label)
-        name_job(j, "single_hf", label, defect=sel.defect, charge=frame.charge, distortion=sel.distortion)
+        tag = f"{sel.defect}_{frame.charge:+d}_{sel.distortion}_step{sel.step}"
+        j = single_point(frame.structure.to_json(), frame.charge, settings, fidelity, tag=tag)
+        name_job(j, "single_hf", tag, defect=sel.defect, charge=frame.charge, distortion=sel.distortion)
         jobs.append(j)
     collect = collect_labels([j.output for j in jobs], selection)
     name_job(collect, "collect_hf")

@@ -18,16 +18,17 @@ __all__ = ["single_point"]
 
 
 @job
-@tracked("single_point", engines=("fidelity",), ignore=("label",))
-def single_point(structure, charge: int, fidelity: dict[str, Any], fidelity_name: str = "high", label: str = "") -> Frame:
-    """Energy and forces of ``structure`` at charge ``charge`` (e) with the engine in ``fidelity``.
+@tracked("single_point", engines=("settings",), ignore=("tag",))
+def single_point(structure, charge: int, settings: dict[str, Any], fidelity: str = "high", tag: str = "") -> Frame:
+    """Energy and forces of ``structure`` at charge ``charge`` (e) with the engine ``settings`` describe; ``fidelity``
+    is the fidelity's name (low / high), ``tag`` the job folder's name.
 
     ``structure`` may be a Structure, its dict or JSON string. Never raises for a calculation failure: the Frame
     carries ``error`` and ``energy=None``.
     """
     structure = as_structure(structure)
-    engine = get_engine(fidelity, fidelity=fidelity_name)
-    workdir = Path.cwd() / (safe_name(label) or "single_point")
+    engine = get_engine(settings, fidelity=fidelity)
+    workdir = Path.cwd() / (safe_name(tag) or "single_point")
     t0 = time.perf_counter()
     try:
         return engine.single_point(structure, charge, workdir=workdir)

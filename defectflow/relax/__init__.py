@@ -55,26 +55,26 @@ __all__ = [
 
 
 @job(data="trajectory")
-@tracked("relax_lf", engines=("fidelity",))
+@tracked("relax_lf", engines=("settings",))
 def relax_structure(
     structure,
     charge: int,
-    fidelity: dict[str, Any],
-    fidelity_name: str = "low",
+    settings: dict[str, Any],
+    fidelity: str = "low",
     defect: str = "",
     distortion: str = "",
     bond_distortion: float | None = None,
     fmax: float = 0.05,
     max_steps: int = 100,
 ) -> RelaxRecord:
-    """Relax one structure at charge ``charge`` with the engine described by ``fidelity`` (a settings dict).
+    """Relax one structure at charge ``charge`` with the engine ``settings`` describe (``fidelity``: its name, low / high).
 
     ``structure`` may be a Structure, its dict or its JSON string (graphs pass JSON: jobflow then skips scanning
     it, which keeps building a 4000-job graph to seconds). Never raises: engine set-up errors and crashes are
     recorded with ``status='failed'``.
     """
     structure = as_structure(structure)
-    engine = get_engine(fidelity, fidelity=fidelity_name)
+    engine = get_engine(settings, fidelity=fidelity)
     workdir = Path.cwd() / safe_name(f"{defect}_{charge:+d}_{distortion}")
     t0 = time.perf_counter()
     try:
@@ -98,7 +98,7 @@ def relax_structure(
         fmax=None if final is None else final.fmax,
         wall_seconds=traj.wall_seconds,
         engine=engine.name,
-        fidelity=fidelity_name,
+        fidelity=fidelity,
         settings_digest=engine.digest,
         final_structure=None if final is None else final.structure,
         trajectory=traj,
