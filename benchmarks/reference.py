@@ -42,8 +42,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import argparse
 import contextlib
-import gzip
-import hashlib
 import io
 import json
 import logging
@@ -54,11 +52,23 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import frozen  # noqa: E402
+from frozen import (  # noqa: E402
+    DATA,
+    LF_PRESETS,
+    PRESET_DIR,
+    load_campaign,
+    read_frames_gz,
+    read_json,
+    relax_name,
+    sha256,
+    write_frames_gz,
+    write_json,
+)
+
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT / "benchmarks" / "data"
-PRESET_DIR = ROOT / "benchmarks" / "presets"
 REFERENCE_YAML = PRESET_DIR / "reference.yaml"
-LF_PRESETS = ("far", "close", "functional")
 PARTS = ("bulk", "hf", *LF_PRESETS, "pools")
 #: HF-labelled LF frames per preset (every LF minimum + farthest-point samples up to this many).
 POOL_SIZE = 64
@@ -67,46 +77,8 @@ log = logging.getLogger("reference")
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# small I/O helpers
+# small helpers
 # ---------------------------------------------------------------------------------------------------------------
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def read_json(path: Path, default: Any = None) -> Any:
-    if not path.is_file():
-        return default
-    raw = path.read_bytes()
-    if path.suffix == ".gz":
-        raw = gzip.decompress(raw)
-    return json.loads(raw)
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Atomic write (a kill never leaves half a file); ``.gz`` names are gzip-compressed (mtime 0: reproducible)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(data, indent=1, sort_keys=True, default=str) + "\n"
-    raw = gzip.compress(text.encode(), mtime=0) if path.suffix == ".gz" else text.encode()
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(raw)
-    tmp.replace(path)
-
-
-def write_frames_gz(path: Path, atoms_list) -> None:
-    from defectflow.train.data import frames_to_text
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(gzip.compress(frames_to_text(atoms_list).encode(), mtime=0))
-    tmp.replace(path)
-
-
-def read_frames_gz(path: Path):
-    from defectflow.train.data import read_frames
-
-    return read_frames(gzip.decompress(path.read_bytes()).decode())
-
-
 def cpu_seconds() -> float:
     """CPU-s of this process and its reaped children (user + system)."""
     me, ch = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -153,20 +125,13 @@ def paused_seconds(t0: float, t1: float) -> float:
 # ---------------------------------------------------------------------------------------------------------------
 # campaigns and starts
 # ---------------------------------------------------------------------------------------------------------------
-def load_campaign(name: str):
-    """The reference campaign (``reference``) or an LF preset's campaign, from its YAML."""
-    from defectflow.campaign import Campaign
-
-    return Campaign.from_yaml(PRESET_DIR / f"{name}.yaml")
-
-
 def generation():
     """The frozen step-1 result (generated and frozen on first use)."""
-    from defectflow.generate import GenerationResult, generate
+    from defectflow.generate import generate
 
     path = DATA / "generation.json.gz"
     if path.is_file():
-        return GenerationResult.model_validate(read_json(path))
+        return frozen.generation()
     log.info("step 1: doped + ShakeNBreak for %s", REFERENCE_YAML.name)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -179,12 +144,6 @@ def starts(gen) -> list[tuple[Any, Any]]:
     """(distortion set, start) in the order the search runs them: q = 0, +2, +1 (the costly spin-polarised q last)."""
     order = sorted(gen.distortion_sets, key=lambda ds: (ds.charge % 2, ds.charge))
     return [(ds, st) for ds in order for st in ds.structures]
-
-
-def relax_name(ds, label: str) -> str:
-    from defectflow.engines.base import safe_name
-
-    return safe_name(f"{ds.name}__{label}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -299,71 +258,72 @@ def compute(only: list[str], minutes: float | None, redo: set[str] = frozenset()
 # ---------------------------------------------------------------------------------------------------------------
 # HF pools of LF frames
 # ---------------------------------------------------------------------------------------------------------------
-def lf_frames(preset: str) -> list:
-    """Every frozen LF frame of a preset (all relaxations, every step)."""
-    folder = DATA / "lf" / preset
-    index = read_json(folder / "index.json", {})
-    out = []
-    for name, row in sorted(index.items()):
-        if row.get("file"):
-            out += read_frames_gz(folder / row["file"])
-    return out
+def pool_choice(preset: str) -> list[list]:
+    """The preset's pool as ``[relaxation name, ionic step]`` pairs: ``select.strategy: fps`` with budget
+    ``POOL_SIZE`` over every frozen LF frame (the selection step itself), plus every relaxation's last frame."""
+    from defectflow.campaign import SelectionSpec
+    from defectflow.select import select_frames
+
+    index = frozen.relaxation_index(preset)
+    records = {name: frozen.relaxation_record(preset, name) for name in sorted(index)}
+    names = {(r.defect, r.charge, r.distortion): n for n, r in records.items()}
+    sel = select_frames(list(records.values()), SelectionSpec(strategy="fps", budget=POOL_SIZE))
+    chosen = [[names[(c.defect, c.charge, c.distortion)], c.step] for c in sel.chosen]
+    for name, rec in records.items():
+        if rec.trajectory and rec.trajectory.frames:
+            last = [name, rec.trajectory.frames[-1].step]
+            if last not in chosen:
+                chosen.append(last)
+    return chosen
 
 
 def pool(preset: str, deadline: float) -> None:
-    """HF single points on ``POOL_SIZE`` LF frames of ``preset``: every relaxation's final frame, then farthest-point
-    samples (the selection step's ``fps`` strategy) from the rest. Frozen one frame at a time."""
+    """HF single points on the preset's pool (:func:`pool_choice`), frozen one frame at a time."""
     from defectflow.engines import get_engine
     from defectflow.train.data import frame_to_atoms
 
     folder = DATA / "lf" / preset
-    index_path = folder / "pool_index.json"
-    frames = lf_frames(preset)
-    if not frames:
-        log.info("pool %s: no LF frames frozen yet", preset)
+    n_starts = sum(len(ds.structures) for ds in generation().distortion_sets)
+    if len(frozen.relaxation_index(preset)) < n_starts:
+        log.info("pool %s: LF relaxations not all frozen yet", preset)
         return
+    index_path = folder / "pool_index.json"
     index = read_json(index_path, {})
-    chosen = index.get("chosen") or pool_choice(frames)
-    index["chosen"] = chosen
+    if not index.get("chosen"):
+        index["chosen"] = pool_choice(preset)
+        write_json(index_path, index)
     done = index.setdefault("done", {})
     engine = get_engine(hf_engine_settings(), fidelity="high")
-    from defectflow.engines.base import atoms_to_structure
-    from defectflow.train.data import charge_of
-
     pool_path = folder / "pool_hf.extxyz.gz"
     labelled = read_frames_gz(pool_path) if pool_path.is_file() else []
-    for n, i in enumerate(chosen, 1):
-        if str(i) in done:
+    records: dict[str, Any] = {}
+    for n, (name, step) in enumerate(index["chosen"], 1):
+        key = f"{name}@{step}"
+        if key in done:
             continue
         if time.time() > deadline:
             log.info("pool %s: time limit reached", preset)
             break
-        a = frames[i]
-        q = charge_of(a)
+        rec = records.setdefault(name, frozen.relaxation_record(preset, name))
+        lf = next(f for f in rec.trajectory.frames if f.step == step)
         c0 = cpu_seconds()
         with chdir(work_root() / "pools" / preset):
-            f = engine.single_point(atoms_to_structure(a, q), q, workdir=Path.cwd() / f"frame_{i}")
+            hf = engine.single_point(lf.structure, lf.charge, workdir=Path.cwd() / key.replace("@", "_step"))
         cpu = cpu_seconds() - c0
-        done[str(i)] = {"energy": f.energy, "cpu_seconds": round(cpu, 2), "wall_seconds": round(f.wall_seconds, 2),
-                        "error": f.error}
-        if f.energy is not None:
-            meta = {"defect": a.info["defect"], "distortion": a.info["distortion"], "lf_step": int(a.info["step"]),
-                    "lf_index": int(i), "LF_energy": float(a.info["REF_energy"])}
-            h = frame_to_atoms(f, head="hf", meta=meta)
-            h.arrays["LF_forces"] = a.arrays["REF_forces"]
+        done[key] = {"energy": hf.energy, "cpu_seconds": round(cpu, 2), "wall_seconds": round(hf.wall_seconds, 2),
+                     "error": hf.error}
+        if hf.energy is not None:
+            from defectflow.train.data import LF_ENERGY_KEY, LF_FORCES_KEY
+
+            h = frame_to_atoms(hf, head="hf", meta={"defect": rec.defect, "distortion": rec.distortion,
+                                                     "lf_relaxation": name, "lf_step": step})
+            h.info[LF_ENERGY_KEY] = lf.energy
+            h.arrays[LF_FORCES_KEY] = lf.forces_array
             labelled.append(h)
             write_frames_gz(pool_path, labelled)
         write_json(index_path, index)
-        print(f"  [pool {preset}] {n}/{len(chosen)} frame {i} q={q:+d}: "
-              f"{'failed' if f.energy is None else f'{f.energy:.4f} eV'}, {cpu:.0f} CPU-s", flush=True)
-
-
-def pool_choice(frames) -> list[int]:
-    """Indices into the preset's LF frames: every final frame, then fps over all frames up to ``POOL_SIZE``."""
-    from defectflow.select.strategies import farthest_point_indices
-
-    final = [i for i, a in enumerate(frames) if a.info.get("final")]
-    return farthest_point_indices(frames, POOL_SIZE, preselected=final)
+        print(f"  [pool {preset}] {n}/{len(index['chosen'])} {key} q={lf.charge:+d}: "
+              f"{'failed' if hf.energy is None else f'{hf.energy:.4f} eV'}, {cpu:.0f} CPU-s", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
