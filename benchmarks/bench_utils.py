@@ -1,101 +1,17 @@
 """Pure helpers shared by the benchmark scripts (and tested by tests/test_benchmarks.py).
 
-Nothing here runs an engine: CPU accounting per job, job name → pipeline step, structure and level comparisons,
-ratios, goal verdicts and plain-text tables. Heavy imports (pymatgen, defectflow) happen inside functions.
+Nothing here runs an engine: structure and level comparisons, ratios, goal verdicts and plain-text tables. (Cost per
+step comes from :meth:`defectflow.results.Results.cost`, not from a meter of the benchmarks' own.)
+Heavy imports (pymatgen, defectflow) happen inside functions.
 """
 
 from __future__ import annotations
 
 import math
 import platform
-import resource
-import time
 from collections.abc import Iterable, Sequence
 from itertools import pairwise
 from typing import Any
-
-# ---------------------------------------------------------------------------------------------------------------
-# CPU accounting
-# ---------------------------------------------------------------------------------------------------------------
-#: Pseudo job name for what happens before the first job starts (doped + ShakeNBreak generation, graph building).
-GRAPH_BUILD = "(graph build)"
-
-def step_of(job_name: str | None) -> str:
-    """The step label (:func:`defectflow.steps.label_of`, e.g. '2 relax_lf') a jobflow job name belongs to;
-    '(outside jobs)' for None, '1 generation' for the graph build, '(other)' for a name of no step."""
-    from defectflow.steps import label_of
-
-    if job_name is None:
-        return "(outside jobs)"
-    if job_name == GRAPH_BUILD:
-        return label_of("generation")
-    return label_of(job_name)
-
-
-def cpu_now() -> tuple[float, float, float]:
-    """(wall s, CPU s of this process, CPU s of reaped child processes) — user + system time."""
-    me = resource.getrusage(resource.RUSAGE_SELF)
-    ch = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return time.perf_counter(), me.ru_utime + me.ru_stime, ch.ru_utime + ch.ru_stime
-
-
-class CpuMeter:
-    """A ``run_campaign`` progress callback that charges CPU time to the job that is running.
-
-    jobflow's ``run_locally`` runs one job at a time in this process, so the CPU used between "starting X" and the
-    next event is X's: ``self_cpu`` (this Python process: xTB, MACE, CHGNet, doped) and ``child_cpu`` (reaped
-    subprocesses: pw.x under mpirun, mace_run_train). Time before the first job is charged to
-    :data:`GRAPH_BUILD` (doped + ShakeNBreak run while the graph is built), time between jobs to ``None``
-    (store writes).
-    """
-
-    def __init__(self, clock=cpu_now):
-        self._clock = clock
-        self._last = clock()
-        self._current: str | None = GRAPH_BUILD
-        self.records: list[dict[str, Any]] = []
-
-    def _charge(self) -> None:
-        now = self._clock()
-        self.records.append({"job": self._current, "wall": now[0] - self._last[0],
-                             "self_cpu": now[1] - self._last[1], "child_cpu": now[2] - self._last[2]})
-        self._last = now
-
-    def __call__(self, event: str, name: str, done: int = 0, total: int = 0) -> None:
-        self._charge()
-        self._current = name if event == "starting" else None
-
-    def close(self) -> None:
-        """Charge the time since the last event (call once the run returned)."""
-        self._charge()
-        self._current = None
-
-    def by_job(self) -> dict[str | None, dict[str, float]]:
-        out: dict[str | None, dict[str, float]] = {}
-        for r in self.records:
-            acc = out.setdefault(r["job"], {"wall": 0.0, "self_cpu": 0.0, "child_cpu": 0.0})
-            for k in ("wall", "self_cpu", "child_cpu"):
-                acc[k] += r[k]
-        return out
-
-    def by_step(self, rename: dict[str, str] | None = None) -> dict[str, dict[str, float]]:
-        """Step → wall / CPU (self, children, total) in s; ``rename`` maps step names (e.g. for the HF search)."""
-        out: dict[str, dict[str, float]] = {}
-        for job, acc in self.by_job().items():
-            step = step_of(job)
-            step = (rename or {}).get(step, step)
-            tgt = out.setdefault(step, {"wall": 0.0, "self_cpu": 0.0, "child_cpu": 0.0, "jobs": 0})
-            for k in ("wall", "self_cpu", "child_cpu"):
-                tgt[k] += acc[k]
-            tgt["jobs"] += 0 if job is None or job.startswith("(") else 1
-        for v in out.values():
-            v["cpu"] = v["self_cpu"] + v["child_cpu"]
-        return out
-
-    def sum_where(self, predicate, key: str) -> float:
-        """Sum of ``key`` over jobs whose name satisfies ``predicate``."""
-        return sum(acc[key] for job, acc in self.by_job().items() if job is not None and predicate(job))
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # comparisons

@@ -21,37 +21,6 @@ def _load(name: str):
 bu = _load("bench_utils")
 
 
-def test_step_of_labels_job_names_from_the_step_table():
-    cases = {
-        "generation": "1 generation", bu.GRAPH_BUILD: "1 generation", "bulk_hf": "bulk bulk_hf",
-        "relax_lf v_Si_+1 Dimer": "2 relax_lf", "single_hf v_Si_0_Dimer_step3": "3 single_hf",
-        "train round 1": "4 train", "verify v_Si -1 round 1": "5 verify", "store_inputs": "- store_inputs",
-    }
-    for name, step in cases.items():
-        assert bu.step_of(name) == step, name
-    assert bu.step_of(None) == "(outside jobs)"
-    assert bu.step_of("something new") == "(other)"
-
-
-def test_cpu_meter_charges_each_interval_to_the_running_job():
-    ticks = iter([(0, 0, 0), (1, 0.5, 0), (4, 1.0, 5.0), (4.5, 1.1, 5.0), (6, 2.1, 5.0), (7, 2.2, 5.0)])
-    m = bu.CpuMeter(clock=lambda: next(ticks))   # construction reads (0, 0, 0)
-    m("starting", "relax_lf v_Si_0 Unperturbed")  # (1, .5, 0): graph build
-    m("finished", "relax_lf v_Si_0 Unperturbed")  # (4, 1, 5): the relaxation
-    m("starting", "train round 0")                # (4.5, 1.1, 5): between jobs
-    m("finished", "train round 0")                # (6, 2.1, 5): training
-    m.close()                                     # (7, 2.2, 5): after the last job
-    jobs = m.by_job()
-    assert jobs[bu.GRAPH_BUILD] == {"wall": 1, "self_cpu": 0.5, "child_cpu": 0}
-    assert jobs["relax_lf v_Si_0 Unperturbed"] == {"wall": 3, "self_cpu": 0.5, "child_cpu": 5.0}
-    assert jobs["train round 0"]["wall"] == pytest.approx(1.5) and jobs["train round 0"]["self_cpu"] == pytest.approx(1.0)
-    assert jobs[None]["wall"] == pytest.approx(1.5)
-    steps = m.by_step({"2 relax_lf": "HF relax"})
-    assert steps["HF relax"]["cpu"] == pytest.approx(5.5) and steps["HF relax"]["jobs"] == 1
-    assert steps["1 generation"]["jobs"] == 0 and steps["1 generation"]["cpu"] == pytest.approx(0.5)
-    assert m.sum_where(lambda j: j.startswith("relax_lf"), "child_cpu") == pytest.approx(5.0)
-
-
 def test_ratio_and_verdicts():
     assert bu.ratio(60, 2) == 30
     assert bu.ratio(None, 2) is None and bu.ratio(1, 0) is None and bu.ratio(1, None) is None
