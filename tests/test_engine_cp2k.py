@@ -42,18 +42,86 @@ needs_cp2k = pytest.mark.skipif(not (HAVE_CP2K and HAVE_DATA), reason="cp2k / cp
 FAST = {"cutoff": 200, "rel_cutoff": 30, "mpi_procs": min(2, os.cpu_count() or 1)}
 
 
-def _children() -> list[str]:
-    """Live or zombie child processes of this test process (Linux /proc)."""
-    out = []
+def _proc_table() -> dict[int, dict]:
+    """pid → comm, state, ppid, pgrp, sid, start (clock ticks since boot) of every process (Linux /proc)."""
+    table = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             text = stat.read_text()
         except OSError:
             continue
-        fields = text.rsplit(")", 1)[1].split()
-        if int(fields[1]) == os.getpid():
-            out.append(text.split(")", 1)[0] + ") " + fields[0])
+        f = text.rsplit(")", 1)[1].split()
+        table[int(stat.parent.name)] = {"comm": text[text.index("(") + 1: text.rindex(")")], "state": f[0],
+                                        "ppid": int(f[1]), "pgrp": int(f[2]), "sid": int(f[3]), "start": int(f[19])}
+    return table
+
+
+def _descendants(root: int, table: dict[int, dict]) -> dict[int, dict]:
+    out, todo = {}, [root]
+    while todo:
+        parent = todo.pop()
+        for pid, info in table.items():
+            if info["ppid"] == parent and pid not in out:
+                out[pid] = info
+                todo.append(pid)
     return out
+
+
+class SpawnWatch:
+    """The processes one engine call starts, and what is left of them afterwards.
+
+    ``with SpawnWatch() as w: engine.single_point(...)`` records, every 0.1 s while the call runs, the descendants
+    of this process (parent chain) that were not there before it: cp2k_shell, mpirun, the ranks. Afterwards
+    :meth:`leftovers` lists those still present (zombies too: not reaped) and any live process in a process group
+    or session they had (ranks orphaned by a dead launcher keep their session). Processes that other tests or
+    fixtures started before the call (the SecantusDB server of the MongoDB tests, ...) are never looked at."""
+
+    def __enter__(self):
+        import threading
+
+        self.before = {(pid, i["start"]) for pid, i in _descendants(os.getpid(), _proc_table()).items()}
+        self.seen: dict[int, dict] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def _record(self) -> None:
+        for pid, info in _descendants(os.getpid(), _proc_table()).items():
+            if (pid, info["start"]) not in self.before:
+                self.seen.setdefault(pid, info)
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.1):
+            self._record()
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        return False
+
+    def leftovers(self, timeout: float = 5.0) -> list[str]:
+        own = {os.getpgrp(), os.getsid(0)}
+        groups = {i["pgrp"] for i in self.seen.values()} - own
+        sessions = {i["sid"] for i in self.seen.values()} - own
+        deadline = time.monotonic() + timeout
+        while True:
+            table = _proc_table()
+            mine = {pid for pid, info in _descendants(os.getpid(), table).items()
+                    if (pid, info["start"]) not in self.before}
+            left = [f"{pid} {info['comm']} ({info['state']}, pgrp {info['pgrp']}, sid {info['sid']})"
+                    for pid, info in table.items()
+                    if pid in mine or (info["state"] not in "ZX" and (info["pgrp"] in groups or info["sid"] in sessions))]
+            if not left or time.monotonic() > deadline:
+                return left
+            time.sleep(0.2)
+
+
+def _watched(call):
+    """(call(), the processes it left behind, the processes it started)."""
+    with SpawnWatch() as w:
+        result = call()
+    return result, w.leftovers(), w.seen
 
 
 # -- no CP2K run ---------------------------------------------------------------------------------------------
@@ -204,8 +272,11 @@ def single_points(tmp_path_factory):
     cache = {}
 
     def get(q):
+        """(Frame, processes left behind by the call)"""
         if q not in cache:
-            cache[q] = eng.single_point(si_vacancy(), q, root / f"q{q:+d}")
+            frame, left, started = _watched(lambda: eng.single_point(si_vacancy(), q, root / f"q{q:+d}"))
+            assert any(i["comm"].startswith("cp2k_shell") for i in started.values()), started  # the watch saw it
+            cache[q] = frame, left
         return cache[q]
 
     return get
@@ -214,7 +285,7 @@ def single_points(tmp_path_factory):
 @needs_cp2k
 @pytest.mark.dft
 def test_single_point_neutral(single_points):
-    f = single_points(0)
+    f, left = single_points(0)
     assert f.error is None and f.scf_converged
     assert math.isfinite(f.energy) and f.charge == 0 and f.structure.charge == 0 and f.engine == "cp2k"
     assert np.asarray(f.forces).shape == (7, 3) and len(f.stress) == 6
@@ -224,7 +295,7 @@ def test_single_point_neutral(single_points):
     assert 0.5 < f.fmax < 2.0  # unrelaxed vacancy neighbours: measured 1.04 eV/Å
     assert f.magnetization is None
     assert f.vbm is not None and f.cbm is not None and f.vbm < f.fermi_level < f.cbm
-    assert _children() == []  # cp2k_shell and mpirun reaped
+    assert left == []  # cp2k_shell, mpirun and the ranks ended and reaped
 
 
 @needs_cp2k
@@ -238,7 +309,7 @@ def test_bulk_band_edges(tmp_path):
     a gap in 0.3-1.2 eV
     (neither a metal nor a mis-parsed table), and the VBM equal to the highest doubly-occupied MO printed.
     """
-    f = CP2KEngine(FAST).single_point(si_conventional(), 0, tmp_path)
+    f, left, _ = _watched(lambda: CP2KEngine(FAST).single_point(si_conventional(), 0, tmp_path))
     assert f.error is None and f.scf_converged and f.charge == 0
     assert f.vbm is not None and f.cbm is not None and f.fermi_level is not None
     assert f.vbm < f.fermi_level < f.cbm
@@ -247,20 +318,20 @@ def test_bulk_band_edges(tmp_path):
     eig = {int(i): float(e) for i, e, _ in rows}
     assert len(eig) == 16 + 20  # 32 electrons / 2 + ADDED_MOS 20
     assert f.vbm == pytest.approx(eig[16]) and f.cbm == pytest.approx(eig[17])
-    assert _children() == []
+    assert left == []
 
 
 @needs_cp2k
 @pytest.mark.dft
 @pytest.mark.slow
 def test_single_point_charged_is_spin_polarised(single_points):
-    f0, fm = single_points(0), single_points(-1)
+    (f0, _), (fm, left) = single_points(0), single_points(-1)
     assert fm.error is None and fm.scf_converged and fm.charge == -1
     assert math.isfinite(fm.energy) and np.asarray(fm.forces).shape == (7, 3)
     assert fm.magnetization == 1.0  # 29 valence electrons → UKS doublet
     # E(q=-1) - E(0) ≈ Fermi level on CP2K's absolute scale (measured +4.72 eV, Fermi level 5.03 eV)
     assert 2.0 < fm.energy - f0.energy < 8.0
-    assert _children() == []
+    assert left == []
 
 
 @needs_cp2k
@@ -269,7 +340,7 @@ def test_single_point_charged_is_spin_polarised(single_points):
 def test_relax_reuses_wavefunction(tmp_path):
     eng = CP2KEngine(FAST)
     tmp_path = tmp_path / "dir with space"
-    traj = eng.relax(si_vacancy(rattle=0.05, seed=1), 0, tmp_path, fmax=0.01, max_steps=2)
+    traj, left, _ = _watched(lambda: eng.relax(si_vacancy(rattle=0.05, seed=1), 0, tmp_path, fmax=0.01, max_steps=2))
     assert traj.status == "unconverged" and traj.error and traj.charge == 0
     assert len(traj.frames) == 3 and [f.step for f in traj.frames] == [0, 1, 2]
     energies = [f.energy for f in traj.frames]
@@ -278,19 +349,19 @@ def test_relax_reuses_wavefunction(tmp_path):
     assert all(f.vbm is not None and f.cbm is not None for f in traj.frames)  # every ionic step
     steps = [int(n) for n in re.findall(r"SCF run converged in\s+(\d+)", (tmp_path / "cp2k.out").read_text())]
     assert len(steps) == 3 and max(steps[1:]) < steps[0], steps  # ASPC extrapolation: measured 21, 15, 15
-    assert _children() == []
+    assert left == []
 
 
 @needs_cp2k
 @pytest.mark.dft
 def test_unconverged_scf_is_recorded_not_raised(tmp_path):
     eng = CP2KEngine({**FAST, "max_scf": 3})
-    traj = eng.relax(si_vacancy(rattle=0.05, seed=1), 0, tmp_path, max_steps=3)
+    traj, left, _ = _watched(lambda: eng.relax(si_vacancy(rattle=0.05, seed=1), 0, tmp_path, max_steps=3))
     assert traj.status == "failed" and "SCF" in traj.error
     assert len(traj.frames) == 1  # stopped after the first unconverged step, which is kept
     f = traj.frames[0]
     assert not f.scf_converged and "max_scf=3" in f.error and math.isfinite(f.energy)
-    assert _children() == []
+    assert left == []
 
 
 # -- interrupts ----------------------------------------------------------------------------------------------
@@ -305,12 +376,18 @@ def test_shell_command_starts_its_own_session(tmp_path):
 
 
 _INTERRUPT_SCRIPT = """
+import signal
 import sys
+# Ctrl-C raises KeyboardInterrupt whatever this process inherited (a test run started in the background of a
+# non-interactive shell inherits SIGINT ignored, and Python then leaves it ignored)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 sys.path.insert(0, {tests!r})
 from conftest import si_vacancy
 from defectflow.engines.cp2k import CP2KEngine
 
-CP2KEngine({settings!r}).single_point(si_vacancy(), -1, "run")
+# a relaxation that cannot converge (fmax 1e-6 eV/Å, 200 steps: minutes of UKS SCFs on any machine), so the
+# calculation is certainly running when the test interrupts it
+CP2KEngine({settings!r}).relax(si_vacancy(rattle=0.05, seed=1), -1, "run", fmax=1e-6, max_steps=200)
 print("FINISHED", flush=True)
 """
 
@@ -319,9 +396,10 @@ print("FINISHED", flush=True)
 @pytest.mark.dft
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
 def test_sigint_ends_cp2k_shell_and_ranks(tmp_path):
-    """Ctrl-C while cp2k_shell computes (q = -1, UKS, ~20 s): the engine's ``finally`` ends the shell, mpirun and
-    both ranks (checked by the pids, groups and sessions recorded before the signal)."""
-    from test_engine_qe import _descendants, _proc_table, _survivors
+    """Ctrl-C while cp2k_shell computes (q = -1, UKS relaxation; the signal is sent once cp2k.out shows the SCF
+    running, not after a fixed delay): the engine's ``finally`` ends the shell, mpirun and both ranks (checked by
+    the pids, groups and sessions recorded before the signal)."""
+    from test_engine_qe import _survivors
 
     script = tmp_path / "run.py"
     script.write_text(_INTERRUPT_SCRIPT.format(tests=str(Path(__file__).resolve().parent), settings=FAST))
@@ -330,14 +408,16 @@ def test_sigint_ends_cp2k_shell_and_ranks(tmp_path):
                                 env=dict(os.environ, OMP_NUM_THREADS="1"))
     try:
         deadline = time.monotonic() + 120
+        out_file = tmp_path / "run" / "cp2k.out"
         while True:
             recorded = _descendants(proc.pid, _proc_table())
-            if sum(info["comm"].startswith("cp2k_shell") for info in recorded.values()) >= FAST["mpi_procs"]:
+            ranks = sum(info["comm"].startswith("cp2k_shell") for info in recorded.values())
+            if ranks >= FAST["mpi_procs"] and out_file.is_file() and "SCF WAVEFUNCTION OPTIMIZATION" in \
+                    out_file.read_text(errors="replace"):
                 break
             assert proc.poll() is None, (tmp_path / "script.out").read_text()
-            assert time.monotonic() < deadline, "cp2k_shell did not start"
+            assert time.monotonic() < deadline, "cp2k_shell did not start an SCF"
             time.sleep(0.1)
-        time.sleep(2.0)  # the SCF is running
         recorded = _descendants(proc.pid, _proc_table())
         (leader,) = [pid for pid, info in recorded.items() if info["ppid"] == proc.pid]
         if shutil.which("setsid"):

@@ -139,3 +139,78 @@ def test_figures_are_drawn_again_from_the_store_alone(run, tmp_path):
     assert [Path(p).name for p in written["levels"]] == ["formation_energies.png"]
     for paths in written.values():
         assert all(Path(p).read_bytes()[:4] == b"\x89PNG" and Path(p).stat().st_size > 5000 for p in paths)
+
+
+def test_the_charge_reaches_hf_single_points_search_and_verification(run):
+    """q reaches every step after the LF relaxations: each HF single point, each surrogate search and each
+    verification stored at q is the energy of its structure at q (recomputed here with GFN2-xTB / the trained
+    surrogate), not at the other charge state (which gives a different energy for the same structure)."""
+    from conftest import GFN2
+
+    from defectflow.engines import get_engine
+    from defectflow.engines.base import structure_to_atoms
+    from defectflow.results import Results
+    from defectflow.schemas import TrainedModel, as_structure
+    from defectflow.train import load_calculator
+
+    campaign, r = run
+    res = Results.for_campaign(campaign, run=r.flow_uuid)
+    hf = get_engine(GFN2, fidelity="high")
+
+    def other(q):
+        return 1 - q  # the campaign's other charge state (0 ↔ +1)
+
+    compared = 0
+
+    def differs_at_other_charge(energy, structure, q) -> bool:
+        """GFN2-xTB at the other charge gives another energy (or no converged SCF at all: also not this result)."""
+        nonlocal compared
+        e = hf.single_point(structure, other(q)).energy
+        compared += e is not None
+        return e is None or abs(energy - e) > 0.1
+
+    singles = res.query(step="single_hf", load=True)
+    assert {d["metadata"]["charge"] for d in singles} == {0, 1}
+    for d in singles:
+        f, q = d["output"], d["metadata"]["charge"]
+        s = as_structure(f["structure"])
+        assert f["charge"] == q and s.charge == q and f["engine"] == "ase" and f["xc"] == "GFN2-xTB"
+        if f["energy"] is None:  # a failed HF single point keeps its q and says why
+            assert f["error"]
+            continue
+        assert f["energy"] == pytest.approx(hf.single_point(s, q).energy, abs=1e-6)
+        assert differs_at_other_charge(f["energy"], s, q)
+
+    trainings = {int(d["name"].rsplit(" ", 1)[-1]): d for d in res.query(step="train", load=True)}
+    assert sorted(trainings) == [0, 1]
+    for g in r.result.ground_states:
+        q = g.charge
+        verified = {d["metadata"]["round"]: d["output"] for d in res.query(step="verify", defect=g.defect, charge=q,
+                                                                          load=True)}
+        searches = {d["metadata"]["round"]: d["output"] for d in res.query(step="search", defect=g.defect, charge=q,
+                                                                          load=True)}
+        assert sorted(verified) == sorted(searches) == [0, 1]
+        for rnd, s in searches.items():
+            v = verified[rnd]
+            assert v["charge"] == s["charge"] == q
+            if s["ground_state"] is None:  # every minimum rejected: nothing was verified
+                assert v["hf_energy"] is None and v["error"]
+                continue
+            gs = as_structure(s["ground_state"]["structure"])
+            assert v["charge"] == s["charge"] == q and v["hf_frame"]["charge"] == q and gs.charge == q
+            if v["hf_energy"] is None:  # the HF single point failed: recorded at q, with the reason
+                assert v["hf_frame"]["error"]
+            else:
+                assert v["hf_energy"] == pytest.approx(hf.single_point(gs, q).energy, abs=1e-6)
+                assert differs_at_other_charge(v["hf_energy"], gs, q)
+            # the search's energies are the HF head of this round's surrogate at q
+            model = TrainedModel.model_validate(trainings[rnd]["output"]["models"]["main"])
+            calc = load_calculator(model, "hf")
+            energies = {}
+            for qq in (q, other(q)):
+                atoms = structure_to_atoms(gs, qq)
+                atoms.calc = calc
+                energies[qq] = atoms.get_potential_energy()
+            assert s["ground_state"]["energy"] == pytest.approx(energies[q], abs=1e-6)
+            assert abs(energies[q] - energies[other(q)]) > 1e-3
+    assert compared >= 1  # at least one HF result was compared with a converged calculation at the other charge

@@ -353,3 +353,17 @@ def test_train_job_keeps_model_bytes_in_data_store(dataset, tmp_path):
     e = energy(load_calculator(model, "hf"), 0)
     assert np.isfinite(e)
     assert Path(loaded["plots"]["parity_main"]).is_file()
+
+
+def test_model_files_are_cached_inside_pytest_tmp(trained, tmp_path_factory):
+    """load_calculator's model files go to the session's cache folder under pytest's basetemp (tests/conftest.py),
+    never to the machine-wide default (<system tmp>/defectflow-models) that other runs share."""
+    from defectflow.train.surrogate import model_path
+
+    result, _ = trained
+    path = model_path(result.main)
+    assert path.is_file() and path.parent == Path(os.environ["DEFECTFLOW_MODEL_CACHE"])
+    assert tmp_path_factory.getbasetemp() in path.parents
+    import tempfile
+
+    assert path.parent != Path(tempfile.gettempdir()) / "defectflow-models"
