@@ -335,7 +335,10 @@ def train_surrogate(lf_extxyz: str, hf_extxyz: str, spec: MlipSpec, workdir: str
 # prediction
 # ---------------------------------------------------------------------------------------------------------------
 def _cache_dir() -> Path:
-    d = Path(os.environ.get("DEFECTFLOW_MODEL_CACHE", Path(tempfile.gettempdir()) / "defectflow-models"))
+    """Where model files are written to be loaded (named by their SHA-256, so sharing is safe):
+    ``$DEFECTFLOW_MODEL_CACHE``, else the user's cache folder (``$XDG_CACHE_HOME`` or ``~/.cache``)/defectflow/models."""
+    default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "defectflow" / "models"
+    d = Path(os.environ.get("DEFECTFLOW_MODEL_CACHE") or default)
     d.mkdir(parents=True, exist_ok=True)
     return d
 
