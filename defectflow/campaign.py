@@ -443,6 +443,7 @@ class Campaign(_Section):
     execution: ExecutionSpec = Field(default_factory=ExecutionSpec)
 
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
+    _source: str | None = PrivateAttr(default=None)
 
     @field_validator("name")
     @classmethod
@@ -476,6 +477,13 @@ class Campaign(_Section):
                 "selection.per_group_max: must be ≥ selection.per_group_min "
                 f"({self.selection.per_group_max} < {self.selection.per_group_min})"
             )
+        # charges given per defect must name a defect of the campaign (checked here when defects.include lists
+        # names only; with kinds such as 'vacancies' the preflight checks them against the host / doped's names)
+        names = self.defects.include
+        if isinstance(self.charges, dict) and not any(n in DEFECT_KINDS for n in names):
+            for key in self.charges:
+                if not any(_same_defect(key, n) for n in names):
+                    raise ValueError(f"charges.{key}: no defect {key!r} in defects.include ({', '.join(names)})")
         return self
 
     # -- constructors -------------------------------------------------------------------------------------------
@@ -489,16 +497,21 @@ class Campaign(_Section):
         except ValidationError as exc:
             raise CampaignError(format_validation_error(exc), source) from None
         campaign._base_dir = Path(base_dir) if base_dir else Path.cwd()
+        campaign._source = source
         return campaign
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> Campaign:
         """Read and validate a campaign YAML file."""
         path = Path(path)
+        if path.is_dir():
+            raise CampaignError([f"campaign file expected, got a directory: {path}"])
         if not path.is_file():
             raise CampaignError([f"campaign file not found: {path}"])
         try:
             data = yaml.safe_load(path.read_text())
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CampaignError([f"cannot read the campaign file ({exc})"], str(path)) from None
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
@@ -518,20 +531,38 @@ class Campaign(_Section):
     def base_dir(self) -> Path:
         return self._base_dir
 
+    @property
+    def source(self) -> str | None:
+        """The campaign file this campaign was read from (prefix of its error messages), or None."""
+        return self._source
+
     def host_structure(self) -> Structure:
-        """The host as a pymatgen Structure (reads the file on demand)."""
+        """The host as a pymatgen Structure (reads the file on demand). Errors are :class:`CampaignError` naming
+        ``host.structure`` with the campaign file as prefix, like every other campaign error."""
+        import warnings
+
         s = self.host.structure
         if isinstance(s, Structure):
             return s
         path = Path(s)
         if not path.is_absolute():
             path = self._base_dir / path
+        if path.is_dir():
+            raise CampaignError([f"host.structure: expected a structure file, got a directory: {path}"], self._source)
         if not path.is_file():
-            raise CampaignError([f"host.structure: file not found: {path}"])
+            raise CampaignError([f"host.structure: file not found: {path}"], self._source)
         try:
-            return Structure.from_file(path)
+            # pymatgen warns (several lines each) about every oddity of a broken CIF before it fails: the one-line
+            # error below says it all
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                structure = Structure.from_file(path)
         except Exception as exc:  # pymatgen raises many kinds
-            raise CampaignError([f"host.structure: cannot read {path} as a structure ({exc})"]) from None
+            why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CampaignError([f"host.structure: cannot read {path} as a structure ({why})"], self._source) from None
+        if len(structure) == 0:
+            raise CampaignError([f"host.structure: {path} holds no atoms"], self._source)
+        return structure
 
     def work_dir(self) -> Path:
         """The campaign's work directory (absolute; relative settings resolve against the current directory)."""
@@ -592,12 +623,14 @@ def format_validation_error(exc: ValidationError) -> list[str]:
             msg = msg.removeprefix("Value error, ")
             if not loc and re.match(r"^[\w.]+: ", msg):  # a cross-field check names its own field
                 where, msg = msg.split(": ", 1)
+        elif etype == "int_from_float":
+            msg = f"expected an integer, got {given!r} (a number with a fractional part)"
         else:
             msg = msg[0].lower() + msg[1:] if msg else msg
             msg = msg.replace("input should be", "expected").replace("expected greater", "expected a value greater")
             msg = msg.replace("expected less", "expected a value less")
             if given is not None and not isinstance(given, (dict, list)):
-                msg += f", got {given!r}"
+                msg += f" ({given!r})" if ", got " in msg else f", got {given!r}"
         line = f"{where}: {msg}"
         if line not in seen:
             seen.add(line)
@@ -629,10 +662,17 @@ def _owner_model(raw_loc: tuple) -> type[BaseModel] | None:
     return current if isinstance(current, type) and issubclass(current, BaseModel) else None
 
 
+def _same_defect(key: str, name: str) -> bool:
+    """A charges key and a defects.include name mean the same defect (doped site suffixes: v_Se_1 ~ v_Se)."""
+    return key == name or key.startswith(name + "_") or name.startswith(key + "_")
+
+
 def _collapse_union_noise(problems: list[str]) -> list[str]:
     by_field: dict[str, list[str]] = {}
     for p in problems:
         by_field.setdefault(p.split(": ", 1)[0], []).append(p)
+    if any(f.startswith("charges.") for f in by_field) and "charges" in by_field:
+        del by_field["charges"]  # an item of the list is wrong: that says more than "expected auto, a list or a dict"
     out = []
     for field, lines in by_field.items():
         if field.startswith("charges") and len(lines) > 1:

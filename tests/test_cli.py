@@ -12,8 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 EXE = shutil.which("defectflow", path=str(Path(sys.executable).parent)) or "defectflow"
 
 
-def run(*args, cwd=ROOT):
-    return subprocess.run([EXE, *args], capture_output=True, text=True, cwd=cwd, timeout=120)
+def run(*args, cwd=ROOT, timeout=120):
+    return subprocess.run([EXE, *args], capture_output=True, text=True, cwd=cwd, timeout=timeout)
 
 
 def test_help_lists_every_subcommand():
@@ -38,9 +38,10 @@ def test_benchmark_show_prints_the_committed_tables():
 
 
 def test_validate_ok():
-    r = run("validate", "workflows/quickstart.yaml")
+    r = run("validate", "workflows/quickstart.yaml", timeout=600)  # doped generation included (~15 s on 2 cores)
     assert r.returncode == 0, r.stderr
     assert "is valid" in r.stdout and "v_Si" in r.stdout
+    assert "generated   3 (defect, q) sets, 15 structures in a 30-atom supercell" in r.stdout
 
 
 def test_broken_campaign_exits_nonzero_with_one_line(tmp_path):
@@ -88,7 +89,7 @@ def test_run_lf_only_executes_steps_1_2_and_reports(tmp_path):
                        timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     work = tmp_path / "runs" / "cli-small"
-    assert "steps: generate, bulk, relax_lf, summary, harvest_lf\n" in r.stderr
+    assert "steps: generation, bulk_lf, bulk_hf, bulk_reference, relax_lf, summary, harvest_lf\n" in r.stderr
     assert "Ground states" not in r.stdout
     rows = [ln for ln in r.stdout.splitlines() if "v_Si" in ln and "│" in ln]
     assert len(rows) == 2 and "+0" in rows[0] and "+1" in rows[1]

@@ -40,19 +40,41 @@ examples:
   defectflow schema > campaign.schema.json          JSON schema of the campaign file
   defectflow schema --markdown                      every campaign key, its type, default and units
 
-exit status: 0 ok, 1 a run finished with failed jobs, 2 invalid input (one line per problem, naming the field)."""
+exit status: 0 ok, 1 a run finished with failed jobs, 2 invalid input or cannot start (one line per problem,
+naming the field: a bad campaign, a MongoDB server that does not answer, a work directory in use by another run),
+130 / 143 run stopped by Ctrl-C / SIGTERM (the same command resumes it)."""
+
+
+def _errors(problems, source: str | None = None) -> int:
+    """Print one ``error:`` line per problem (prefixed with the campaign file unless it already is)."""
+    for p in problems:
+        for line in str(p).splitlines():
+            if source and not line.startswith(f"{source}: "):
+                line = f"{source}: {line}"
+            print(f"error: {line}", file=sys.stderr)
+    return EXIT_INVALID
+
+
+def _load(path: str):
+    """The campaign of ``path``; raises CampaignError."""
+    from defectflow.campaign import Campaign
+
+    return Campaign.from_yaml(path)
 
 
 def _cmd_validate(args) -> int:
-    from defectflow.campaign import Campaign, CampaignError
+    from defectflow.campaign import CampaignError
+    from defectflow.preflight import preflight
 
     try:
-        campaign = Campaign.from_yaml(args.campaign)
-        host = campaign.host_structure()
+        campaign = _load(args.campaign)
     except CampaignError as exc:
-        for line in str(exc).splitlines():
-            print(f"error: {line}", file=sys.stderr)
-        return EXIT_INVALID
+        return _errors(str(exc).splitlines())
+    generation: list = []
+    problems = preflight(campaign, fast=args.fast, generation_out=generation)
+    if problems:
+        return _errors(problems, campaign.source)
+    host = campaign.host_structure()
     if args.json:
         print(campaign.model_dump_json(indent=2, exclude={"host": {"structure"}}))
         return 0
@@ -69,46 +91,243 @@ def _cmd_validate(args) -> int:
     print(f"  surrogate   MACE {campaign.mlip.multi_fidelity}, charge embedding "
           f"{'on' if campaign.mlip.charge_embedding else 'off'}")
     print(f"  store       {campaign.execution.store} → {campaign.work_dir()}")
+    if generation:
+        g = generation[0]
+        print(f"  generated   {len(g.distortion_sets)} (defect, q) sets, {g.n_structures} structures in a "
+              f"{len(g.bulk_supercell)}-atom supercell: "
+              + ", ".join(f"{d} {qs}" for d, qs in g.charges.items()))
+    print("  checked     host, defect names, engines (executables, pseudopotentials, calculators), store, work "
+          "directory" + ("" if args.fast else ", doped generation") + (" (--fast: doped generation skipped)"
+                                                                       if args.fast else ""))
     return 0
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# run: signals, progress
+# ---------------------------------------------------------------------------------------------------------------
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread (a BaseException, so that no job's ``except Exception`` swallows it)."""
+
+
+def _install_signals():
+    """SIGINT → KeyboardInterrupt, SIGTERM → _Terminated; returns the previous handlers."""
+    import signal
+
+    def on_term(signum, frame):
+        raise _Terminated()
+
+    def on_int(signum, frame):
+        raise KeyboardInterrupt()
+
+    return {signal.SIGTERM: signal.signal(signal.SIGTERM, on_term), signal.SIGINT: signal.signal(signal.SIGINT, on_int)}
+
+
+def _ignore_signals() -> None:
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def _restore_signals(old) -> None:
+    import signal
+
+    for sig, handler in old.items():
+        signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+
+def _terminate_engines() -> None:
+    """End every engine child process group (mpirun + pw.x, cp2k_shell, mace_run_train) still alive."""
+    try:
+        from defectflow.engines.process import terminate_all
+    except ImportError:
+        terminate_all = None
+    if terminate_all is not None:
+        try:
+            terminate_all()
+        except Exception as exc:  # noqa: BLE001 - the run is being stopped; report and go on
+            logging.getLogger(__name__).warning("could not end every engine process: %s", exc)
+
+
+def _same_command() -> str:
+    import shlex
+
+    return "defectflow " + shlex.join(sys.argv[1:])
+
+
+def _fmt_elapsed(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class _Tally:
+    """What a run did so far, from the progress callback: jobs done / total, finished per step, the current job."""
+
+    def __init__(self):
+        import time
+
+        self.t0 = time.monotonic()
+        self.done = 0
+        self.total = 0
+        self.current = "building the graph (doped + ShakeNBreak)"
+        self.step = "generation"
+        self.finished: dict[str, int] = {}
+
+    def update(self, event: str, name: str, done: int, total: int) -> bool:
+        """Record an event; True when the step changed."""
+        from defectflow.steps import step_of
+
+        self.done, self.total = done, total
+        step = step_of(name) or name.split(" ", 1)[0]
+        if event == "finished":
+            self.finished[step] = self.finished.get(step, 0) + 1
+            self.current = ""
+            return False
+        self.current = name
+        changed = step != self.step
+        self.step = step
+        return changed
+
+    def line(self) -> str:
+        import time
+
+        if not self.total:
+            return f"progress: {self.current}, elapsed {_fmt_elapsed(time.monotonic() - self.t0)}"
+        job = f"; running {self.current}" if self.current else ""
+        return (f"progress: {self.done}/{self.total or '?'} jobs done, step {self.step}{job}, elapsed "
+                f"{_fmt_elapsed(time.monotonic() - self.t0)}")
+
+    def summary(self) -> str:
+        from defectflow.steps import STEPS
+
+        order = list(STEPS)
+        per = ", ".join(f"{k} {v}" for k, v in sorted(self.finished.items(),
+                                                       key=lambda kv: order.index(kv[0]) if kv[0] in order else 99))
+        return f"{self.done} of {self.total or '?'} jobs finished" + (f" ({per})" if per else "")
+
+
+class _PlainProgress:
+    """Progress for logs (stdout not a terminal): a plain line at every step change and every ``every`` seconds."""
+
+    def __init__(self, tally: _Tally, every: float, stream=None):
+        import threading
+
+        self.tally = tally
+        self.every = every
+        self.stream = stream or sys.stderr
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._loop, name="defectflow-progress", daemon=True)
+
+    def emit(self) -> None:
+        with self._lock:
+            print(self.tally.line(), file=self.stream, flush=True)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every):
+            self.emit()
+
+    def __enter__(self):
+        self.emit()
+        if self.every > 0:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        return False
+
+
 def _cmd_run(args) -> int:
+    import contextlib
+
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-    from rich.table import Table
 
-    from defectflow.campaign import Campaign, CampaignError
+    from defectflow.campaign import CampaignError
     from defectflow.engines import EngineError
-    from defectflow.submit import BUILT_STEPS, run_campaign
+    from defectflow.preflight import check_generated, preflight
+    from defectflow.store import StoreError
+    from defectflow.store.lock import WorkDirLocked, lock_holder
+    from defectflow.submit import run_campaign, steps_of_run
 
     console = Console(stderr=True)
     try:
-        campaign = Campaign.from_yaml(args.campaign)
-        campaign.host_structure()
+        campaign = _load(args.campaign)
     except CampaignError as exc:
-        for line in str(exc).splitlines():
-            print(f"error: {line}", file=sys.stderr)
-        return EXIT_INVALID
+        return _errors(str(exc).splitlines())
+    source = campaign.source
     if args.work_dir:
         campaign.execution.work_dir = args.work_dir
-    console.print(f"[bold]defectflow run[/] {campaign.name} → {campaign.work_dir()}")
+    work = campaign.work_dir()
+    holder = lock_holder(work) if work.is_dir() else None
+    if holder is not None:
+        return _errors([f"{work} is in use by another run (PID {holder.get('pid')}, started "
+                        f"{holder.get('started', '?')}): wait for it to end or stop it"])
+    problems = preflight(campaign, fast=True, create=True)
+    if args.work_dir:
+        problems = [p.replace("execution.work_dir:", "--work-dir:", 1) for p in problems]
+    if problems:
+        return _errors(problems, source)
+
     steps = "lf" if args.lf_only else "all"
-    console.print(f"steps: {', '.join(BUILT_STEPS if steps == 'all' else BUILT_STEPS[:5])}")
+    console.print(f"[bold]defectflow run[/] {campaign.name} → {work}", soft_wrap=True)
+    console.print(f"steps: {', '.join(steps_of_run(steps, bool(campaign.search.foundation_baseline)))}",
+                  soft_wrap=True)
+    tally = _Tally()
+    plain = not sys.stdout.isatty() and not args.quiet
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("[dim]{task.fields[current]}")]
-    with Progress(*columns, console=console, transient=False, disable=args.quiet) as bar:
-        task = bar.add_task("jobs", total=None, current="building the graph (doped + ShakeNBreak)")
+    old_signals = _install_signals()
+    interrupted = None
+    try:
+        with contextlib.ExitStack() as stack:
+            bar = stack.enter_context(Progress(*columns, console=console, transient=False,
+                                               disable=args.quiet or plain))
+            task = bar.add_task("jobs", total=None, current=tally.current)
+            printer = stack.enter_context(_PlainProgress(tally, args.progress_every)) if plain else None
 
-        def progress(event, name, done, total):
-            bar.update(task, total=total, completed=done, current=name if event == "starting" else "")
+            def progress(event, name, done, total):
+                changed = tally.update(event, name, done, total)
+                bar.update(task, total=total, completed=done, current=name if event == "starting" else "")
+                if printer is not None and changed:
+                    printer.emit()
 
-        try:
-            result = run_campaign(campaign, progress=progress, steps=steps)
-        except (CampaignError, EngineError) as exc:
-            bar.stop()
-            for line in str(exc).splitlines():
-                print(f"error: {line}", file=sys.stderr)
-            return EXIT_INVALID
+            try:
+                from defectflow.generate import generate
+
+                generation = generate(campaign)
+                problems = check_generated(campaign, generation)
+                if problems:
+                    bar.stop()
+                    return _errors(problems, source)
+                result = run_campaign(campaign, progress=progress, steps=steps, generation=generation)
+            except (CampaignError, EngineError, StoreError, WorkDirLocked) as exc:
+                bar.stop()
+                if isinstance(exc, CampaignError):
+                    return _errors(exc.problems, exc.source or source)
+                return _errors(str(exc).splitlines())
+    except KeyboardInterrupt:
+        interrupted = ("SIGINT", 130)
+    except _Terminated:
+        interrupted = ("SIGTERM", 143)
+    finally:
+        if interrupted:
+            _ignore_signals()  # a second Ctrl-C must not interrupt the clean-up
+            _terminate_engines()
+        _restore_signals(old_signals)
+    if interrupted:
+        name, code = interrupted
+        print(f"interrupted ({name}): {tally.summary()}, kept in the store; resume with: {_same_command()}",
+              file=sys.stderr, flush=True)
+        return code
+    return _report_run(campaign, result)
+
+
+def _report_run(campaign, result) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
     table = Table(title=f"Low-fidelity ShakeNBreak search ({campaign.fidelities.low.engine} "
                         f"{campaign.fidelities.low.xc})")
     for col in ("defect", "q", "ground state", "ΔE vs Unperturbed (eV)", "converged", "failed"):
@@ -137,8 +356,10 @@ def _cmd_run(args) -> int:
                   f"charges {ts['charges']} → {ts['path']}")
     for p in result.plots:
         out.print(f"plot: {p}")
-    out.print(f"{result.n_jobs} jobs in {result.wall_seconds:.0f} s; store: {campaign.execution.store} "
-              f"({result.work_dir / 'store'})")
+    from defectflow.store import mask_uri
+
+    where = result.work_dir / "store" if campaign.execution.store == "embedded" else mask_uri(campaign.execution.store)
+    out.print(f"{result.n_jobs} jobs in {result.wall_seconds:.0f} s; store: {campaign.execution.store} ({where})")
     if result.failed_jobs or result.failures:
         out.print(f"[red]{len(result.failed_jobs)} job(s) did not finish:[/] {', '.join(result.failed_jobs[:5])}")
         for name, why in result.failures.items():
@@ -224,35 +445,115 @@ def _cost_table(rows: list[dict]):
 # ---------------------------------------------------------------------------------------------------------------
 # results / query / status / submit
 # ---------------------------------------------------------------------------------------------------------------
-def _open_results(args):
-    """Results for ``args.campaign`` (YAML) or ``--store`` (+ ``--campaign-name``); raises CampaignError/ValueError."""
-    from defectflow.campaign import Campaign
-    from defectflow.results import Results
-    from defectflow.store import embedded_store, make_store
+class _Source:
+    """Where a read-only command reads from: the store, the campaign (when a file was given), its work directory."""
+
+    def __init__(self, store, campaign=None, work_dir: Path | None = None, name: str | None = None,
+                 label: str = ""):
+        self.store = store
+        self.campaign = campaign
+        self.work_dir = work_dir
+        self.name = name
+        self.label = label
+
+
+def _open_source(args) -> _Source:
+    """The store for ``args.campaign`` / ``--store`` / ``--work-dir`` without creating anything; raises
+    CampaignError or ValueError (StoreError: no store there yet, MongoDB unreachable)."""
+    from defectflow.store import mask_uri, open_store
 
     name = getattr(args, "name", None)
+    work_dir = Path(args.work_dir).resolve() if getattr(args, "work_dir", None) else None
     if args.store:
         if args.store.startswith(("mongodb://", "mongodb+srv://")) or args.store == "mongodb":
-            store = make_store(args.store, ".")
-        else:
-            path = Path(args.store)
-            path = path / "store" if (path / "store").is_dir() else path
-            if not path.is_dir():
-                raise ValueError(f"--store: expected a MongoDB URI or an embedded store directory, got {args.store!r}")
-            store = embedded_store(path)
-    elif args.campaign:
-        campaign = Campaign.from_yaml(args.campaign)
-        name = name or campaign.name
-        store = make_store(campaign.execution.store, campaign.work_dir())
-    else:
-        raise ValueError("expected a campaign YAML file or --store URI|DIR")
-    return Results(store, name, run=getattr(args, "run", None))
+            return _Source(open_store(args.store), name=name, work_dir=work_dir,
+                           label=mask_uri(args.store))
+        path = Path(args.store)
+        path = path / "store" if (path / "store").is_dir() else path
+        if not path.is_dir():
+            raise ValueError(f"--store: expected a MongoDB URI or an embedded store directory, got {args.store!r}")
+        from defectflow.store import embedded_store
+
+        return _Source(embedded_store(path, create=False), name=name, work_dir=path.parent, label=str(path))
+    if args.campaign:
+        campaign = _load(args.campaign)
+        if work_dir is not None:
+            campaign.execution.work_dir = str(work_dir)
+        work = campaign.work_dir()
+        store = open_store(campaign.execution.store, work)
+        label = str(work / "store") if campaign.execution.store == "embedded" else mask_uri(campaign.execution.store)
+        return _Source(store, campaign=campaign, work_dir=work, name=name or campaign.name, label=label)
+    if work_dir is not None:
+        return _Source(open_store("embedded", work_dir), work_dir=work_dir, name=name, label=str(work_dir / "store"))
+    raise ValueError("expected a campaign YAML file, --work-dir DIR or --store URI|DIR")
+
+
+def _open_results(args):
+    """Results for ``args.campaign`` (YAML), ``--store`` or ``--work-dir`` (+ ``--name``), and the source."""
+    from defectflow.results import Results
+
+    src = _open_source(args)
+    return Results(src.store, src.name, run=getattr(args, "run", None)), src
+
+
+def _run_state(r, src) -> dict:
+    """Is the selected run finished? ``{"state": finished|lf-only|unfinished|running, "newest": uuid,
+    "newest_state": ..., "jobs": n}`` from the store (and the work directory's run lock when there is one)."""
+    from defectflow.store.lock import lock_holder
+
+    runs = r.runs()
+
+    def state(run_id: str, finished: bool) -> str:
+        if finished:
+            return "finished"
+        names = {d["name"] for d in r.store.query({"hosts": run_id, "name": {"$in": ["harvest_lf", "select"]}},
+                                                  properties=["name"])}
+        return "lf-only" if names == {"harvest_lf"} else "unfinished"
+
+    info = {r2["run"]: r2 for r2 in runs}
+    me = info.get(r.run)
+    out = {"state": state(r.run, me["finished"]) if me else "unfinished"}
+    holder = lock_holder(src.work_dir) if src.work_dir is not None and src.work_dir.is_dir() else None
+    if runs and runs[0]["run"] != r.run:
+        out["newest"] = runs[0]["run"]
+        out["newest_state"] = "running" if holder else state(runs[0]["run"], runs[0]["finished"])
+    elif holder and out["state"] != "finished":
+        out["state"] = "running"
+    if holder:
+        out["running_pid"] = holder.get("pid")
+    out["jobs"] = r.store.count({"hosts": r.run}) if r.run else 0
+    return out
+
+
+def _state_line(state: dict, src) -> str | None:
+    """One line saying the run is unfinished / running, or that a newer run is; None for a finished run."""
+    again = f"defectflow run {src.campaign.source}" if src.campaign is not None and src.campaign.source else \
+        "defectflow run CAMPAIGN"
+    s = state["state"]
+    line = None
+    if s == "running":
+        line = f"this run is still running (PID {state.get('running_pid')}): {state['jobs']} jobs finished so far"
+    elif s == "unfinished":
+        line = (f"this run is unfinished ({state['jobs']} jobs finished, no final result): resume it with `{again}` "
+                "(and the options it was started with)")
+    elif s == "lf-only":
+        line = "this run stopped after step 2 (--lf-only): ground states are the LF ShakeNBreak ones"
+    if state.get("newest"):
+        newer = {"running": f"still running (PID {state.get('running_pid')})", "unfinished": "unfinished",
+                 "lf-only": "LF only"}.get(state.get("newest_state"), state.get("newest_state"))
+        extra = f"a newer run {state['newest']} is {newer}; --run {state['newest']} shows it"
+        line = f"{line}; {extra}" if line else extra
+    return line
 
 
 def _fail(exc: Exception) -> int:
     for line in str(exc).splitlines():
         print(f"error: {line}", file=sys.stderr)
     return EXIT_INVALID
+
+
+def _no_run(r) -> LookupError:
+    return LookupError(f"no campaign run found in this store{f' for {r.campaign!r}' if r.campaign else ''}")
 
 
 def _cmd_results(args) -> int:
@@ -262,13 +563,16 @@ def _cmd_results(args) -> int:
     from defectflow.results import write_json
 
     try:
-        r = _open_results(args)
+        r, src = _open_results(args)
         if r.run is None:
-            raise LookupError(f"no campaign run found in this store{f' for {r.campaign!r}' if r.campaign else ''}")
+            raise _no_run(r)
     except (CampaignError, ValueError, LookupError) as exc:
         return _fail(exc)
+    state = _run_state(r, src)
     show = set(args.show.split(",")) if args.show else {"ground-states", "levels", "metrics", "cost"}
-    data = {"run": r.run, "campaign": r.campaign}
+    data = {"run": r.run, "campaign": r.campaign, "state": state["state"], "jobs": state["jobs"]}
+    if state.get("newest"):
+        data["newest_run"] = {"run": state["newest"], "state": state["newest_state"]}
     if "runs" in show:
         data["runs"] = r.runs()
     if "ground-states" in show:
@@ -284,7 +588,10 @@ def _cmd_results(args) -> int:
         print(write_json(data))
         return 0
     out = Console()
-    out.print(f"campaign [bold]{r.campaign or '?'}[/], run {r.run}")
+    out.print(f"campaign [bold]{r.campaign or '?'}[/], run {r.run} ({state['state']})")
+    note = _state_line(state, src)
+    if note:
+        out.print(f"[yellow]{note}[/]", soft_wrap=True)
     if "runs" in show:
         for run in data["runs"]:
             out.print(f"  {run['run']}  {run['campaign']}  started {run['started']}  "
@@ -293,8 +600,12 @@ def _cmd_results(args) -> int:
         title = ("Ground states (LF ShakeNBreak search; no final result in this run)"
                  if data["ground_states"][0]["source"] == "lf" else "Ground states (surrogate search, HF verified)")
         out.print(_ground_state_table(data["ground_states"], title))
+    elif "ground-states" in show:
+        out.print("ground states: none yet (no (defect, q) has finished its LF relaxations in this run)")
     if data.get("levels"):
         _print_levels(out, data["levels"])
+    elif "levels" in show and state["state"] != "finished":
+        out.print("levels: none yet (computed at the end of a full run)")
     if data.get("model_metrics"):
         out.print(_metrics_table(data["model_metrics"]))
     if data.get("cost"):
@@ -310,7 +621,7 @@ def _cmd_query(args) -> int:
         criteria = json.loads(args.filter) if args.filter else {}
         if not isinstance(criteria, dict):
             raise ValueError(f"--filter: expected a JSON object such as '{{\"metadata.charge\": 0}}', got {args.filter!r}")
-        r = _open_results(args)
+        r, src = _open_results(args)
     except json.JSONDecodeError as exc:
         return _fail(ValueError(f"--filter: expected JSON ({exc.msg} at character {exc.pos}), got {args.filter!r}"))
     except (CampaignError, ValueError) as exc:
@@ -343,6 +654,10 @@ def _cmd_query(args) -> int:
             line += f"  {f}={value}"
         print(line)
     print(f"{len(docs)} job document(s)", file=sys.stderr)
+    if not args.all_runs and r.run is not None:
+        note = _state_line(_run_state(r, src), src)
+        if note:
+            print(f"note: {note}", file=sys.stderr)
     return 0
 
 
@@ -350,48 +665,67 @@ def _cmd_status(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from defectflow.campaign import Campaign, CampaignError
+    from defectflow.campaign import CampaignError
     from defectflow.results import Results, list_runs
-    from defectflow.steps import step_of
-    from defectflow.store import make_store
+    from defectflow.steps import STEPS, step_of
+    from defectflow.store import NoStoreYet
+    from defectflow.store.lock import lock_holder
     from defectflow.submit import submission_status
 
+    campaign, work, runs, store, label = None, None, [], None, ""
     try:
-        campaign = Campaign.from_yaml(args.campaign)
-        store = make_store(campaign.execution.store, campaign.work_dir())
-        runs = list_runs(store, campaign.name)
+        src = _open_source(args)
+        campaign, work, store, label = src.campaign, src.work_dir, src.store, src.label
+        runs = list_runs(store, src.name)
+    except NoStoreYet:
+        try:  # a campaign (or work directory) that never ran: report it, create nothing
+            campaign = _load(args.campaign) if args.campaign else None
+            if campaign is not None and args.work_dir:
+                campaign.execution.work_dir = args.work_dir
+        except CampaignError as exc2:
+            return _fail(exc2)
+        work = campaign.work_dir() if campaign is not None else Path(args.work_dir or args.store).resolve()
+        label = str(work if work.name == "store" else work / "store")
     except (CampaignError, ValueError) as exc:
         return _fail(exc)
+    name = campaign.name if campaign is not None else (args.name or "?")
     planned: dict[str, int] = {}
-    if not args.no_plan:
+    if campaign is not None and not args.no_plan:
         from defectflow.flows import DefectCampaignMaker
 
         flow = DefectCampaignMaker(check_engines=False).make(campaign)
         for j in flow.jobs:
             planned[step_of(j.name)] = planned.get(step_of(j.name), 0) + 1
         planned["single_hf"] = campaign.selection.budget
-    done = Results(store, campaign.name, run=runs[0]["run"]).progress() if runs else []
-    manager = submission_status(campaign.work_dir())
-    data = {"campaign": campaign.name, "run": runs[0]["run"] if runs else None, "planned": planned,
+    newest = runs[0]["run"] if runs else None
+    done = Results(store, campaign.name if campaign else args.name, run=newest).progress() if runs else []
+    manager = submission_status(work) if work is not None and work.is_dir() else None
+    holder = lock_holder(work) if work is not None and work.is_dir() else None
+    data = {"campaign": name, "run": newest, "planned": planned,
             "finished": {r["step"]: r["finished"] for r in done}, "reused": {r["step"]: r["reused"] for r in done},
+            "running": ({"pid": holder.get("pid"), "started": holder.get("started")} if holder else None),
             "manager": manager}
     if args.json:
         print(json.dumps(data, indent=1))
         return 0
     out = Console()
-    out.print(f"campaign [bold]{campaign.name}[/]: {len(runs)} run(s) in {campaign.execution.store}"
-              + (f"; newest {runs[0]['run']} ({'final result' if runs[0]['finished'] else 'no final result yet'})"
-                 if runs else ""))
+    if not runs:
+        out.print(f"campaign [bold]{name}[/]: no run yet in {label}"
+                  + (f"; a run is starting (PID {holder.get('pid')})" if holder else ""))
+    else:
+        state = (f"running (PID {holder.get('pid')})" if holder and not runs[0]["finished"]
+                 else "final result" if runs[0]["finished"] else "no final result: unfinished, or --lf-only")
+        out.print(f"campaign [bold]{name}[/]: {len(runs)} run(s) in {label}; newest {newest} ({state})")
     table = Table(title="Progress of the newest run (finished jobs in the store)")
     for col in ("step", "finished", "planned (static graph)", "reused"):
         table.add_column(col)
-    order = ["generation", "bulk_lf", "bulk_hf", "bulk", "relax_lf", "summary", "harvest_lf", "select", "label_hf", "single_hf",
-             "collect_hf", "train", "start", "search", "verify", "baseline", "finalize"]
+    order = list(STEPS)
     steps = sorted(set(planned) | set(data["finished"]), key=lambda s: order.index(s) if s in order else 99)
     for step in steps:
         table.add_row(step, str(data["finished"].get(step, 0)), str(planned.get(step, "dynamic")),
                       str(data["reused"].get(step, 0)))
-    out.print(table)
+    if steps:
+        out.print(table)
     if manager:
         out.print(f"{manager['manager']} (submitted {manager.get('submitted', '?')}):")
         for step, states in sorted(manager.get("steps", {}).items()):
@@ -400,12 +734,24 @@ def _cmd_status(args) -> int:
 
 
 def _cmd_submit(args) -> int:
-    from defectflow.campaign import Campaign, CampaignError
+    from defectflow.campaign import CampaignError
     from defectflow.engines import EngineError
+    from defectflow.preflight import preflight
 
     try:
-        campaign = Campaign.from_yaml(args.campaign)
-        campaign.host_structure()
+        campaign = _load(args.campaign)
+    except CampaignError as exc:
+        return _errors(str(exc).splitlines())
+    if args.manager == "fireworks" and args.launchpad:
+        path = Path(args.launchpad).expanduser().resolve()
+        if path.is_dir():
+            return _fail(ValueError(f"launchpad: expected a LaunchPad YAML file, got a directory: {path}"))
+        if not path.is_file():
+            return _fail(ValueError(f"launchpad: file not found: {path}"))
+    problems = preflight(campaign, fast=True)
+    if problems:
+        return _errors(problems, campaign.source)
+    try:
         steps = "lf" if args.lf_only else "all"
         if args.manager == "fireworks":
             from defectflow.submit.fireworks import submit_fireworks
@@ -462,27 +808,30 @@ def _cmd_schema(args) -> int:
 
 def _cmd_plot(args) -> int:
     from defectflow.campaign import CampaignError
-    from defectflow.plotting import replot
+    from defectflow.replot import replot
 
     try:
-        r = _open_results(args)
+        r, src = _open_results(args)
         if r.run is None:
-            raise LookupError(f"no campaign run found in this store{f' for {r.campaign!r}' if r.campaign else ''}")
+            raise _no_run(r)
         what = tuple(w.strip() for w in args.what.split(",") if w.strip())
         if args.out:
             out = Path(args.out)
-        elif args.campaign:
-            from defectflow.campaign import Campaign
-
-            out = Campaign.from_yaml(args.campaign).work_dir() / "plots" / "replot"
+        elif src.campaign is not None:
+            out = src.work_dir / "plots" / "replot"
         else:
             out = Path(f"plots-{r.campaign or r.run}")
         written = replot(r, out, what)
     except (CampaignError, ValueError, LookupError) as exc:
         return _fail(exc)
+    state = _run_state(r, src)
     if args.json:
-        print(json.dumps({"run": r.run, "campaign": r.campaign, "plots": written}, indent=2))
+        print(json.dumps({"run": r.run, "campaign": r.campaign, "state": state["state"], "plots": written},
+                         indent=2))
         return 0
+    note = _state_line(state, src)
+    if note:
+        print(f"note: {note}")
     for kind, paths in written.items():
         print(f"{kind}: {len(paths)} plot(s)" + ("" if paths else " (nothing to draw in this run)"))
         for path in paths:
@@ -525,12 +874,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("validate", help="check a campaign YAML and print a summary",
-                       description="Validate a campaign file. Errors name the field, e.g.\n"
+    p = sub.add_parser("validate", help="check a campaign YAML (the same checks as run) and print a summary",
+                       description="Validate a campaign file with the checks `run` makes before it starts: the\n"
+                       "fields, the host structure, defect names against the host (and doped's generation unless\n"
+                       "--fast), charges keys, the engines' set-up (executables, pseudopotentials, basis sets, ASE\n"
+                       "calculator import), the store (a MongoDB server answering) and the work directory.\n"
+                       "Errors name the field, e.g.\n"
                        "  error: c.yaml: fidelities.low.engine: expected one of 'qe', 'cp2k', 'vasp', 'ase', got 'x'",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("campaign", help="campaign YAML file")
     p.add_argument("--json", action="store_true", help="print the full validated campaign (with defaults) as JSON")
+    p.add_argument("--fast", action="store_true", help="skip the slow check (doped's defect generation); the "
+                   "host, defect names, engines, store and work directory are still checked")
     p.set_defaults(func=_cmd_validate)
 
     p = sub.add_parser("run", help="run a campaign locally (embedded store) with progress",
@@ -539,12 +894,19 @@ def build_parser() -> argparse.ArgumentParser:
                        "  1 doped + ShakeNBreak generation    2 LF relaxation of every distortion (+ plots)\n"
                        "  3 HF single points on selected frames  4 charge-embedded multi-fidelity MACE\n"
                        "  5 surrogate search, HF verification, doped CTLs and formation-energy diagram\n"
-                       "Ends with tables of ground states and CTLs and the paths of the plots.",
+                       "Ends with tables of ground states and CTLs and the paths of the plots.\n\n"
+                       "Ctrl-C or SIGTERM stops the run (and every engine process it started); finished jobs stay\n"
+                       "in the store and the same command resumes (exit status 130 / 143). One run per work\n"
+                       "directory at a time (<work_dir>/run.lock). Without a terminal (batch jobs), progress is a\n"
+                       "plain line per step change and every --progress-every seconds, on stderr.",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("campaign", help="campaign YAML file")
     p.add_argument("--work-dir", help="override execution.work_dir")
     p.add_argument("--lf-only", action="store_true", help="stop after step 2 (generation + LF relaxations)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--progress-every", type=float, default=30.0, metavar="SECONDS",
+                   help="when stdout is not a terminal (a batch job's log): a plain progress line every SECONDS "
+                   "(default 30; 0: only at step changes)")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("engines", help="which engines (QE, CP2K, VASP, ASE calculators) can run here")
@@ -555,12 +917,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", action="store_true", help="Markdown reference (docs/campaign-reference.md)")
     p.set_defaults(func=_cmd_schema)
 
-    def store_args(p):
+    def store_args(p, run: bool = True):
         p.add_argument("campaign", nargs="?", help="campaign YAML file (its execution.store and work_dir are used)")
+        p.add_argument("--work-dir", help="the campaign's work directory (overrides execution.work_dir, as for run; "
+                       "without a campaign file: read the embedded store in it)")
         p.add_argument("--store", help="instead of a campaign file: a MongoDB URI, 'mongodb' (URI from "
                        "$DEFECTFLOW_MONGODB_URI or the config file) or an embedded store / work directory")
         p.add_argument("--name", help="campaign name (metadata.campaign) to select in a shared store")
-        p.add_argument("--run", help="a run's flow uuid (default: the newest run with a final result)")
+        if run:
+            p.add_argument("--run", help="a run's flow uuid (default: the newest run with a final result)")
         p.add_argument("--json", action="store_true", help="machine-readable JSON on stdout")
 
     p = sub.add_parser("results", help="ground states, CTLs, model metrics and cost per step of a campaign",
@@ -603,10 +968,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="per-step progress of a campaign (store, and FireWorks / jobflow-remote)",
                        description="Finished jobs per step of the campaign's newest run in its store, against\n"
                        "the planned graph; with a submission (defectflow submit), the job states per step\n"
-                       "reported by FireWorks or jobflow-remote.")
-    p.add_argument("campaign", help="campaign YAML file")
+                       "reported by FireWorks or jobflow-remote, and whether a local run is still running.\n"
+                       "Reads only: creates nothing, also for a campaign that never ran.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    store_args(p, run=False)
     p.add_argument("--no-plan", action="store_true", help="skip building the graph for planned counts (faster)")
-    p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_status)
 
     p = sub.add_parser("submit", help="submit a campaign to FireWorks or jobflow-remote",
@@ -686,7 +1052,18 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    return args.func(args)
+    from defectflow.campaign import CampaignError
+    from defectflow.store import StoreError
+
+    try:
+        return args.func(args)
+    except CampaignError as exc:
+        return _errors(exc.problems, exc.source)
+    except StoreError as exc:  # MongoDB unreachable, no URI configured, a work directory that cannot be created
+        return _fail(exc)
+    except KeyboardInterrupt:  # any other command: no traceback
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -19,14 +19,21 @@ from typing import Any
 from defectflow.campaign import Campaign
 from defectflow.relax import DistortionSummary
 from defectflow.search.jobs import CampaignResult
+from defectflow.steps import STEPS
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["run_campaign", "CampaignRun", "BUILT_STEPS"]
+__all__ = ["run_campaign", "CampaignRun", "BUILT_STEPS", "steps_of_run"]
 
-#: Pipeline steps a local run executes.
-BUILT_STEPS = ("generate", "bulk", "relax_lf", "summary", "harvest_lf", "select", "single_hf", "train", "search",
-               "verify", "levels")
+#: Pipeline steps a local run executes (:data:`defectflow.steps.STEPS` without jobflow's bookkeeping job).
+BUILT_STEPS = tuple(name for name in STEPS if name != "store_inputs")
+
+
+def steps_of_run(steps: str = "all", baseline: bool = False) -> tuple[str, ...]:
+    """The steps a run executes, in pipeline order: ``steps="lf"`` stops after part 2 (the LF harvest);
+    ``baseline``: the campaign runs the foundation-model baseline (``search.foundation_baseline``)."""
+    parts = ("1", "bulk", "2") if steps == "lf" else ("1", "bulk", "2", "3", "4", "5")
+    return tuple(name for name in BUILT_STEPS if STEPS[name].part in parts and (baseline or name != "baseline"))
 
 _JOB_RE = re.compile(r"^(Starting|Finished) job - (.+) \(([0-9a-f-]+)")
 _FAIL_RE = re.compile(r"^(.+) failed with exception:\s*(.*)", re.S)
@@ -82,26 +89,44 @@ def run_campaign(
     campaign: Campaign | str | Path,
     progress: Callable[[str, str, int, int], None] | None = None,
     steps: str = "all",
+    generation=None,
 ) -> CampaignRun:
     """Build the campaign graph and run it locally into the embedded (or configured) store.
 
     ``progress(event, job_name, done, total)`` is called when a job starts or finishes; ``total`` grows when
-    dynamic steps (HF fan-out, search rounds) add jobs. ``steps="lf"`` stops after step 2.
+    dynamic steps (HF fan-out, search rounds) add jobs. ``steps="lf"`` stops after step 2. ``generation``: an
+    earlier :func:`~defectflow.generate.generate` result of this campaign (``defectflow run`` passes the one its
+    preflight made).
+
+    One run per work directory: the run holds ``<work_dir>/run.lock`` (:class:`~defectflow.store.lock.RunLock`)
+    while it runs; a second one raises :class:`~defectflow.store.lock.WorkDirLocked` at once. A MongoDB store is
+    pinged before anything is built (:class:`~defectflow.store.StoreError` within seconds when unreachable).
     """
+    from defectflow.campaign import CampaignError
+    from defectflow.preflight import check_work_dir
+    from defectflow.store.lock import RunLock
+
+    if not isinstance(campaign, Campaign):
+        campaign = Campaign.from_yaml(campaign)
+    work = campaign.work_dir()
+    problems = check_work_dir(work, create=True)
+    if problems:
+        raise CampaignError(problems, campaign.source)
+    with RunLock(work):
+        return _run_locked(campaign, work, progress, steps, generation)
+
+
+def _run_locked(campaign: Campaign, work: Path, progress, steps: str, generation) -> CampaignRun:
     from jobflow import run_locally
 
     from defectflow.flows import DefectCampaignMaker
     from defectflow.results import Results
     from defectflow.store import make_store
 
-    if not isinstance(campaign, Campaign):
-        campaign = Campaign.from_yaml(campaign)
-    work = campaign.work_dir()
-    work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    flow = DefectCampaignMaker(steps=steps).make(campaign)
+    store = make_store(campaign.execution.store, work, check=True)
+    flow = DefectCampaignMaker(steps=steps).make(campaign, generation=generation)
     total = {"n": len(flow.jobs)}
-    store = make_store(campaign.execution.store, work)
 
     done = {"n": 0}
 
