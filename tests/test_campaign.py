@@ -156,7 +156,7 @@ def test_workflows_exist():
 
 
 def test_docs_reference_is_up_to_date():
-    from defectflow.reference import campaign_reference_markdown
+    from defectflow.schema_doc import campaign_reference_markdown
 
     committed = (ROOT / "docs" / "campaign-reference.md").read_text()
     assert committed.strip() == campaign_reference_markdown().strip(), (

@@ -490,7 +490,7 @@ def test_graph_job_keeps_its_metadata_around_the_nested_vasp_job(tmp_path, fake_
 
     settings, energies = fake_vasp
     monkeypatch.chdir(tmp_path)
-    job = single_point(si7(), 1, {"engine": "vasp", **settings}, "high", label="sp")
+    job = single_point(si7(), 1, {"engine": "vasp", **settings}, "high", tag="sp")
     store = JobStore(MemoryStore())
     responses = run_locally(job, store=store, create_folders=False, root_dir=tmp_path, log=False,
                             ensure_success=True)

@@ -71,6 +71,14 @@ def test_killed_run_resumes_without_recomputing(tmp_path):
         source = store.query_one({"uuid": relax[name]["reused_from"]}, properties=["name", "metadata"])
         assert source["name"] == name and not source["metadata"].get("reused_from")
         assert relax[name]["cost"]["cpu_s"] < 0.5 * source["metadata"]["cost"]["cpu_s"]
+        # the reused output points to the trajectory the first job stored: nothing is copied into the data store
+        new = store.query_one({"name": name, "hosts": run.flow_uuid}, load=False, properties=["output"])
+        old = store.query_one({"uuid": relax[name]["reused_from"]}, load=False, properties=["output"])
+        assert new["output"]["trajectory"]["blob_uuid"] == old["output"]["trajectory"]["blob_uuid"]
+        loaded = store.query_one({"name": name, "hosts": run.flow_uuid}, load=True, properties=["output"])
+        assert loaded["output"]["trajectory"]["frames"]
+        reuser = store.query_one({"name": name, "hosts": run.flow_uuid}, properties=["uuid"])["uuid"]
+        assert store.additional_stores["data"].count({"job_uuid": reuser}) == 0  # it stored no big data of its own
     assert all(relax[n]["cost"]["wall_s"] > 0 for n in relax)
     assert len(run.summaries) == 2 and all(s.ground_state for s in run.summaries.values())
 

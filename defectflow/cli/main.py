@@ -798,7 +798,7 @@ def _cmd_schema(args) -> int:
     from defectflow.campaign import Campaign
 
     if args.markdown:
-        from defectflow.reference import campaign_reference_markdown
+        from defectflow.schema_doc import campaign_reference_markdown
 
         print(campaign_reference_markdown())
     else:

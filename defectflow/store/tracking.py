@@ -8,8 +8,9 @@
                 given its step when the graph is built (:func:`defectflow.steps.name_job`), and keeps it,
 * ``cost``      ``wall_s`` (s), ``cpu_s`` (s, this process: every thread), ``cpu_children_s`` (s, finished child
                 processes, e.g. ``mpirun pw.x``), so CPU-seconds per step can be queried from any store,
-* ``cache_key`` a digest of everything that determines the result: the inputs as JSON, with engine settings
-                replaced by their settings digest (which leaves out parallelisation: ``mpi_procs``, ``command``),
+* ``cache_key`` (jobs that can reuse a result) a digest of everything that determines the result: the inputs
+                as JSON, with engine settings replaced by their settings digest (which leaves out parallelisation:
+                ``mpi_procs``, ``command``),
 * ``reused_from`` the uuid of the job whose output was reused, when it was.
 
 Resume: with ``cache=True`` a job first looks in its own JobStore (``CURRENT_JOB.store``; the job needs
@@ -17,7 +18,8 @@ Resume: with ``cache=True`` a job first looks in its own JobStore (``CURRENT_JOB
 So re-running a campaign after a crash or kill, locally or through FireWorks / jobflow-remote, recomputes only what
 is missing, and a changed setting invalidates exactly the jobs whose inputs it changes (and, through their changed
 outputs, what depends on them). Failed results (``status == "failed"``; without a status, an ``error``) are never reused: they are
-retried. The reused output is stored again under the new job (its big data too): documents stay self-contained.
+retried. A reused output is stored again under the new job, but its big data (trajectories, model files) is not
+copied: the new document points to the data the first job stored (the same ``blob_uuid`` in the data store).
 """
 
 from __future__ import annotations
@@ -73,27 +75,27 @@ _INDEXED: set[int] = set()
 
 
 def _ensure_index(store) -> None:
-    """An index on ``metadata.cache_key`` where the docs store supports one (MongoDB); once per store object.
-    Guarded: the embedded MontyStore has no indexes and simply scans."""
+    """An index on ``metadata.cache_key`` where the docs store supports one (MongoDB; the embedded SQLite store
+    indexes it itself); once per store object."""
     if id(store) in _INDEXED:
         return
     _INDEXED.add(id(store))
     try:
         store.docs_store.ensure_index("metadata.cache_key")
-    except Exception:  # noqa: BLE001 - NotImplementedError in MontyDB; a lookup without index still works
+    except Exception:  # noqa: BLE001 - a store without index support still answers the lookup
         logger.debug("no index on metadata.cache_key in %s", type(store.docs_store).__name__)
 
 
 def _lookup(store, key: str) -> tuple[Any, str] | None:
-    """A finished, successful output with ``key`` in ``store`` (newest first), decoded; or None."""
-    from monty.json import MontyDecoder
-
+    """A finished, successful output with ``key`` in ``store`` (newest first) as stored: its big data stays a
+    reference into the data store (``load=False``), so reusing it copies nothing; or None."""
     _ensure_index(store)
     try:
-        docs = store.query({"metadata.cache_key": key}, sort={"completed_at": -1}, load=True)
+        docs = store.query({"metadata.cache_key": key}, sort={"completed_at": -1}, load=False,
+                           properties=["uuid", "output"])
         for doc in docs:
             if _reusable(doc.get("output")):
-                return MontyDecoder().process_decoded(doc["output"]), doc["uuid"]
+                return doc["output"], doc["uuid"]
     except Exception as exc:  # noqa: BLE001 - a store that cannot be searched means: compute
         logger.warning("cache lookup failed (%s); computing", exc)
     return None
@@ -123,21 +125,27 @@ def tracked(step: str, cache: bool = True, engines: Iterable[str] = (), ignore: 
 
             if CURRENT_JOB.job is None:
                 return func(*args, **kwargs)
-            bound = signature.bind(*args, **kwargs)
-            bound.apply_defaults()
-            key = cache_key(step, dict(bound.arguments), engines, ignore)
             t0, (c0, k0) = time.perf_counter(), _cpu()
+            key = None
+            if cache:  # the key serialises every input: only for the jobs that can reuse a result
+                bound = signature.bind(*args, **kwargs)
+                bound.apply_defaults()
+                key = cache_key(step, dict(bound.arguments), engines, ignore)
             store = getattr(CURRENT_JOB, "store", None)
-            hit = _lookup(store, key) if (cache and store is not None) else None
+            hit = _lookup(store, key) if (key is not None and store is not None) else None
             if hit is not None:
                 out, source = hit
+                # stored as it is: its big-data fields are already references into the data store
+                CURRENT_JOB.job._kwargs = {k: v for k, v in CURRENT_JOB.job._kwargs.items() if k != "data"}
                 logger.info("%s: reusing the output of job %s (same inputs)", CURRENT_JOB.job.name, source)
             else:
                 out, source = func(*args, **kwargs), None
             c1, k1 = _cpu()
-            meta = {"step": step if step in STEPS else CURRENT_JOB.job.metadata.get("step"), "cache_key": key,
+            meta = {"step": step if step in STEPS else CURRENT_JOB.job.metadata.get("step"),
                     "cost": {"wall_s": round(time.perf_counter() - t0, 4), "cpu_s": round(c1 - c0, 4),
                              "cpu_children_s": round(k1 - k0, 4)}}
+            if key is not None:
+                meta["cache_key"] = key
             if source:
                 meta["reused_from"] = source
             # jobflow writes the job document (with this metadata) after the function returns, under every

@@ -1,4 +1,4 @@
-"""Running campaigns: locally (``run_campaign``); FireWorks and jobflow-remote submission come with issue #6.
+"""Running campaigns: locally (``run_campaign``), or submitted to FireWorks and jobflow-remote (``submit``).
 
 >>> from defectflow.submit import run_campaign
 >>> result = run_campaign("workflows/quickstart.yaml")          # doctest: +SKIP
