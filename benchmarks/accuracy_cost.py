@@ -306,6 +306,8 @@ def main(argv=None) -> dict[str, Any]:
     args = p.parse_args(argv)
     out_json = args.json or RESULTS / f"accuracy_cost_{args.preset}.json"
     if args.show:
+        if not out_json.is_file():
+            raise SystemExit(f"{out_json}: no results for preset {args.preset!r} yet (run without --show)")
         print(render(json.loads(out_json.read_text())))
         return {}
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

@@ -12,7 +12,7 @@ Every job document carries ``name`` (its first word is the pipeline step), ``hos
 ``metadata.campaign``, and, where they apply, ``metadata.defect`` / ``charge`` / ``distortion``, plus
 ``metadata.cost`` and ``metadata.cache_key`` for the tracked steps (see :mod:`defectflow.store.tracking`).
 Only plain ``find`` filters and projections are used (no aggregation, no indexes), so the same queries run on the
-embedded MontyStore and on MongoDB.
+embedded SQLite store and on MongoDB.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from jobflow import JobStore
 
 from defectflow.campaign import Campaign
 from defectflow.steps import HF_STEPS, step_of
-from defectflow.store import make_store
+from defectflow.store import open_store
 
 __all__ = ["Results", "RunInfo", "list_runs", "write_json"]
 
@@ -57,10 +57,11 @@ class Results:
     @classmethod
     def for_campaign(cls, campaign, run: str | None = None) -> Results:
         """Results of a campaign (a :class:`~defectflow.campaign.Campaign` or a YAML path) from the store its
-        ``execution`` section names."""
+        ``execution`` section names. Creates nothing: :class:`~defectflow.store.StoreError` when the campaign has
+        no store yet (it never ran) or its MongoDB server cannot be reached."""
         if not isinstance(campaign, Campaign):
             campaign = Campaign.from_yaml(campaign)
-        return cls(make_store(campaign.execution.store, campaign.work_dir()), campaign.name, run)
+        return cls(open_store(campaign.execution.store, campaign.work_dir()), campaign.name, run)
 
     # -- runs -----------------------------------------------------------------------------------------------------
     def _campaign_filter(self) -> dict[str, Any]:

@@ -856,9 +856,11 @@ def _cmd_benchmark(args) -> int:
               file=sys.stderr)
         return EXIT_INVALID
     script = d / {"accuracy": "accuracy_cost.py", "speed": "speed.py"}[args.which]
-    cmd = [sys.executable, str(script)] + (["--quick"] if args.quick else []) + (["--show"] if args.show else [])
-    cmd += (["--resume"] if args.resume and args.which == "accuracy" else [])
-    cmd += (["--preset", args.preset] if args.preset and args.which == "accuracy" else [])
+    if args.which == "accuracy":
+        cmd = [sys.executable, str(script), "--preset", args.preset] + (["--resume"] if args.resume else [])
+    else:
+        cmd = [sys.executable, str(script)] + (["--quick"] if args.quick else [])
+    cmd += ["--show"] if args.show else []
     print("running:", " ".join(cmd), flush=True)
     return subprocess.call(cmd)
 
@@ -1017,16 +1019,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("benchmark", help="run a benchmark script from the source checkout (accuracy and HF cost "
                        "vs a direct high-fidelity search; speed and memory)",
                        description="Runs benchmarks/accuracy_cost.py or benchmarks/speed.py (source checkout only):\n"
-                       "  accuracy  direct-HF ShakeNBreak search vs defectflow, ablations, CHGNet (~95 min on 2 cores)\n"
+                       "  accuracy  defectflow vs the frozen direct-HF ShakeNBreak search (benchmarks/data/), ablations,\n"
+                       "            CHGNet, LF ShakeNBreak + 1 HF single point, per LF preset (≤ 30 min each)\n"
                        "  speed     surrogate vs LF/DFT per structure, training per epoch, peak memory (~5 min)\n"
                        "Tables on stdout, JSON in benchmarks/results/; discussion in docs/benchmarks.md.",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("which", choices=["accuracy", "speed"])
-    p.add_argument("--quick", action="store_true", help="smoke-run preset (minutes; the figures mean nothing)")
+    p.add_argument("--quick", action="store_true", help="speed: smoke run (minutes; the figures mean nothing)")
     p.add_argument("--show", action="store_true", help="print the tables of the last JSON again (no runs)")
-    p.add_argument("--resume", action="store_true", help="accuracy: reuse the finished campaign runs")
-    p.add_argument("--preset", choices=["default", "xtb-lf", "quick"],
-                   help="accuracy: default (LF = QE PBE 12 Ry), xtb-lf (LF = GFN1-xTB), quick (smoke run)")
+    p.add_argument("--resume", action="store_true", help="accuracy: reuse the finished defectflow run")
+    p.add_argument("--preset", choices=["close", "functional", "far"], default="close",
+                   help="accuracy: the LF preset (benchmarks/presets/): close = QE PBE 12 Ry, functional = QE LDA "
+                   "18 Ry, far = GFN1-xTB (default: close)")
     p.set_defaults(func=_cmd_benchmark)
 
     return parser
