@@ -85,15 +85,10 @@ def cpu_seconds() -> float:
     return me.ru_utime + me.ru_stime + ch.ru_utime + ch.ru_stime
 
 
-@contextlib.contextmanager
 def chdir(path: Path):
+    """``contextlib.chdir`` into ``path``, created first."""
     path.mkdir(parents=True, exist_ok=True)
-    old = Path.cwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(old)
+    return contextlib.chdir(path)
 
 
 def work_root() -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -212,3 +213,32 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         terminalreporter.section("CI=true: skipped modules fail the run", sep="=", red=True, bold=True)
         for line in _ci_collection_skips:
             terminalreporter.line(f"SKIPPED MODULE {line}", red=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# processes (Linux /proc): which engine children a call left behind
+# ---------------------------------------------------------------------------------------------------------------
+def proc_table() -> dict[int, dict]:
+    """pid → comm, state, ppid, pgrp, sid, start (clock ticks since boot) of every process (Linux /proc)."""
+    table = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        f = text.rsplit(")", 1)[1].split()
+        table[int(stat.parent.name)] = {"comm": text[text.index("(") + 1: text.rindex(")")], "state": f[0],
+                                        "ppid": int(f[1]), "pgrp": int(f[2]), "sid": int(f[3]), "start": int(f[19])}
+    return table
+
+
+def descendants(root: int, table: dict[int, dict]) -> dict[int, dict]:
+    """The processes of ``table`` descending from ``root`` (by parent pid), whatever session or group they are in."""
+    out, todo = {}, [root]
+    while todo:
+        parent = todo.pop()
+        for pid, info in table.items():
+            if info["ppid"] == parent and pid not in out:
+                out[pid] = info
+                todo.append(pid)
+    return out

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import si_conventional, si_vacancy
+from conftest import descendants, proc_table, si_conventional, si_vacancy
 from pymatgen.core import Lattice, Structure
 
 from defectflow.engines.base import EngineError
@@ -42,31 +42,6 @@ needs_cp2k = pytest.mark.skipif(not (HAVE_CP2K and HAVE_DATA), reason="cp2k / cp
 FAST = {"cutoff": 200, "rel_cutoff": 30, "mpi_procs": min(2, os.cpu_count() or 1)}
 
 
-def _proc_table() -> dict[int, dict]:
-    """pid → comm, state, ppid, pgrp, sid, start (clock ticks since boot) of every process (Linux /proc)."""
-    table = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:
-            continue
-        f = text.rsplit(")", 1)[1].split()
-        table[int(stat.parent.name)] = {"comm": text[text.index("(") + 1: text.rindex(")")], "state": f[0],
-                                        "ppid": int(f[1]), "pgrp": int(f[2]), "sid": int(f[3]), "start": int(f[19])}
-    return table
-
-
-def _descendants(root: int, table: dict[int, dict]) -> dict[int, dict]:
-    out, todo = {}, [root]
-    while todo:
-        parent = todo.pop()
-        for pid, info in table.items():
-            if info["ppid"] == parent and pid not in out:
-                out[pid] = info
-                todo.append(pid)
-    return out
-
-
 class SpawnWatch:
     """The processes one engine call starts, and what is left of them afterwards.
 
@@ -79,7 +54,7 @@ class SpawnWatch:
     def __enter__(self):
         import threading
 
-        self.before = {(pid, i["start"]) for pid, i in _descendants(os.getpid(), _proc_table()).items()}
+        self.before = {(pid, i["start"]) for pid, i in descendants(os.getpid(), proc_table()).items()}
         self.seen: dict[int, dict] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
@@ -87,7 +62,7 @@ class SpawnWatch:
         return self
 
     def _record(self) -> None:
-        for pid, info in _descendants(os.getpid(), _proc_table()).items():
+        for pid, info in descendants(os.getpid(), proc_table()).items():
             if (pid, info["start"]) not in self.before:
                 self.seen.setdefault(pid, info)
 
@@ -106,8 +81,8 @@ class SpawnWatch:
         sessions = {i["sid"] for i in self.seen.values()} - own
         deadline = time.monotonic() + timeout
         while True:
-            table = _proc_table()
-            mine = {pid for pid, info in _descendants(os.getpid(), table).items()
+            table = proc_table()
+            mine = {pid for pid, info in descendants(os.getpid(), table).items()
                     if (pid, info["start"]) not in self.before}
             left = [f"{pid} {info['comm']} ({info['state']}, pgrp {info['pgrp']}, sid {info['sid']})"
                     for pid, info in table.items()
@@ -410,7 +385,7 @@ def test_sigint_ends_cp2k_shell_and_ranks(tmp_path):
         deadline = time.monotonic() + 120
         out_file = tmp_path / "run" / "cp2k.out"
         while True:
-            recorded = _descendants(proc.pid, _proc_table())
+            recorded = descendants(proc.pid, proc_table())
             ranks = sum(info["comm"].startswith("cp2k_shell") for info in recorded.values())
             if ranks >= FAST["mpi_procs"] and out_file.is_file() and "SCF WAVEFUNCTION OPTIMIZATION" in \
                     out_file.read_text(errors="replace"):
@@ -418,7 +393,7 @@ def test_sigint_ends_cp2k_shell_and_ranks(tmp_path):
             assert proc.poll() is None, (tmp_path / "script.out").read_text()
             assert time.monotonic() < deadline, "cp2k_shell did not start an SCF"
             time.sleep(0.1)
-        recorded = _descendants(proc.pid, _proc_table())
+        recorded = descendants(proc.pid, proc_table())
         (leader,) = [pid for pid, info in recorded.items() if info["ppid"] == proc.pid]
         if shutil.which("setsid"):
             assert {info["sid"] for info in recorded.values()} == {leader} != {os.getsid(proc.pid)}

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from ase.io.espresso import read_fortran_namelist
-from conftest import have, si_conventional, si_vac15, si_vacancy
+from conftest import descendants, have, proc_table, si_conventional, si_vac15, si_vacancy
 from pymatgen.core import Lattice, Structure
 
 from defectflow.engines.base import EngineError
@@ -570,33 +570,6 @@ needs_proc = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="ne
 TESTS = Path(__file__).resolve().parent
 
 
-def _proc_table() -> dict[int, dict]:
-    """pid → comm, state, ppid, pgrp, sid, start (clock ticks since boot) of every process (Linux /proc)."""
-    table = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:
-            continue
-        f = text.rsplit(")", 1)[1].split()
-        table[int(stat.parent.name)] = {
-            "comm": text[text.index("(") + 1 : text.rindex(")")], "state": f[0], "ppid": int(f[1]),
-            "pgrp": int(f[2]), "sid": int(f[3]), "start": int(f[19]),
-        }
-    return table
-
-
-def _descendants(root: int, table: dict[int, dict]) -> dict[int, dict]:
-    out, todo = {}, [root]
-    while todo:
-        parent = todo.pop()
-        for pid, info in table.items():
-            if info["ppid"] == parent and pid not in out:
-                out[pid] = info
-                todo.append(pid)
-    return out
-
-
 def _survivors(recorded: dict[int, dict], timeout: float = 15.0) -> list[str]:
     """Processes still alive (not zombies) `timeout` s later: a recorded pid with the same start time, or any
     process in a recorded process group or session other than this test's own."""
@@ -605,7 +578,7 @@ def _survivors(recorded: dict[int, dict], timeout: float = 15.0) -> list[str]:
     sessions = {i["sid"] for i in recorded.values()} - own
     deadline = time.monotonic() + timeout
     while True:
-        table = _proc_table()
+        table = proc_table()
         left = [
             f"{pid} {info['comm']} (pgrp {info['pgrp']}, sid {info['sid']})"
             for pid, info in table.items()
@@ -637,7 +610,7 @@ def test_run_process_timeout_ends_the_whole_session(tmp_path):
     )
     assert result.timed_out and result.returncode == -signal.SIGTERM and 1.5 <= result.wall_seconds < 10
     child = int(pid_file.read_text())
-    info = _proc_table().get(child)
+    info = proc_table().get(child)
     assert info is None or info["state"] in "ZX", info  # the grandchild in its own group is gone too
     assert process.live_pids() == []
     ok = process.run_process(["sh", "-c", "exit 3"], stdout=subprocess.DEVNULL)
@@ -668,7 +641,7 @@ def test_sigterm_handler_ends_children(tmp_path):
         while not (tmp_path / "child.pid").exists() or not (tmp_path / "child.pid").read_text():
             assert time.monotonic() < deadline and proc.poll() is None
             time.sleep(0.05)
-        recorded = _descendants(proc.pid, _proc_table())
+        recorded = descendants(proc.pid, proc_table())
         assert len(recorded) == 2  # the launcher and its child
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 128 + signal.SIGTERM
@@ -710,14 +683,14 @@ def test_sigint_ends_mpirun_and_every_pw_x(tmp_path):
     try:
         deadline = time.monotonic() + 120
         while True:
-            recorded = _descendants(proc.pid, _proc_table())
+            recorded = descendants(proc.pid, proc_table())
             if sum(info["comm"] == "pw.x" for info in recorded.values()) >= 2:
                 break
             assert proc.poll() is None, (tmp_path / "script.out").read_text()
             assert time.monotonic() < deadline, "pw.x did not start"
             time.sleep(0.1)
         time.sleep(1.0)  # pw.x is computing
-        recorded = _descendants(proc.pid, _proc_table())
+        recorded = descendants(proc.pid, proc_table())
         comms = sorted(info["comm"] for info in recorded.values())
         assert "mpirun" in comms or "orterun" in comms, comms
         assert {i["sid"] for i in recorded.values()} == {recorded_leader_sid(recorded, proc.pid)}
