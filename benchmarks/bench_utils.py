@@ -57,7 +57,9 @@ def aligned_rmsd(reference, other) -> dict[str, float | None]:
 def pair_level(formation_vbm: dict[str, float], defect: str, q1: int, q2: int) -> float | None:
     """ε(q1/q2) in eV above the VBM from formation energies at E_F = VBM (keys 'defect q', e.g. 'v_Si +1'):
     E_f(q, E_F) = E_f(q, 0) + q·E_F, so the crossing is at (E_f(q2) − E_f(q1)) / (q1 − q2)."""
-    k1, k2 = f"{defect} {q1:+d}", f"{defect} {q2:+d}"
+    from defectflow.schemas import group_key
+
+    k1, k2 = group_key(defect, q1), group_key(defect, q2)
     if k1 not in formation_vbm or k2 not in formation_vbm or q1 == q2:
         return None
     return (formation_vbm[k2] - formation_vbm[k1]) / (q1 - q2)
