@@ -71,7 +71,7 @@ class SearchGroup(BaseModel):
     defect: str
     charge: int
     starts: list[SearchStart] = Field(description="ShakeNBreak starts (the rattled extra starts are added per round)")
-    defect_entry: MSONDict = Field(description="doped DefectEntry (as_dict)")
+    defect_entry: MSONDict | None = Field(None, description="doped DefectEntry (as_dict), for the levels")
 
     @property
     def key(self) -> str:
