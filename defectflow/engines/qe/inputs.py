@@ -320,18 +320,10 @@ def pw_namelists(
     return {name: {k: _plain(v) for k, v in entries.items()} for name, entries in namelists.items()}
 
 
-def make_pw_input(
-    structure: Structure,
-    charge: int,
-    settings: QESettings,
-    pseudos: dict[str, UPFInfo],
-    calculation: Literal["scf", "relax"] = "scf",
-    pseudo_dir: str | Path | None = None,
-    outdir: str = "./out",
-    fmax: float | None = None,
-    max_steps: int | None = None,
-) -> str:
-    """The pw.x input file text (no pw.x needed). ``fmax`` in eV/Å (force norm), for ``relax`` only.
+def make_pw_input(structure: Structure, charge: int, settings: QESettings, pseudos: dict[str, UPFInfo],
+                  *options, **kw_options) -> str:
+    """The pw.x input file text (no pw.x needed) for the namelists :func:`pw_namelists` makes from the same
+    arguments (``calculation``, ``pseudo_dir``, ``outdir``, ``fmax`` in eV/Å for ``relax``, ``max_steps``).
 
     Written by ASE's :func:`~ase.io.espresso.write_espresso_in` from :func:`pw_namelists`: cell and Cartesian
     positions in Å (``CELL_PARAMETERS``/``ATOMIC_POSITIONS angstrom``, positions to 1e-10 Å), species masses from
@@ -345,9 +337,7 @@ def make_pw_input(
     from pymatgen.core.periodic_table import Element
 
     elements = unique_elements(structure)
-    namelists = pw_namelists(
-        structure, charge, settings, pseudos, calculation, pseudo_dir, outdir, fmax, max_steps
-    )
+    namelists = pw_namelists(structure, charge, settings, pseudos, *options, **kw_options)
     symbols = [site.specie.symbol for site in structure]
     atoms = Atoms(symbols, positions=structure.cart_coords, cell=structure.lattice.matrix, pbc=True)
     atoms.set_masses([float(Element(el).atomic_mass) for el in symbols])
