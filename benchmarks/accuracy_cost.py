@@ -49,7 +49,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import frozen  # noqa: E402
-from bench_utils import aligned_rmsd, level_errors, machine, max_abs, ratio, rounded, table, verdict  # noqa: E402
+from bench_utils import aligned_rmsd, cpu_seconds, level_errors, machine, max_abs, ratio, rounded, table, verdict  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -58,12 +58,6 @@ GOALS = {"ctl_error_eV": 0.02, "gs_rmsd_A": 0.05, "hf_cpu_ratio": 30.0}
 
 log = logging.getLogger("accuracy_cost")
 
-
-def cpu_seconds() -> float:
-    import resource
-
-    me, ch = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return me.ru_utime + me.ru_stime + ch.ru_utime + ch.ru_stime
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -16,6 +16,14 @@ from typing import Any
 # ---------------------------------------------------------------------------------------------------------------
 # comparisons
 # ---------------------------------------------------------------------------------------------------------------
+def cpu_seconds() -> float:
+    """CPU-s of this process and its reaped children (user + system): how both benchmark sides count cost."""
+    import resource
+
+    me, ch = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + ch.ru_utime + ch.ru_stime
+
+
 def ratio(numerator: float | None, denominator: float | None) -> float | None:
     """numerator / denominator, or None when either is missing or the denominator is not positive."""
     if numerator is None or denominator is None or denominator <= 0:

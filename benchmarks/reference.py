@@ -45,7 +45,6 @@ import contextlib
 import io
 import json
 import logging
-import resource
 import sys
 import time
 import warnings
@@ -54,6 +53,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import frozen  # noqa: E402
+from bench_utils import cpu_seconds  # noqa: E402
 from frozen import (  # noqa: E402
     DATA,
     LF_PRESETS,
@@ -79,11 +79,6 @@ log = logging.getLogger("reference")
 # ---------------------------------------------------------------------------------------------------------------
 # small helpers
 # ---------------------------------------------------------------------------------------------------------------
-def cpu_seconds() -> float:
-    """CPU-s of this process and its reaped children (user + system)."""
-    me, ch = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return me.ru_utime + me.ru_stime + ch.ru_utime + ch.ru_stime
-
 
 def chdir(path: Path):
     """``contextlib.chdir`` into ``path``, created first."""
