@@ -282,9 +282,36 @@ class SelectionSpec(_Section):
 class MlipSpec(_Section):
     """The MACE surrogate (mace-torch)."""
 
-    multi_fidelity: Literal["multihead", "delta"] = Field(
-        "multihead", description="multihead: shared body, LF and HF heads; delta: HF correction on an LF model"
+    multi_fidelity: Literal["multihead", "delta", "finetune", "replay"] = Field(
+        "multihead", description="multihead: shared body, LF and HF heads, trained together from scratch; delta: an "
+        "LF model plus a model of HF − LF; finetune: an LF model, then fine-tuned on the HF frames (mace "
+        "--foundation_model, naive); replay: the same with the LF frames replayed as a second head (mace multi-head "
+        "fine-tuning)"
     )
+    hf_weight: float = Field(
+        1.0, gt=0, description="Loss weight of each HF frame relative to an LF frame (mace config_weight: energy and "
+        "forces). mace pools every head's frames into one shuffled set, so a few HF frames among hundreds of LF ones "
+        "are otherwise a small part of the loss (multihead and replay)"
+    )
+    charge_references: bool = Field(
+        False, description="Subtract per-(fidelity, q) reference energies (least squares E ≈ Σ n_Z e0(Z) + c(q)) "
+        "before training and add them back at prediction, so the model learns only what LF and HF share. Always on "
+        "for finetune and replay (see defectflow.train.surrogate)"
+    )
+    energy_weight_scale: float | None = Field(
+        None, gt=0, description="Frame weights max(floor, exp(−ΔE/scale)), ΔE = energy above the lowest frame of "
+        "the same fidelity and q, in eV/atom; None: uniform weights"
+    )
+    energy_weight_floor: float = Field(0.1, gt=0, le=1, description="Lowest frame weight with energy_weight_scale")
+    ema_decay: float | None = Field(
+        None, gt=0, lt=1, description="Exponential moving average of the weights (mace --ema); None: off"
+    )
+    scheduler_patience: int = Field(
+        50, ge=1, description="Epochs without validation improvement before the learning rate is multiplied by 0.8 "
+        "(mace ReduceLROnPlateau)"
+    )
+    finetune_lr: float = Field(1e-3, gt=0, description="Learning rate of the HF fine-tuning (finetune, replay)")
+    finetune_epochs: int = Field(100, ge=1, description="Epochs of the HF fine-tuning (finetune, replay)")
     charge_embedding: bool = Field(True, description="Condition on the total charge q (embedding_specs total_charge)")
     embedding_readout: bool = Field(
         True, description="Add the charge-dependent energy readout (use_embedding_readout): charged cells differ by "

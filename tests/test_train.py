@@ -367,3 +367,101 @@ def test_model_files_are_cached_inside_pytest_tmp(trained, tmp_path_factory):
     import tempfile
 
     assert path.parent != Path(tempfile.gettempdir()) / "defectflow-models"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# recipes of the training study (issue #13): references, frame weights, fine-tuning from our own LF model
+# ---------------------------------------------------------------------------------------------------------------
+def test_charge_references_fit_every_charge_state_and_are_added_back(dataset):
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    from defectflow.train.data import fill_references, fit_references, subtract_references
+    from defectflow.train.surrogate import ReferencedCalculator
+
+    lf = read_frames(dataset[0])
+    refs = fit_references(lf)
+    assert set(refs["charge"]) == {"0", "+1"}
+    resid = subtract_references(lf, refs)
+    for q in (0, 1):  # least squares with a constant per q: the residuals of each q average to zero
+        assert np.mean([a.info["REF_energy"] for a in resid if a.info["total_charge"] == q]) == pytest.approx(0,
+                                                                                                        abs=1e-8)
+    # an HF fit that lacks q = +1 borrows it from the LF fit, shifted by the q = 0 difference
+    hf0 = [a for a in read_frames(dataset[1]) if a.info["total_charge"] == 0]
+    filled = fill_references(fit_references(hf0), refs)
+    assert filled.energy(lf[1]) - filled.energy(lf[0]) == pytest.approx(refs.energy(lf[1]) - refs.energy(lf[0]))
+
+    class Fixed(SinglePointCalculator):
+        def __init__(self, atoms):
+            super().__init__(atoms, energy=1.5, forces=np.zeros((len(atoms), 3)))
+
+        def calculate(self, atoms=None, properties=("energy",), system_changes=()):
+            self.atoms = atoms.copy()
+
+    for q in (0, 1):
+        a = same_geometry(q)
+        a.calc = ReferencedCalculator(Fixed(a), refs)
+        probe = a.copy()
+        probe.info["total_charge"] = q
+        assert a.get_potential_energy() == pytest.approx(1.5 + refs.energy(probe), abs=1e-9)
+
+
+@pytest.fixture(scope="module")
+def lf_model(dataset, tmp_path_factory):
+    from defectflow.train.surrogate import train_kind
+
+    return train_kind(dataset[0], "", MlipSpec(**TINY, charge_references=True), tmp_path_factory.mktemp("lfm"),
+                      kind="lf_only", label="lf")
+
+
+@pytest.mark.parametrize("kind", ["finetune", "replay"])
+def test_finetuning_from_our_lf_model_beats_the_lf_model_on_hf_frames(kind, dataset, lf_model, tmp_path):
+    from defectflow.train.surrogate import predict, train_kind
+
+    spec = MlipSpec(**TINY, multi_fidelity=kind, finetune_epochs=4, hf_test_fraction=0.3)
+    model = train_kind(dataset[0], dataset[1], spec, tmp_path, kind=kind, lf_model=lf_model)
+    assert [c.name for c in model.components] == ["lf", "main"]
+    ft = model.components[-1].command
+    assert "--foundation_model" in ft and "--foundation_head lf" in ft and "--max_num_epochs 4" in ft
+    assert ("--pt_train_file pt_train.xyz" in ft) == (kind == "replay")
+    assert model.model_files["lf"] == lf_model.model_files["main"]  # reused, not retrained
+    assert set(model.references) == {"lf", "hf"}
+    # held-out HF frames: the fine-tuned HF prediction against the LF model's (GFN2 − GFN1 ≈ 44 eV per cell)
+    test = read_frames(model.hf_test_extxyz)
+    ref = np.array([a.info["REF_energy"] for a in test])
+    e_hf, _ = predict(load_calculator(model, "hf"), test)
+    e_lf, _ = predict(load_calculator(lf_model, "lf"), test)
+    assert np.sqrt(np.mean((e_hf - ref) ** 2)) < 0.2 * np.sqrt(np.mean((e_lf - ref) ** 2))
+    # the LF head still predicts LF energies (the references added back are the LF ones)
+    lf_frames = read_frames(dataset[0])[:6]
+    e, _ = predict(load_calculator(model, "lf"), lf_frames)
+    assert np.sqrt(np.mean((e - np.array([a.info["REF_energy"] for a in lf_frames])) ** 2)) < 5.0
+
+
+def test_lf_model_trained_without_references_is_refused_for_finetuning(dataset, tmp_path):
+    from defectflow.train.surrogate import train_kind
+
+    plain = TrainedModel.model_validate(lf_model_stub())
+    with pytest.raises(ValueError, match="trained without reference energies"):
+        train_kind(dataset[0], dataset[1], MlipSpec(**TINY, multi_fidelity="finetune"), tmp_path, kind="finetune",
+                   lf_model=plain)
+
+
+def lf_model_stub() -> dict:
+    return {"label": "lf", "kind": "lf_only", "heads": ["lf"], "prediction_head": "lf", "charge_embedding": True,
+            "embedding_readout": True, "model_files": {"main": ""}, "components": [], "device": "cpu",
+            "r_max": 4.0, "split": {}, "spec": {}, "mace_version": "0", "wall_seconds": 0.0}
+
+
+def test_frame_weights_reach_mace_training_files(dataset, tmp_path):
+    from defectflow.train.surrogate import train_kind
+
+    spec = MlipSpec(**{**TINY, "max_epochs": 1}, hf_weight=10.0, energy_weight_scale=0.05)
+    model = train_kind(dataset[0], dataset[1], spec, tmp_path, kind="multihead")
+    d = Path(model.components[0].workdir)
+    lf_w = [a.info["config_weight"] for a in read_frames(d / "lf_train.xyz")]
+    hf = read_frames(d / "hf_train.xyz")
+    hf_w = [a.info["config_weight"] for a in hf]
+    assert max(lf_w) == pytest.approx(1.0) and min(lf_w) >= 0.1 - 1e-12  # exp(-ΔE/scale), floored at 0.1
+    assert max(hf_w) == pytest.approx(10.0)  # the lowest HF frame of each q: 10 × 1
+    lowest = min(hf, key=lambda a: a.info["REF_energy"])
+    assert lowest.info["config_weight"] == pytest.approx(10.0)

@@ -12,7 +12,7 @@ from pydantic import BaseModel, Field
 __all__ = ["Kind", "ComponentRun", "TrainedModel", "ErrorStats", "SetMetrics", "PCAResult", "Metrics", "ComparisonRow", "TrainingResult"]
 
 
-Kind = Literal["multihead", "delta", "hf_only", "lf_only"]
+Kind = Literal["multihead", "delta", "finetune", "replay", "hf_only", "lf_only"]
 
 
 class ComponentRun(BaseModel):
@@ -40,7 +40,8 @@ class TrainedModel(BaseModel):
     """A trained surrogate: its model file(s) as base64 text (kept in the jobflow ``data`` store) and provenance."""
 
     label: str = Field(description="Name of this model: main, no_charge, hf_only or lf_only")
-    kind: Kind = Field(description="multihead | delta | hf_only | lf_only (module docstring)")
+    kind: Kind = Field(description="multihead | delta | finetune | replay | hf_only | lf_only "
+                       "(defectflow.train.surrogate)")
     heads: list[str] = Field(description="Heads load_calculator accepts: lf, hf")
     prediction_head: str = Field(description="Head that predicts the high fidelity (hf; lf for lf_only)")
     charge_embedding: bool = Field(description="Conditioned on the total charge q")
@@ -55,6 +56,14 @@ class TrainedModel(BaseModel):
         description="Indices into the input extxyz files: lf_train, lf_valid, hf_train, hf_valid, hf_test")
     hf_test_extxyz: str = Field("", description="Held-out HF frames (extxyz text; REF_energy eV, REF_forces eV/Å)")
     lf_valid_extxyz: str = Field("", description="LF validation frames (extxyz text)")
+    references: dict[str, dict[str, dict[str, float]]] = Field(
+        default_factory=dict,
+        description="Head → per-(fidelity, q) reference energies subtracted before training and added back at "
+        "prediction: {'e0': {Z: eV}, 'charge': {q: eV}} (empty: mace's own E0s only)")
+    head_map: dict[str, list[list[str]]] = Field(
+        default_factory=dict,
+        description="Head → the [component, mace head] pairs whose predictions are summed (e.g. delta 'hf' = "
+        "[['lf', 'lf'], ['delta', 'delta']]); empty: derived from the kind")
     spec: dict[str, Any] = Field(description="The MlipSpec used (as a dict)")
     mace_version: str = Field(description="mace-torch version")
     wall_seconds: float = Field(description="Total training wall time in s")

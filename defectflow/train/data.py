@@ -18,6 +18,8 @@ key                 where     meaning
 ``step``            info      ionic step of that relaxation (0: the start)
 ``split``           info      written here: train / valid / test
 ``source_index``    info      written here: index of the frame in the extxyz it came from
+``config_weight``   info      written here: the frame's weight in mace's loss (energy and forces), see
+                              :func:`frame_weights`
 ==================  ========  ====================================================================================
 
 HF frames are single points on geometries of the LF relaxations, so the pipeline knows their LF labels; when it
@@ -61,6 +63,12 @@ __all__ = [
     "delta_frames",
     "charge_of",
     "charge_label",
+    "WEIGHT_KEY",
+    "EnergyReferences",
+    "fit_references",
+    "fill_references",
+    "subtract_references",
+    "frame_weights",
 ]
 
 ENERGY_KEY = "REF_energy"
@@ -69,6 +77,7 @@ STRESS_KEY = "REF_stress"
 CHARGE_KEY = "total_charge"
 LF_ENERGY_KEY = "LF_energy"
 LF_FORCES_KEY = "LF_forces"
+WEIGHT_KEY = "config_weight"  # mace-torch's per-frame loss weight (mace/data/utils.py: energy and forces)
 
 
 def frame_to_atoms(frame: Frame, head: str, meta: dict[str, Any], fidelity: str | None = None,
@@ -284,3 +293,84 @@ def delta_frames(hf: Sequence[Atoms]) -> list[Atoms]:
         del d.arrays[LF_FORCES_KEY]
         out.append(d)
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# per-(fidelity, q) reference energies and frame weights
+# ---------------------------------------------------------------------------------------------------------------
+class EnergyReferences(dict):
+    """Least-squares reference energies of one fidelity: ``E_ref = Σ_Z n_Z e0[Z] + c[q]`` (eV).
+
+    A plain dict (JSON-ready): ``{"e0": {"14": eV}, "charge": {"0": eV, "+1": eV}}``. Charged supercells of one
+    fidelity differ by eV per unit of q (the electrons' chemical potential, the compensating background): removing
+    these constants before training leaves the model the interaction energy only, which LF and HF share.
+    """
+
+    def energy(self, atoms: Atoms) -> float:
+        q = charge_label(charge_of(atoms))
+        if q not in self["charge"]:
+            raise ValueError(f"no reference energy for q = {q} (fitted for q = {', '.join(self['charge'])}); "
+                             "the training frames of this fidelity must cover every charge state predicted")
+        e0 = self["e0"]
+        return float(sum(e0[str(z)] for z in atoms.numbers) + self["charge"][q])
+
+
+def fit_references(frames: Sequence[Atoms]) -> EnergyReferences:
+    """Fit :class:`EnergyReferences` to frames of one fidelity (``REF_energy``): minimum-norm least squares over
+    [atom counts per element, one-hot q] — with one element and one cell size the split between e0 and c[q] is
+    arbitrary, their sum (what is subtracted) is not."""
+    if not frames:
+        raise ValueError("fit_references: no frames")
+    zs = sorted({int(z) for a in frames for z in a.numbers})
+    qs = sorted({charge_of(a) for a in frames})
+    x = np.zeros((len(frames), len(zs) + len(qs)))
+    y = np.array([float(a.info[ENERGY_KEY]) for a in frames])
+    for i, a in enumerate(frames):
+        for j, z in enumerate(zs):
+            x[i, j] = np.count_nonzero(a.numbers == z)
+        x[i, len(zs) + qs.index(charge_of(a))] = 1.0
+    theta = np.linalg.lstsq(x, y, rcond=None)[0]
+    return EnergyReferences(e0={str(z): float(theta[j]) for j, z in enumerate(zs)},
+                            charge={charge_label(q): float(theta[len(zs) + k]) for k, q in enumerate(qs)})
+
+
+def fill_references(refs: EnergyReferences, other: EnergyReferences) -> EnergyReferences:
+    """``refs`` with the charge states it lacks taken from ``other`` (another fidelity), shifted by the mean
+    difference of the charge states both have (e.g. an HF fit from a few frames that miss one q)."""
+    common = [q for q in refs["charge"] if q in other["charge"]]
+    missing = [q for q in other["charge"] if q not in refs["charge"]]
+    if not missing or not common:
+        return refs
+    shift = float(np.mean([refs["charge"][q] - other["charge"][q] for q in common]))
+    charge = dict(refs["charge"])
+    for q in missing:
+        charge[q] = other["charge"][q] + shift
+    return EnergyReferences(e0=dict(refs["e0"]), charge=charge)
+
+
+def subtract_references(frames: Sequence[Atoms], refs: EnergyReferences) -> list[Atoms]:
+    """Copies with ``REF_energy`` (and ``LF_energy``, when present, is left alone) minus the reference energy."""
+    out = []
+    for a in frames:
+        b = a.copy()
+        b.info[ENERGY_KEY] = float(a.info[ENERGY_KEY]) - refs.energy(a)
+        out.append(b)
+    return out
+
+
+def frame_weights(frames: Sequence[Atoms], scale: float | None, floor: float = 0.1,
+                  factor: float = 1.0) -> list[float]:
+    """Per-frame loss weights ``factor × max(floor, exp(−ΔE / scale))``, ΔE = energy per atom above the lowest
+    frame of the same q in ``frames`` (eV/atom); ``scale=None`` → uniform ``factor``.
+
+    The search ranks minima that differ by meV/atom while its starts lie eV above them: weights of this form spend
+    the model's capacity on the low-energy region without dropping the high-energy frames the search passes
+    through (a hard energy cut does: issue #13's first measurement)."""
+    if scale is None:
+        return [float(factor)] * len(frames)
+    per_atom = [float(a.info[ENERGY_KEY]) / len(a) for a in frames]
+    lowest: dict[int, float] = {}
+    for a, e in zip(frames, per_atom):
+        q = charge_of(a)
+        lowest[q] = min(lowest.get(q, e), e)
+    return [float(factor * max(floor, np.exp(-(e - lowest[charge_of(a)]) / scale))) for a, e in zip(frames, per_atom)]

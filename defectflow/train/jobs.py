@@ -30,7 +30,8 @@ def train_models(lf_extxyz: str, hf_extxyz: str, spec: MlipSpec, workdir: str | 
 
     Ablations: ``no_charge`` = the same model without charge embedding; ``hf_only`` = single HF head on the HF
     training frames; ``lf_only`` = single LF head on the LF frames, predicting HF with its LF head (with
-    ``multi_fidelity='delta'`` this is the LF component of the main model, reused rather than retrained).
+    ``multi_fidelity`` delta, finetune or replay this is the LF component of the main model, reused rather than
+    retrained).
     Plots (``plot_dir``): ``parity_<model>.png``, ``pca_<model>.png`` and, with ``no_charge``,
     ``pca_charge_embedding.png`` (charge-embedded vs not, side by side: the paper's Fig. 3a).
     """
@@ -42,11 +43,12 @@ def train_models(lf_extxyz: str, hf_extxyz: str, spec: MlipSpec, workdir: str | 
         if name == "no_charge":
             models[name] = train_kind(lf_extxyz, hf_extxyz, spec, workdir / name, kind=spec.multi_fidelity,
                                       label=name, charge_embedding=False)
-        elif name == "lf_only" and spec.multi_fidelity == "delta":
-            main = models["main"]
+        elif name == "lf_only" and spec.multi_fidelity in ("delta", "finetune", "replay"):
+            main = models["main"]  # its LF component is the lf_only model: reused, not retrained
             models[name] = main.model_copy(update={
                 "label": name, "kind": "lf_only", "heads": ["lf"], "prediction_head": "lf",
-                "model_files": {"main": main.model_files["lf"]},
+                "model_files": {"main": main.model_files["lf"]}, "head_map": {"lf": [["main", "lf"]]},
+                "references": {k: v for k, v in main.references.items() if k == "lf"},
                 "components": [c for c in main.components if c.name == "lf"],
                 "wall_seconds": sum(c.wall_seconds for c in main.components if c.name == "lf"),
             })

@@ -15,8 +15,21 @@ Model kinds (``TrainedModel.kind``):
 * ``delta`` — an LF model (single ``lf`` head, all LF frames) plus a Δ model (single ``delta`` head) fitted to
   E_HF − E_LF and F_HF − F_LF on the HF training frames (the HF extxyz must carry ``LF_energy``/``LF_forces``,
   see :mod:`defectflow.train.data`). Prediction = LF + Δ (:class:`DeltaCalculator`). E0s ``'average'`` for both.
+* ``finetune`` — an LF model, then fine-tuned on the HF frames alone (``--foundation_model`` = our LF model,
+  ``--multiheads_finetuning False``): mace takes the architecture, the charge embedding and the weights from it.
+* ``replay`` — the same with mace's multi-head fine-tuning: the LF frames are replayed as a second head
+  (``--pt_train_file``; mace names it ``pt_head``, forces its Huber "universal" loss) while the ``hf`` head learns.
 * ``hf_only`` / ``lf_only`` — single-head ablations (HF training frames only / LF frames only). ``lf_only``
   predicts HF with its LF head: the "no HF data" baseline.
+
+Recipe options (:class:`~defectflow.campaign.MlipSpec`): ``charge_references`` subtracts least-squares
+per-(fidelity, q) reference energies E ≈ Σ_Z n_Z e0(Z) + c(q) before training and adds them back at prediction
+(:class:`ReferencedCalculator`; the fine-tuning kinds always do, see :func:`train_kind`); ``hf_weight`` and
+``energy_weight_scale`` set per-frame loss weights (mace ``config_weight``). A multi-head mace model checkpoints on
+the validation loss of its *last* head only (mace/tools/train.py), so ``hf`` is always the last head. The
+"Skipping evaluation for heads: ['pt_head']" line of from-scratch logs is only the default of mace's
+``--skip_evaluate_heads``: no such head exists there and it costs nothing. mace's ``--patience`` does not stop a
+single-process run in 0.3.16 (ACEsuit/mace#1384); the saved model is the best-validation checkpoint either way.
 
 Charge: with ``charge_embedding`` the model gets mace's categorical graph embedding of ``total_charge`` (21
 classes, offset 10: q ∈ [−10, 10]) added to the node features; ``embedding_readout`` adds a per-atom,
@@ -54,11 +67,18 @@ from defectflow.train.data import (
     CHARGE_KEY,
     ENERGY_KEY,
     FORCES_KEY,
+    LF_ENERGY_KEY,
+    WEIGHT_KEY,
+    EnergyReferences,
     attach_lf_labels,
     delta_frames,
+    fill_references,
+    fit_references,
+    frame_weights,
     frames_to_text,
     read_frames,
     split_frames,
+    subtract_references,
     tagged,
     write_frames,
 )
@@ -73,6 +93,7 @@ __all__ = [
     "train_kind",
     "load_calculator",
     "DeltaCalculator",
+    "ReferencedCalculator",
     "resolve_device",
     "CHARGE_EMBEDDING_SPECS",
 ]
@@ -167,8 +188,12 @@ def _parse_log(text: str) -> dict[str, Any]:
 
 def _run_mace(workdir: Path, name: str, heads: dict[str, dict[str, Any]], spec: MlipSpec, device: str,
               charge_embedding: bool, embedding_readout: bool, n_train: dict[str, int],
-              n_valid: dict[str, int]) -> tuple[ComponentRun, bytes]:
-    """Run mace_run_train for one model file; raises TrainingError with the log tail on failure."""
+              n_valid: dict[str, int], finetune: list[str] | None = None,
+              e0s: str = "average") -> tuple[ComponentRun, bytes]:
+    """Run mace_run_train for one model file; raises TrainingError with the log tail on failure.
+
+    ``finetune``: extra options of a fine-tuning run (``--foundation_model`` ...); the architecture then comes from
+    the foundation model, and the fine-tuning learning rate and epochs replace the spec's."""
     total_train = sum(n_train.values())
     batch = max(1, min(spec.batch_size, total_train))
     if batch < spec.batch_size:
@@ -178,17 +203,18 @@ def _run_mace(workdir: Path, name: str, heads: dict[str, dict[str, Any]], spec: 
         "--name", name,
         "--model", "MACE",
         "--heads", heads_arg,
-        "--E0s", "average",
+        "--E0s", e0s,
         "--energy_key", ENERGY_KEY,
         "--forces_key", FORCES_KEY,
         "--hidden_irreps", spec.hidden_irreps,
         "--r_max", str(spec.r_max),
         "--num_interactions", str(spec.num_interactions),
         "--correlation", str(spec.correlation),
-        "--max_num_epochs", str(spec.max_epochs),
+        "--max_num_epochs", str(spec.finetune_epochs if finetune else spec.max_epochs),
         "--batch_size", str(batch),
         "--valid_batch_size", str(batch),
-        "--lr", str(spec.lr),
+        "--lr", str(spec.finetune_lr if finetune else spec.lr),
+        "--scheduler_patience", str(spec.scheduler_patience),
         "--energy_weight", str(spec.energy_weight),
         "--forces_weight", str(spec.forces_weight),
         "--device", device,
@@ -198,12 +224,17 @@ def _run_mace(workdir: Path, name: str, heads: dict[str, dict[str, Any]], spec: 
         "--plot", "False",
         "--save_cpu",
     ]
-    if charge_embedding:
-        cmd += ["--total_charge_key", CHARGE_KEY, "--embedding_specs", CHARGE_EMBEDDING_SPECS]
-        if embedding_readout:
-            cmd += ["--use_embedding_readout", "True"]
-    if spec.pair_repulsion:
-        cmd += ["--pair_repulsion"]
+    if spec.ema_decay is not None:
+        cmd += ["--ema", "--ema_decay", str(spec.ema_decay)]
+    if finetune:  # architecture, charge embedding and readout come from the foundation model
+        cmd += ["--total_charge_key", CHARGE_KEY] + finetune
+    else:
+        if charge_embedding:
+            cmd += ["--total_charge_key", CHARGE_KEY, "--embedding_specs", CHARGE_EMBEDDING_SPECS]
+            if embedding_readout:
+                cmd += ["--use_embedding_readout", "True"]
+        if spec.pair_repulsion:
+            cmd += ["--pair_repulsion"]
     for key, value in spec.extra_args.items():
         cmd += [f"--{key}"] + ([] if value is None else [str(value)])
     command = shlex.join(cmd)
@@ -242,11 +273,45 @@ def _run_mace(workdir: Path, name: str, heads: dict[str, dict[str, Any]], spec: 
 # ---------------------------------------------------------------------------------------------------------------
 # training
 # ---------------------------------------------------------------------------------------------------------------
+def _e0_string(refs: dict[str, Any] | None) -> str:
+    """mace's dict-string form of E0s: '{14: 0.0}' (a string inside --heads; a dict there is refused)."""
+    return "{" + ", ".join(f"{z}: {v!r}" for z, v in sorted((int(z), float(v)) for z, v in refs.items())) + "}"
+
+
+def _squeezable_e0s(path: Path) -> None:
+    """Work around mace-torch 0.3.16's multi-head fine-tuning from a single-element, single-head model: it reads
+    the foundation's E0s with ``atomic_energies.squeeze()`` (mace/cli/run_train.py, pt_head E0s), which turns the
+    [1 head, 1 element] buffer into a 0-d tensor and fails with "invalid index of a 0-dim tensor". The foundation
+    file handed to mace gets the same E0s as a 1-d [elements] buffer (only read there, never run). In a subprocess:
+    loading a mace model imports mace, which changes torch defaults for the whole process."""
+    code = ("import sys, torch; p = sys.argv[1]; m = torch.load(p, map_location='cpu', weights_only=False); "
+            "ae = m.atomic_energies_fn.atomic_energies; "
+            "m.atomic_energies_fn.atomic_energies = ae.reshape(-1) if ae.ndim == 2 and ae.shape[0] == 1 else ae; "
+            "torch.save(m, p)")
+    proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise TrainingError(f"could not prepare the foundation model {path} for replay fine-tuning:\n"
+                            f"{proc.stderr[-2000:]}")
+
+
+def _default_head_map(kind: str) -> dict[str, list[list[str]]]:
+    """Head → summed [component, mace head] pairs, for model documents written before ``head_map`` existed."""
+    return {"multihead": {"lf": [["main", "lf"]], "hf": [["main", "hf"]]},
+            "hf_only": {"hf": [["main", "hf"]]},
+            "lf_only": {"lf": [["main", "lf"]]},
+            "delta": {"lf": [["lf", "lf"]], "hf": [["lf", "lf"], ["delta", "delta"]]},
+            "finetune": {"lf": [["lf", "lf"]], "hf": [["main", "hf"]]},
+            "replay": {"lf": [["main", "pt_head"]], "hf": [["main", "hf"]]}}[kind]
+
+
 def train_kind(lf_extxyz: str, hf_extxyz: str, spec: MlipSpec, workdir: str | Path, kind: Kind,
-               label: str = "main", charge_embedding: bool | None = None) -> TrainedModel:
-    """Train one model of a given kind on the deterministic split of the LF and HF frames (see module docstring).
+               label: str = "main", charge_embedding: bool | None = None,
+               lf_model: TrainedModel | None = None) -> TrainedModel:
+    """Train one model of a given kind on the deterministic split of the LF and HF frames (module docstring).
 
     ``lf_extxyz``/``hf_extxyz`` are extxyz text or paths. ``charge_embedding`` overrides the spec's (ablations).
+    ``lf_model``: an LF model (kind ``lf_only``) already trained on the same LF frames with the same spec, reused by
+    delta, finetune and replay instead of training it again (the study, top-up rounds).
     """
     _check_spec(spec)
     charge = spec.charge_embedding if charge_embedding is None else charge_embedding
@@ -255,9 +320,9 @@ def train_kind(lf_extxyz: str, hf_extxyz: str, spec: MlipSpec, workdir: str | Pa
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     lf, hf = read_frames(lf_extxyz), read_frames(hf_extxyz)
-    if kind in ("multihead", "delta", "lf_only") and not lf:
+    if kind in ("multihead", "delta", "finetune", "replay", "lf_only") and not lf:
         raise ValueError(f"{label}: {kind} training needs LF frames; the LF extxyz is empty")
-    if kind in ("multihead", "delta", "hf_only") and not hf:
+    if kind in ("multihead", "delta", "finetune", "replay", "hf_only") and not hf:
         raise ValueError(f"{label}: {kind} training needs HF frames; the HF extxyz is empty")
     if kind == "delta":
         hf = attach_lf_labels(hf, lf)
@@ -266,49 +331,109 @@ def train_kind(lf_extxyz: str, hf_extxyz: str, spec: MlipSpec, workdir: str | Pa
     hf_train, hf_valid = tagged(hf, split.hf_train, "train"), tagged(hf, split.hf_valid, "valid")
     hf_test = tagged(hf, split.hf_test, "test")
 
-    def files(head: str, train, valid) -> dict[str, Any]:
+    # per-(fidelity, q) references: fitted on the training frames, subtracted from every set (test kept raw)
+    references: dict[str, dict] = {}
+    # Fine-tuning kinds always use them: mace-torch 0.3.16 copies the foundation's E0s over the fine-tuned head's
+    # (mace/tools/finetuning_utils.py, the final same-name-and-shape copy), so the HF energies must share the LF
+    # model's zero; the LF and HF totals of different codes differ by up to hundreds of eV per cell.
+    use_refs = spec.charge_references or kind in ("finetune", "replay")
+    if lf_model is not None and kind in ("delta", "finetune", "replay") and use_refs != ("lf" in lf_model.references):
+        raise ValueError(f"{label}: the given lf_model was trained {'with' if lf_model.references else 'without'} "
+                         f"reference energies, a {kind} model here needs one trained "
+                         f"{'with' if use_refs else 'without'} (mlip.charge_references)")
+    if use_refs:
+        if lf_model is not None and "lf" in lf_model.references and kind in ("delta", "finetune", "replay"):
+            references["lf"] = EnergyReferences(lf_model.references["lf"])  # what its LF model was trained on
+        elif lf_train:
+            references["lf"] = fit_references(lf_train)
+        if hf_train:
+            references["hf"] = fit_references(hf_train)
+            if "lf" in references:
+                references["hf"] = fill_references(references["hf"], references["lf"])
+        if kind == "delta" and "lf" in references and "hf" in references:
+            for frames in (hf_train, hf_valid):  # Δ targets then come out as residual HF − residual LF
+                for a in frames:
+                    a.info[LF_ENERGY_KEY] = float(a.info[LF_ENERGY_KEY]) - references["lf"].energy(a)
+        lf_train, lf_valid = (subtract_references(x, references["lf"]) if "lf" in references else x
+                              for x in (lf_train, lf_valid))
+        hf_train, hf_valid = (subtract_references(x, references["hf"]) if "hf" in references else x
+                              for x in (hf_train, hf_valid))
+    # loss weights (mace config_weight): energy-based, and HF frames up-weighted against LF
+    hf_factor = spec.hf_weight if kind in ("multihead", "replay") else 1.0
+    for frames, factor in ((lf_train, 1.0), (lf_valid, 1.0), (hf_train, hf_factor), (hf_valid, hf_factor)):
+        for a, w in zip(frames, frame_weights(frames, spec.energy_weight_scale, spec.energy_weight_floor, factor)):
+            a.info[WEIGHT_KEY] = w
+
+    def files(head: str, train, valid, e0s: str = "average") -> dict[str, Any]:
         tr = write_frames(workdir / f"{head}_train.xyz", train, head)
         va = write_frames(workdir / f"{head}_valid.xyz", valid, head)
-        return {"train_file": tr.name, "valid_file": va.name, "E0s": "average"}
+        return {"train_file": tr.name, "valid_file": va.name, "E0s": e0s}
 
     t0 = time.perf_counter()
     runs: list[ComponentRun] = []
     blobs: dict[str, str] = {}
 
-    def run(name: str, heads: dict[str, dict], n_train: dict[str, int], n_valid: dict[str, int], sub: str):
+    def run(name: str, heads: dict[str, dict], n_train: dict[str, int], n_valid: dict[str, int], sub: str,
+            finetune: list[str] | None = None, e0s: str = "average", extra_files: tuple[str, ...] = ()):
         d = workdir / sub
         d.mkdir(parents=True, exist_ok=True)
-        for h in heads.values():  # training files live next to the run
-            for key in ("train_file", "valid_file"):
-                shutil.copy(workdir / h[key], d / h[key])
-        r, data = _run_mace(d, name, heads, spec, device, charge, readout, n_train, n_valid)
+        for f in [h[k] for h in heads.values() for k in ("train_file", "valid_file")] + list(extra_files):
+            shutil.copy(workdir / f, d / f)  # training files live next to the run
+        r, data = _run_mace(d, name, heads, spec, device, charge, readout, n_train, n_valid, finetune, e0s)
         runs.append(r)
         blobs[name] = base64.b64encode(data).decode()
 
-    if kind == "multihead":
+    def lf_component() -> Path:
+        """The LF model (component ``lf``): reused from ``lf_model`` or trained here; returns its file."""
+        if lf_model is not None:
+            if lf_model.kind != "lf_only":
+                raise ValueError(f"lf_model must be an lf_only model, got {lf_model.kind!r}")
+            blobs["lf"] = lf_model.model_files["main"]
+            runs.extend(c.model_copy(update={"name": "lf"}) for c in lf_model.components)
+        else:
+            run("lf", {"lf": files("lf", lf_train, lf_valid)}, {"lf": len(lf_train)}, {"lf": len(lf_valid)}, "lf")
+        path = workdir / "lf_foundation.model"
+        path.write_bytes(base64.b64decode(blobs["lf"]))
+        return path
+
+    if kind == "multihead":  # hf last: mace checkpoints on the last head's validation loss (train.py)
         heads = {"lf": files("lf", lf_train, lf_valid), "hf": files("hf", hf_train, hf_valid)}
         run("main", heads, {"lf": len(lf_train), "hf": len(hf_train)}, {"lf": len(lf_valid), "hf": len(hf_valid)},
             "main")
-        model_heads, prediction_head = ["lf", "hf"], "hf"
     elif kind == "hf_only":
         run("main", {"hf": files("hf", hf_train, hf_valid)}, {"hf": len(hf_train)}, {"hf": len(hf_valid)}, "main")
-        model_heads, prediction_head = ["hf"], "hf"
     elif kind == "lf_only":
         run("main", {"lf": files("lf", lf_train, lf_valid)}, {"lf": len(lf_train)}, {"lf": len(lf_valid)}, "main")
-        model_heads, prediction_head = ["lf"], "lf"
     elif kind == "delta":
-        run("lf", {"lf": files("lf", lf_train, lf_valid)}, {"lf": len(lf_train)}, {"lf": len(lf_valid)}, "lf")
+        lf_component()
         d_train, d_valid = delta_frames(hf_train), delta_frames(hf_valid)
         run("delta", {"delta": files("delta", d_train, d_valid)}, {"delta": len(d_train)},
             {"delta": len(d_valid)}, "delta")
-        model_heads, prediction_head = ["lf", "hf"], "hf"
+    elif kind in ("finetune", "replay"):
+        foundation = str(lf_component())
+        e0 = _e0_string({z: 0.0 for z in references["hf"]["e0"]})  # residual energies: zero references
+        opts = ["--foundation_model", foundation, "--foundation_head", "lf"]
+        extra: tuple[str, ...] = ()
+        if kind == "finetune":
+            opts += ["--multiheads_finetuning", "False"]
+        else:
+            _squeezable_e0s(Path(foundation))
+            files("pt", lf_train, lf_valid)
+            opts += ["--multiheads_finetuning", "True", "--pt_train_file", "pt_train.xyz",
+                     "--pt_valid_file", "pt_valid.xyz", "--force_mh_ft_lr", "True"]
+            extra = ("pt_train.xyz", "pt_valid.xyz")
+        run("main", {"hf": files("hf", hf_train, hf_valid, e0)}, {"hf": len(hf_train)}, {"hf": len(hf_valid)},
+            "main", finetune=opts, e0s=e0, extra_files=extra)
     else:
         raise ValueError(f"unknown model kind {kind!r}")
+    head_map = _default_head_map(kind)
     return TrainedModel(
-        label=label, kind=kind, heads=model_heads, prediction_head=prediction_head, charge_embedding=charge,
-        embedding_readout=readout, model_files=blobs, components=runs, device=device, r_max=spec.r_max,
-        split=split.as_dict(), hf_test_extxyz=frames_to_text(hf_test), lf_valid_extxyz=frames_to_text(lf_valid),
-        spec=spec.model_dump(mode="json"), mace_version=_mace_version(), wall_seconds=time.perf_counter() - t0,
+        label=label, kind=kind, heads=list(head_map), prediction_head="lf" if kind == "lf_only" else "hf",
+        charge_embedding=charge, embedding_readout=readout, model_files=blobs, components=runs, device=device,
+        r_max=spec.r_max, split=split.as_dict(), hf_test_extxyz=frames_to_text(hf_test),
+        lf_valid_extxyz=frames_to_text(tagged(lf, split.lf_valid, "valid")), references={k: dict(v) for k, v in references.items()},
+        head_map=head_map, spec=spec.model_dump(mode="json"), mace_version=_mace_version(),
+        wall_seconds=time.perf_counter() - t0,
     )
 
 
@@ -368,23 +493,24 @@ def _infos_equal(a: dict, b: dict) -> bool:
     return all(np.array_equal(np.asarray(a[k]), np.asarray(b[k])) for k in a)
 
 
-class DeltaCalculator(Calculator):
-    """Prediction = base (LF) model + Δ model, both reading q from ``atoms.info['charge']``.
-
-    Unlike ASE's SumCalculator it recomputes when ``atoms.info`` changes (a new charge at the same geometry).
-    """
-
-    implemented_properties = ["energy", "free_energy", "forces", "stress"]
-
-    def __init__(self, base, delta, **kwargs):
-        super().__init__(**kwargs)
-        self.base, self.delta = base, delta
+class _InfoAware(Calculator):
+    """Recomputes when ``atoms.info`` changes (a new charge at the same geometry), unlike ASE's SumCalculator."""
 
     def check_state(self, atoms, tol: float = 1e-15):
         state = super().check_state(atoms, tol=tol)
         if not state and self.atoms is not None and not _infos_equal(self.atoms.info, atoms.info):
             state.append("info")
         return state
+
+
+class DeltaCalculator(_InfoAware):
+    """Prediction = base (LF) model + Δ model, both reading q from ``atoms.info['charge']``."""
+
+    implemented_properties = ["energy", "free_energy", "forces", "stress"]
+
+    def __init__(self, base, delta, **kwargs):
+        super().__init__(**kwargs)
+        self.base, self.delta = base, delta
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
@@ -403,12 +529,41 @@ class DeltaCalculator(Calculator):
         return self.base.get_descriptors(atoms, invariants_only=invariants_only, num_layers=num_layers)
 
 
+class ReferencedCalculator(_InfoAware):
+    """A model trained on energies minus per-(fidelity, q) references, with the reference added back (eV):
+    ``E = E_model + Σ_Z n_Z e0(Z) + c(q)``; forces and stress are the model's (the reference is constant)."""
+
+    implemented_properties = ["energy", "free_energy", "forces", "stress"]
+
+    def __init__(self, base, references: dict[str, Any], **kwargs):
+        super().__init__(**kwargs)
+        self.base, self.references = base, EnergyReferences(references)
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        super().calculate(atoms, properties, system_changes)
+        a = self.atoms.copy()
+        self.base.calculate(a, list(properties), all_changes)
+        self.results = dict(self.base.results)
+        probe = self.atoms.copy()
+        probe.info[CHARGE_KEY] = int(round(float(self.atoms.info.get("charge", 0))))
+        offset = self.references.energy(probe)
+        for key in ("energy", "free_energy"):
+            if key in self.results:
+                self.results[key] = self.results[key] + offset
+        if "energies" in self.results:  # per-atom energies: spread the constant evenly
+            self.results["energies"] = self.results["energies"] + offset / len(self.atoms)
+
+    def get_descriptors(self, atoms=None, invariants_only=True, num_layers=-1):
+        return self.base.get_descriptors(atoms, invariants_only=invariants_only, num_layers=num_layers)
+
+
 def load_calculator(trained: TrainedModel | dict, head: str = "hf", device: str = "cpu"):
     """An ASE calculator for one head of a trained surrogate (the model bytes are written to a cache file).
 
     ``head``: 'hf' (HF prediction) or 'lf'; 'lf_only' models have only 'lf' and 'hf_only' only 'hf'. Delta models
-    give LF + Δ for 'hf' and the LF model for 'lf'. Set the total charge in ``atoms.info['charge']`` (e). Importing
-    mace (done here) sets torch's default dtype to float64 and TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 in this process.
+    give LF + Δ for 'hf' and the LF model for 'lf'; models trained with reference energies add them back. Set the
+    total charge in ``atoms.info['charge']`` (e). Importing mace (done here) sets torch's default dtype to float64
+    and TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 in this process.
     """
     if isinstance(trained, dict):
         trained = TrainedModel.model_validate(trained)
@@ -416,12 +571,12 @@ def load_calculator(trained: TrainedModel | dict, head: str = "hf", device: str 
         raise ValueError(f"model {trained.label!r} ({trained.kind}) has no head {head!r}; available: "
                          f"{', '.join(trained.heads)}")
     device = resolve_device(device)
-    if trained.kind == "delta":
-        base = _mace_calc(model_path(trained, "lf"), "lf", device)
-        if head == "lf":
-            return base
-        return DeltaCalculator(base, _mace_calc(model_path(trained, "delta"), "delta", device))
-    return _mace_calc(model_path(trained, "main"), head, device)
+    parts = (trained.head_map or _default_head_map(trained.kind))[head]
+    calcs = [_mace_calc(model_path(trained, component), mace_head, device) for component, mace_head in parts]
+    calc = calcs[0] if len(calcs) == 1 else DeltaCalculator(*calcs)
+    if head in trained.references:
+        calc = ReferencedCalculator(calc, trained.references[head])
+    return calc
 
 
 @contextmanager
