@@ -32,6 +32,7 @@ from defectflow.engines import get_engine
 from defectflow.generate import GenerationResult, generate
 from defectflow.label import bulk_reference, label_selected
 from defectflow.label.jobs import single_point
+from defectflow.levels import with_potentials
 from defectflow.relax import HarvestFilter, harvest_training_set, relax_structure, summarize_distortions
 from defectflow.search.jobs import (
     SearchContext,
@@ -86,8 +87,11 @@ class DefectCampaignMaker(Maker):
         generation = generation or generate(campaign)
         low = campaign.fidelities.low.model_dump(mode="json")
         high = campaign.fidelities.high.model_dump(mode="json")
+        # the bulk HF single point also records the electrostatic potential when levels.correction can use it
+        # (eFNV/FNV; QE runs pp.x for it); the verification single points do the same (build_search_round)
+        high_bulk = with_potentials(high, campaign.levels.correction)
         if self.check_engines:
-            for fid, spec in (("low", campaign.fidelities.low), ("high", campaign.fidelities.high)):
+            for fid, spec in (("low", campaign.fidelities.low), ("high", high_bulk)):
                 get_engine(spec, fidelity=fid).check(generation.bulk_supercell)
 
         jobs: list = []
@@ -98,7 +102,7 @@ class DefectCampaignMaker(Maker):
         # it, which for Structure objects dominated graph construction (100 s for 4000 jobs; strings are skipped).
         bulk = generation.bulk_supercell.to_json()
         bulk_lf = name_job(single_point(bulk, 0, low, "low", tag="bulk_lf"), "bulk_lf")
-        bulk_hf = name_job(single_point(bulk, 0, high, "high", tag="bulk_hf"), "bulk_hf")
+        bulk_hf = name_job(single_point(bulk, 0, high_bulk, "high", tag="bulk_hf"), "bulk_hf")
         bulk_ref = name_job(bulk_reference(bulk_lf.output, bulk_hf.output), "bulk_reference")
         jobs += [bulk_lf, bulk_hf, bulk_ref]
 
@@ -143,7 +147,8 @@ class DefectCampaignMaker(Maker):
             "training_set_lf": harvest.output,
         }
         if self.steps == "all":
-            output.update(self._steps_3_to_5(campaign, generation, jobs, relax_outputs, harvest, bulk_ref, high))
+            output.update(self._steps_3_to_5(campaign, generation, jobs, relax_outputs, harvest, bulk_ref, high,
+                                             bulk_hf.output))
         elif self.steps != "lf":
             raise ValueError(f"steps: expected 'all' or 'lf', got {self.steps!r}")
         flow = Flow(jobs, output=output, name=f"{self.name} {campaign.name}")
@@ -153,7 +158,8 @@ class DefectCampaignMaker(Maker):
         flow.update_config({"expose_store": True}, dynamic=True)
         return flow
 
-    def _steps_3_to_5(self, campaign, generation, jobs, relax_outputs, harvest, bulk_ref, high) -> dict[str, Any]:
+    def _steps_3_to_5(self, campaign, generation, jobs, relax_outputs, harvest, bulk_ref, high,
+                      bulk_hf) -> dict[str, Any]:
         plots = campaign.work_dir() / "plots"
         sel = name_job(select_job(relax_outputs, campaign.selection.model_dump(mode="json")), "select")
         # replaced at run time by the "single_hf …" jobs + collect_hf
@@ -178,7 +184,7 @@ class DefectCampaignMaker(Maker):
             model_plot_dir=str(plots / "model"), hf_calls=1,  # the bulk HF single point
         )
         st = name_job(start_search(train.output, lab.output, harvest.output.extxyz, bulk_ref.output, baselines,
-                                   context), "start_search")
+                                   context, bulk_hf=bulk_hf), "start_search")
         jobs.append(st)
         return {"selection": sel.output, "hf_labels": lab.output, "training": train.output, "result": st.output}
 

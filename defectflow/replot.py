@@ -100,7 +100,9 @@ def _replot_levels(results, final: dict, out: Path) -> str | None:
                           structure=as_structure(g["structure"]), defect_entry=entries_by[(g["defect"], g["charge"])])
                for g in final["ground_states"] if g.get("hf_energy") is not None and g.get("structure")]
     lv = final["levels"]
+    # the finite-size corrections the run applied, as stored (eFNV/FNV would need the potentials again)
     res = compute_levels(entries, generation.bulk_supercell, bulk["energy_hf"], lv["vbm"], lv["band_gap"],
                          correction=lv["correction_scheme"], dielectric=lv.get("dielectric"),
-                         chemical_potentials=lv.get("chemical_potentials"), plot_dir=out)
+                         chemical_potentials=lv.get("chemical_potentials"), plot_dir=out,
+                         precomputed_corrections=lv.get("corrections") or {})
     return res.plot

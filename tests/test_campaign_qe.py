@@ -19,6 +19,7 @@ from conftest import TINY_MLIP, have, si_vacancy_campaign
 
 from defectflow.campaign import Campaign
 from defectflow.engines import get_engine
+from defectflow.levels import with_potentials
 from defectflow.engines.qe import RY_IN_EV
 from defectflow.results import Results
 from defectflow.submit import run_campaign
@@ -155,7 +156,9 @@ def test_verification_is_qe_at_the_surrogate_minimum(qe_run):
         gs = _structure(search["output"]["ground_state"]["structure"])
         v = verify["output"]
         assert v["charge"] == g.charge and v["hf_frame"]["charge"] == g.charge
-        assert v["hf_frame"]["engine"] == "qe" and v["hf_frame"]["settings_digest"] == get_engine(QE).digest
+        # the HF engine, with pp.x's potential switched on for the finite-size correction (levels.with_potentials)
+        hf_settings = with_potentials(QE, campaign.levels.correction)
+        assert v["hf_frame"]["engine"] == "qe" and v["hf_frame"]["settings_digest"] == get_engine(hf_settings).digest
         assert np.allclose(_structure(v["structure"]).cart_coords, gs.cart_coords, atol=1e-8)
         assert np.allclose(g.structure.cart_coords, gs.cart_coords, atol=1e-8)
         pw = _matching_run(runs, gs)
@@ -169,7 +172,8 @@ def test_verification_is_qe_at_the_surrogate_minimum(qe_run):
 
 def test_ctls_from_qe_energies(qe_run):
     """Formation energies at E_F = VBM recomputed by hand from the QE energies (μ_Si = QE bulk energy per atom,
-    q·E_VBM with QE's bulk VBM, the image-charge correction), and ε(+1/0) = E_f(0) − E_f(+1)."""
+    q·E_VBM with QE's bulk VBM, the finite-size correction: eFNV from pp.x's potentials, which ``auto`` picks for
+    QE), and ε(+1/0) = E_f(0) − E_f(+1)."""
     _, run, res = qe_run
     lv = run.result.levels
     bulk = res.query(step="bulk_reference")[0]["output"]
@@ -181,7 +185,8 @@ def test_ctls_from_qe_energies(qe_run):
         key = f"{g.defect} {g.charge:+d}"
         ef[g.charge] = g.hf_energy - bulk["energy_hf"] + mu + g.charge * lv.vbm + lv.corrections[key]
         assert lv.formation_energies_vbm[key] == pytest.approx(ef[g.charge], abs=1e-6)
-    assert lv.corrections["v_Si +1"] > 0 and lv.corrections["v_Si +0"] == 0
+    assert lv.correction_scheme == "efnv" and "eFNV" in lv.correction_reason
+    assert lv.corrections["v_Si +1"] != 0 and lv.corrections["v_Si +0"] == 0
     level = ef[0] - ef[1]
     if -1.0 <= level <= lv.band_gap + 1.0:  # doped reports levels in [VBM − 1 eV, CBM + 1 eV]
         (t,) = lv.transition_levels

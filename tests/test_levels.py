@@ -67,7 +67,10 @@ def test_auto_correction_is_image_charge_and_shifts_levels(generation):
                            correction="none")
     corr = compute_levels(_entries(generation, energies), generation.bulk_supercell, -110.0, 0.0, 1.1,
                           correction="auto", dielectric=11.7)
-    assert corr.correction_scheme == "image_charge" and "resolved to 'image_charge'" in corr.notes[0]
+    assert corr.correction_scheme == "image_charge"
+    assert corr.correction_reason.startswith("auto → image_charge: no electrostatic potential for bulk")
+    assert corr.correction_reason in corr.notes
+    assert {d.scheme for d in corr.correction_details.values()} == {"image_charge"}
     c1 = corr.corrections["v_Si +1"]
     assert c1 > 0 and corr.corrections["v_Si +0"] == 0.0
     # eps(+1/0) moves down by the q=+1 correction (E_f(+1) rises by c1)
@@ -76,7 +79,11 @@ def test_auto_correction_is_image_charge_and_shifts_levels(generation):
     assert lv[(1, 0)] == pytest.approx(lp[(1, 0)] - c1)
 
 
-def test_efnv_without_potentials_is_a_clear_error(generation):
-    with pytest.raises(ValueError, match="levels.correction: 'efnv' needs the engine's electrostatic potentials"):
+@pytest.mark.parametrize("asked", ["efnv", "eFNV", "FNV"])
+def test_efnv_fnv_without_potentials_is_a_clear_error(generation, asked):
+    """Asking for eFNV/FNV when the calculations carry no potentials names the field and what is missing (the
+    neutral entry needs none)."""
+    with pytest.raises(ValueError, match=rf"levels.correction: '{asked.lower()}' needs the .* missing for: bulk, "
+                                         r"v_Si -1, v_Si \+1\."):
         compute_levels(_entries(generation, {1: 0.0, 0: 0.0, -1: 0.0}), generation.bulk_supercell, 0.0, 0.0, 1.0,
-                       correction="efnv", dielectric=11.7)
+                       correction=asked, dielectric=11.7)

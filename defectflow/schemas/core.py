@@ -14,7 +14,10 @@ import numpy as np
 from pydantic import BaseModel, BeforeValidator, Field, PlainSerializer
 from pymatgen.core import Structure as _Structure
 
-__all__ = ["MSONDict", "Frame", "RelaxTrajectory", "Structure", "as_structure", "group_key", "settings_digest"]
+__all__ = [
+    "ElectrostaticPotential", "MSONDict", "Frame", "RelaxTrajectory", "Structure", "as_structure", "group_key",
+    "settings_digest",
+]
 
 
 def _as_structure(v: Any) -> Any:
@@ -60,6 +63,34 @@ def as_structure(value: Any) -> _Structure:
     raise TypeError(f"expected a pymatgen Structure (or its dict/JSON), got {type(value).__name__}")
 
 
+class ElectrostaticPotential(BaseModel):
+    """What the finite-size corrections of a charged defect (doped's FNV and eFNV) need from one calculation: its
+    electrostatic potential (local ionic + Hartree), reduced to planar averages and per-site values, in doped's own
+    conventions, so the levels step needs neither the engine's files nor its work folder."""
+
+    planar_averages: list[list[float]] | None = Field(
+        None,
+        description="Planar averages along the lattice vectors a, b, c (three lists, one value per grid plane, "
+        "plane i at i/n of the vector) in eV: the potential energy of an electron, as VASP's LOCPOT holds it and "
+        "doped's FNV (Freysoldt) reads it",
+    )
+    site_potentials: list[float] | None = Field(
+        None,
+        description="Electrostatic potential at each site, in structure order, in V, in doped's eFNV (Kumagai) "
+        "convention: −1 × VASP OUTCAR's 'average (electrostatic) potential at core'; QE: minus the potential "
+        "energy of an electron averaged with a Gaussian test charge of width `site_sigma`",
+    )
+    site_sigma: float | None = Field(
+        None, description="Width (standard deviation) of the Gaussian test charge of `site_potentials`, in Å "
+        "(None: the engine's own definition, e.g. VASP's test-charge spheres)"
+    )
+    grid: list[int] | None = Field(None, description="Real-space grid (n_a, n_b, n_c) of the full potential")
+    source: str = Field(description="Where the numbers come from, e.g. 'qe pp.x plot_num=11'")
+    file: str | None = Field(
+        None, description="The full 3-D potential on disk, when kept (QE: gzipped Gaussian cube, Ry and bohr)"
+    )
+
+
 class Frame(BaseModel):
     """One labelled configuration: a structure with its energy, forces (and stress) at a given total charge."""
 
@@ -83,6 +114,9 @@ class Frame(BaseModel):
     )
     cbm: float | None = Field(None, description="Lowest unoccupied Kohn-Sham level in eV, when reported")
     fermi_level: float | None = Field(None, description="Fermi level in eV, when reported")
+    potential: ElectrostaticPotential | None = Field(
+        None, description="Electrostatic potential for finite-size corrections, when the engine recorded it"
+    )
 
     @property
     def band_gap(self) -> float | None:

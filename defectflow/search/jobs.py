@@ -19,11 +19,12 @@ from pydantic import BaseModel, Field
 
 from defectflow.campaign import FidelitiesSpec, LevelsSpec, MlipSpec, SearchSpec, VerifySpec
 from defectflow.engines import get_engine
-from defectflow.levels import LevelEntry, compute_levels
+from defectflow.levels import LevelEntry, compute_levels, with_potentials
 from defectflow.schemas import (
     BulkReference,
     CampaignResult,
     DistortionSet,
+    Frame,
     GroundStateRecord,
     KeptGroundState,
     LabelledSet,
@@ -37,6 +38,7 @@ from defectflow.schemas import (
     Verification,
     group_key,
 )
+from defectflow.schemas.core import ElectrostaticPotential
 from defectflow.search import rattled_starts, rmsd, search_ground_state
 from defectflow.steps import name_job
 from defectflow.store.tracking import tracked
@@ -94,6 +96,8 @@ class SearchContext(BaseModel):
     plot_dir: str = Field(description="Folder of the search landscapes and the formation-energy diagram")
     model_plot_dir: str = Field(description="Folder of the model plots (parity, PCA)")
     bulk: BulkReference | None = Field(None, description="Bulk energies and HF band edges (set by start_search)")
+    bulk_potential: ElectrostaticPotential | None = Field(
+        None, description="Electrostatic potential of the bulk HF single point, for eFNV/FNV (set by start_search)")
     lf_extxyz: str = Field("", description="LF training frames so far (extxyz)")
     hf_extxyz: str = Field("", description="HF training frames so far (extxyz)")
     n_hf_selected: int = Field(0, description="Frames selected for HF single points in step 3")
@@ -193,15 +197,18 @@ def best_verified(previous: dict[str, KeptGroundState], verifications: list[Veri
                   searches: list[SearchResult], round_no: int) -> dict[str, KeptGroundState]:
     """Per 'defect q': the verified surrogate minimum with the lowest HF energy over the rounds so far (a failed
     verification counts as +∞), with its round and its search's landscape. The HF/LF frames are left out (they
-    are in the verify job's document)."""
+    are in the verify job's document), except for the HF frame's electrostatic potential (the levels' eFNV/FNV
+    input), kept on an HF frame without forces and stress."""
     best = dict(previous)
     for v, s in zip(verifications, searches, strict=True):
         key = group_key(v.defect, v.charge)
         old = best.get(key)
         old_e = old.verification.hf_energy if old else None
         if old is None or (v.hf_energy is not None and (old_e is None or v.hf_energy < old_e)):
+            hf = v.hf_frame
+            slim = hf.model_copy(update={"forces": None, "stress": None}) if hf is not None and hf.potential else None
             best[key] = KeptGroundState(round=round_no, n_minima=len(s.minima), landscape=s.landscape, plot=s.plot,
-                                        verification=v.model_copy(update={"hf_frame": None, "lf_frame": None}))
+                                        verification=v.model_copy(update={"hf_frame": slim, "lf_frame": None}))
     return best
 
 
@@ -250,8 +257,10 @@ def finalize(verifications: list[Verification], searches: list[SearchResult], ba
             rec.baseline_label = b.ground_state_label
         records.append(rec)
         if v.hf_energy is not None and v.structure is not None:
+            # the potential belongs to the single-point geometry: an HF relaxation (verify.mode relax) moved it
+            potential = v.hf_frame.potential if v.hf_frame is not None and v.mode == "single_point" else None
             level_entries.append(LevelEntry(defect=v.defect, charge=v.charge, energy=v.hf_energy,
-                                            structure=v.structure,
+                                            structure=v.structure, potential=potential,
                                             defect_entry=entries[group_key(v.defect, v.charge)]))
     bulk, lv = context.bulk, context.levels
     levels, levels_error = None, None
@@ -264,7 +273,8 @@ def finalize(verifications: list[Verification], searches: list[SearchResult], ba
                              "engine that reports eigenvalues (qe, cp2k with smearing)")
         levels = compute_levels(level_entries, context.bulk_structure, bulk.energy_hf, bulk.vbm, gap,
                                 correction=lv.correction, dielectric=lv.dielectric,
-                                chemical_potentials=lv.chemical_potentials, plot_dir=context.plot_dir)
+                                chemical_potentials=lv.chemical_potentials, plot_dir=context.plot_dir,
+                                bulk_potential=context.bulk_potential)
     except ValueError as exc:
         levels_error = str(exc)
         logger.warning("levels not computed: %s", exc)
@@ -288,12 +298,13 @@ def build_search_round(context: SearchContext, baselines: list | None, training=
         jobs.append(t)
         training = t.output
     searches, verifies = [], []
+    high = with_potentials(context.fidelities.high, context.levels.correction)  # eFNV/FNV inputs, when usable
     for g in context.groups:
         meta = {"defect": g.defect, "charge": g.charge, "round": context.round}
         s = name_job(surrogate_search(training.models["main"], g.defect, g.charge, g.starts, context.search,
                                       context.plot_dir, seed=context.seed),
                      "search", g.key, "round", context.round, **meta)
-        v = name_job(verify_ground_state(s.output, context.fidelities.high, context.fidelities.low, context.verify),
+        v = name_job(verify_ground_state(s.output, high, context.fidelities.low, context.verify),
                      "verify", g.key, "round", context.round, **meta)
         jobs += [s, v]
         searches.append(s.output)
@@ -306,10 +317,12 @@ def build_search_round(context: SearchContext, baselines: list | None, training=
 @job
 @tracked("start_search", cache=False)
 def start_search(training: TrainingResult, labelled: LabelledSet, lf_extxyz: str, bulk: BulkReference,
-                 baselines: list[SearchResult], context: SearchContext) -> Response:
-    """Join point after training: fill the runtime context (LF/HF data, bulk reference) and start round 0."""
+                 baselines: list[SearchResult], context: SearchContext, bulk_hf: Frame | None = None) -> Response:
+    """Join point after training: fill the runtime context (LF/HF data, bulk reference and, for eFNV/FNV, the
+    electrostatic potential of ``bulk_hf``, the bulk HF single point) and start round 0."""
     context = context.model_copy(update={
         "lf_extxyz": lf_extxyz, "hf_extxyz": labelled.extxyz, "bulk": bulk,
+        "bulk_potential": None if bulk_hf is None else bulk_hf.potential,
         "hf_calls": context.hf_calls + labelled.n_requested, "n_hf_selected": labelled.n_requested,
         # the same calls as hf_calls: the bulk HF single point included
         "hf_seconds": labelled.hf_seconds + (bulk.hf_seconds or 0.0)})

@@ -31,6 +31,13 @@ What it runs
   spins (:func:`parse_band_edges`), and ``fermi_level`` from "the Fermi energy is". Bulk Si 8 atoms, 2×2×2,
   20 Ry: gap 0.72 eV. Cost: none measurable at 7-8 atoms (PBE and HSE06: same nbnd as QE's default there);
   with hybrids the EXX work grows ∝ nbnd (Fock operator applied to every band), so many extra bands cost.
+* Electrostatic potential (``electrostatic_potential: true``; a campaign turns it on for the bulk and verification
+  single points when ``levels.correction`` needs it): after the SCF, ``pp.x`` (``plot_num = 11``: local ionic +
+  Hartree potential, Ry, the G = 0 term of the local pseudopotentials included, as pw.x uses it) writes
+  ``potential.cube.gz`` in the workdir; the Frame keeps its planar averages along a, b, c (eV, the sign of VASP's
+  LOCPOT: doped's FNV) and its value at each atom averaged with a Gaussian test charge of σ = 0.5 Å (V, the
+  sign doped's eFNV takes from VASP's OUTCAR), so the levels step needs no files (``Frame.potential``). pp.x runs
+  serially, ~0.5 s at 7 atoms.
 * Pseudopotentials: from ``pseudo_dir`` (default ``$ESPRESSO_PSEUDO``, else ``/usr/share/espresso/pseudo``
   from Debian's ``quantum-espresso-data``), chosen per element from the UPF headers: PBE norm-conserving
   scalar-relativistic first (by file name), then PBE norm-conserving with spin-orbit, then — semi-local
@@ -86,6 +93,7 @@ from defectflow.engines.qe.engine import QEEngine
 from defectflow.engines.qe.inputs import (
     UPFInfo,
     default_pseudo_dir,
+    make_pp_input,
     make_pw_input,
     n_bands,
     n_valence_electrons,
@@ -94,7 +102,7 @@ from defectflow.engines.qe.inputs import (
     select_pseudopotentials,
     unique_elements,
 )
-from defectflow.engines.qe.outputs import PwResult, parse_band_edges, parse_pw_output
+from defectflow.engines.qe.outputs import PwResult, parse_band_edges, parse_pw_output, read_potential_cube
 from defectflow.engines.qe.settings import (
     DEFAULT_PSEUDO_DIR,
     HYBRID_DFT,
@@ -113,12 +121,14 @@ __all__ = [
     "QESettings",
     "UPFInfo",
     "default_pseudo_dir",
+    "make_pp_input",
     "make_pw_input",
     "n_bands",
     "n_valence_electrons",
     "parse_band_edges",
     "parse_pw_output",
     "pw_namelists",
+    "read_potential_cube",
     "read_upf_header",
     "select_pseudopotentials",
     "unique_elements",

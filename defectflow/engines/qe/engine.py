@@ -3,6 +3,7 @@ RelaxTrajectories (see the package docstring, :mod:`defectflow.engines.qe`)."""
 
 from __future__ import annotations
 
+import gzip
 import logging
 import os
 import shutil
@@ -13,18 +14,21 @@ import numpy as np
 from pymatgen.core import Structure
 
 from defectflow.engines.base import Engine, EngineError, mpi_prefix
+from defectflow.engines.outputs import potential_from_grid
 from defectflow.engines.process import run_process
 from defectflow.engines.qe.inputs import (
     UPFInfo,
     default_pseudo_dir,
+    make_pp_input,
     make_pw_input,
     n_valence_electrons,
     select_pseudopotentials,
     unique_elements,
 )
-from defectflow.engines.qe.outputs import PwResult, parse_pw_output
+from defectflow.engines.qe.outputs import PwResult, parse_pw_output, read_potential_cube
 from defectflow.engines.qe.settings import HYBRID_DFT, QESettings
 from defectflow.schemas import Frame, RelaxTrajectory
+from defectflow.schemas.core import ElectrostaticPotential
 
 logger = logging.getLogger(__name__)
 
@@ -69,16 +73,31 @@ class QEEngine(Engine):
             lda=self.settings.xc == "LDA",
         )
 
+    def pp_executable(self) -> str:
+        exe = self.settings.pp_command or "pp.x"
+        found = shutil.which(exe)
+        if found is None:
+            raise EngineError(
+                f"QE: {exe!r} not found on PATH (needed by electrostatic_potential: true, which levels.correction "
+                "auto/eFNV/FNV turns on for the bulk and verification single points). Install Quantum ESPRESSO's "
+                "post-processing tools (Debian/Ubuntu: `apt-get install quantum-espresso`), set `pp_command:` to "
+                "pp.x's path, or use levels.correction: image_charge."
+            )
+        return found
+
     def check(self, structure: Structure) -> None:
-        """Raise :class:`EngineError` if pw.x or a pseudopotential for ``structure`` is missing."""
+        """Raise :class:`EngineError` if pw.x (pp.x when ``electrostatic_potential`` is on) or a pseudopotential
+        for ``structure`` is missing."""
         self.pseudopotentials(structure)
         self.executable()
+        if self.settings.electrostatic_potential:
+            self.pp_executable()
 
     def command(self) -> list[str]:
         return mpi_prefix(self.settings.mpi_procs or _usable_cores()) + [self.executable()]
 
     # -- running ---------------------------------------------------------------------------------------------
-    def _run(self, structure, charge, workdir: Path, calculation, fmax=None, max_steps=None):
+    def _run(self, structure, charge, workdir: Path, calculation, fmax=None, max_steps=None, potential=False):
         workdir.mkdir(parents=True, exist_ok=True)
         pseudos = self.pseudopotentials(structure)
         cmd = self.command() + ["-in", "pw.in"]
@@ -115,9 +134,36 @@ class QEEngine(Engine):
             logger.warning(
                 "QE printed %s electrons, expected %s for q=%+d", result.n_electrons, expected, charge
             )
+        if potential and rc == 0 and result.error is None and not result.scf_failed:
+            result.potential = self._write_potential(structure, workdir)
+            wall = time.perf_counter() - t0
         if not self.settings.keep_outdir:
             shutil.rmtree(workdir / "out", ignore_errors=True)
         return result, wall, rc
+
+    def _write_potential(self, structure: Structure, workdir: Path) -> ElectrostaticPotential | None:
+        """pp.x on the finished pw.x run in ``workdir``: the electrostatic potential (``plot_num = 11``) →
+        ``potential.cube.gz`` (Ry, bohr; the intermediate file removed) and its planar averages and site potentials
+        (:func:`~defectflow.engines.outputs.potential_from_grid`). pp.x reads only the charge density, so it runs as
+        one process (~0.5 s at 7 atoms). A pp.x failure is logged and gives None: the energy stands without it."""
+        (workdir / "pp.in").write_text(make_pp_input())
+        run = run_process(
+            [self.pp_executable(), "-in", "pp.in"], cwd=workdir, timeout=self.settings.timeout_s,
+            env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=workdir / "pp.out", stderr=workdir / "pp.err",
+            grace=10.0,
+        )
+        (workdir / "potential.pp").unlink(missing_ok=True)
+        cube = workdir / "potential.cube"
+        if run.returncode != 0 or run.timed_out or not cube.is_file():
+            logger.warning("pp.x failed in %s (exit code %s%s): no electrostatic potential on the Frame (see pp.out)",
+                           workdir, run.returncode, ", timed out" if run.timed_out else "")
+            return None
+        grid = read_potential_cube(cube)
+        packed = workdir / "potential.cube.gz"
+        with open(cube, "rb") as src, gzip.open(packed, "wb", compresslevel=6) as dst:
+            shutil.copyfileobj(src, dst)
+        cube.unlink()
+        return potential_from_grid(grid, structure, source="qe pp.x plot_num=11", file=str(packed.resolve()))
 
     @staticmethod
     def _structure(start: Structure, atoms, charge: int) -> Structure:
@@ -153,12 +199,17 @@ class QEEngine(Engine):
         )
 
     def single_point(self, structure: Structure, charge: int, workdir: str | Path = ".") -> Frame:
-        result, wall, rc = self._run(structure, charge, Path(workdir), "scf")
+        """pw.x SCF of ``structure`` at charge ``charge``; with ``electrostatic_potential`` on, pp.x then writes the
+        potential and the Frame carries it (``Frame.potential``)."""
+        result, wall, rc = self._run(
+            structure, charge, Path(workdir), "scf", potential=self.settings.electrostatic_potential
+        )
         if result.scf_failed or rc != 0 or not result.atoms:
             error = result.error or "pw.x produced no forces (see pw.out)"
             logger.warning("QE single point failed (q=%+d): %s", charge, error)
             return self.failed_frame(structure, charge, error, wall)
-        return self._frame(structure, result, len(result.atoms) - 1, charge, wall, 0)
+        frame = self._frame(structure, result, len(result.atoms) - 1, charge, wall, 0)
+        return frame.model_copy(update={"potential": result.potential}) if result.potential else frame
 
     def relax(
         self,

@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "UPFInfo",
     "default_pseudo_dir",
+    "make_pp_input",
     "make_pw_input",
     "n_bands",
     "n_valence_electrons",
@@ -363,3 +364,23 @@ def make_pw_input(structure: Structure, charge: int, settings: QESettings, pseud
     # pw.x reads the namelists in this order and only those it needs: ASE writes every pw.x namelist, empty ones
     # (&IONS for scf, &CELL, &FCP, &RISM) included; pw.x would report those as unknown cards
     return re.sub(r"^&\w+\n/\n", "", buffer.getvalue(), flags=re.MULTILINE)
+
+
+def make_pp_input(outdir: str = "./out", cube: str = "potential.cube", filplot: str = "potential.pp") -> str:
+    """The pp.x input that writes the electrostatic potential of the pw.x run in ``outdir`` (prefix ``pwscf``):
+    ``plot_num = 11`` (the bare local ionic potential + the Hartree potential, in Ry: the potential energy of an
+    electron, as pw.x adds it to the Kohn-Sham Hamiltonian, its G = 0 term included) on pw.x's dense FFT grid,
+    as a Gaussian cube (``output_format = 6``: bohr, Ry) named ``cube``; ``filplot`` is pp.x's intermediate file."""
+    return (
+        "&INPUTPP\n"
+        "  prefix = 'pwscf'\n"
+        f"  outdir = '{outdir}'\n"
+        f"  filplot = '{filplot}'\n"
+        "  plot_num = 11\n"
+        "/\n"
+        "&PLOT\n"
+        "  iflag = 3\n"
+        "  output_format = 6\n"
+        f"  fileout = '{cube}'\n"
+        "/\n"
+    )

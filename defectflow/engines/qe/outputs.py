@@ -9,10 +9,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from defectflow.engines.outputs import band_edges
 from defectflow.engines.qe.settings import RY_IN_EV
+from defectflow.schemas.core import ElectrostaticPotential
 
-__all__ = ["PwResult", "parse_band_edges", "parse_pw_output"]
+__all__ = ["PwResult", "parse_band_edges", "parse_pw_output", "read_potential_cube"]
 
 
 @dataclass
@@ -30,6 +33,7 @@ class PwResult:
     bfgs_converged: bool
     bfgs_message: str | None
     band_edges: list[tuple[float | None, float | None, float | None]] = None  # (vbm, cbm, E_F) eV, per step
+    potential: ElectrostaticPotential | None = None  # pp.x's, when the engine ran it after a single point
 
 
 def _qe_error_block(text: str) -> str | None:
@@ -179,3 +183,17 @@ def parse_pw_output(path: Path, hybrid: bool) -> PwResult:
         bfgs_message=bfgs_msg,
         band_edges=edges,
     )
+
+
+def read_potential_cube(path: str | Path) -> np.ndarray:
+    """The potential grid of a pp.x Gaussian cube (``path``, plain or ``.gz``) in eV: pp.x writes Ry (for
+    ``plot_num = 11`` the potential energy of an electron), on the grid points i/n along each lattice vector."""
+    import gzip
+
+    from ase.io.cube import read_cube
+
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt") as fh:
+        data = read_cube(fh, read_data=True)["data"]
+    return np.asarray(data, dtype=float) * RY_IN_EV

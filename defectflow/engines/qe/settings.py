@@ -8,6 +8,7 @@ from ase.io.espresso import units as _ase_units
 from pydantic import Field
 
 from defectflow.engines.base import EngineSettings
+from defectflow.schemas import settings_digest
 
 __all__ = ["DEFAULT_PSEUDO_DIR", "HYBRID_DFT", "RY_IN_EV", "RY_PER_BOHR_IN_EV_PER_ANG", "QESettings"]
 
@@ -79,5 +80,22 @@ class QESettings(EngineSettings):
         default_factory=dict,
         description="Extra namelist entries in QE units, e.g. {system: {nbnd: 40}}; override the engine's",
     )
+    electrostatic_potential: bool = Field(
+        False,
+        description="After each single point, write the electrostatic potential (pp.x plot_num=11: local ionic + "
+        "Hartree) to potential.cube.gz and keep its planar averages (eV) and site potentials (V) on the Frame, for "
+        "the FNV/eFNV finite-size corrections. A campaign switches it on for the bulk and verification single "
+        "points when levels.correction needs it",
+    )
+    pp_command: str | None = Field(None, description="pp.x executable (default: pp.x on PATH)")
 
-    _digest_exclude: ClassVar[tuple[str, ...]] = EngineSettings._digest_exclude + ("timeout_s", "keep_outdir")
+    _digest_exclude: ClassVar[tuple[str, ...]] = EngineSettings._digest_exclude + (
+        "timeout_s", "keep_outdir", "pp_command")
+
+    def digest(self) -> str:
+        """Digest of the settings that change results; ``electrostatic_potential`` counts only when on (it adds
+        to the Frame and leaves the energy alone), so the digests of settings without it are unchanged."""
+        data = self.model_dump(mode="json", exclude=set(self._digest_exclude))
+        if not data["electrostatic_potential"]:
+            del data["electrostatic_potential"]
+        return settings_digest(data)

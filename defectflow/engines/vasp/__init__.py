@@ -17,7 +17,10 @@ VASP cannot run on every machine (licence, POTCARs), so this engine has two halv
 * **outputs** — :func:`trajectory_from_task` / :func:`frames_from_task` (atomate2's ``TaskDoc``: every ionic step of
   ``calcs_reversed``), :func:`to_frame` and :func:`trajectory_from_vasprun` (``vasprun.xml``) turn a VASP run into
   :class:`~defectflow.schemas.Frame` / :class:`~defectflow.schemas.RelaxTrajectory` documents (energy, forces,
-  stress of every ionic step; both sources give the same documents).
+  stress of every ionic step; both sources give the same documents). A single point's Frame also carries what
+  doped's finite-size corrections read (``Frame.potential``): the LOCPOT planar averages (``LVHAR`` is on) and the
+  OUTCAR core potentials, from the TaskDoc (``output.locpot``, ``output.outcar``: :func:`potential_from_task`) or
+  from the files with doped's readers (:func:`potential_from_directory`).
 
 :meth:`VaspEngine.single_point` and :meth:`VaspEngine.relax` run one atomate2 maker job (custodian, then atomate2's
 TaskDoc) with ``jobflow.run_locally`` in the engine's work directory, only when a VASP executable is configured;
@@ -86,6 +89,8 @@ from defectflow.engines.vasp.inputs import defect_incar, relax_maker, static_mak
 from defectflow.engines.vasp.outputs import (
     KBAR_TO_EV_PER_A3,
     frames_from_task,
+    potential_from_directory,
+    potential_from_task,
     to_frame,
     trajectory_from_task,
     trajectory_from_vasprun,
@@ -99,6 +104,8 @@ __all__ = [
     "VaspSettings",
     "defect_incar",
     "frames_from_task",
+    "potential_from_directory",
+    "potential_from_task",
     "relax_maker",
     "static_maker",
     "to_frame",

@@ -17,6 +17,8 @@ from defectflow.engines.base import Engine, EngineError
 from defectflow.engines.vasp.inputs import _charged, _quiet_pymatgen, relax_maker, static_maker
 from defectflow.engines.vasp.outputs import (
     frames_from_task,
+    potential_from_directory,
+    potential_from_task,
     to_frame,
     trajectory_from_task,
     trajectory_from_vasprun,
@@ -152,7 +154,9 @@ class VaspEngine(Engine):
 
     def single_point(self, structure, charge, workdir="."):
         """One VASP single point (atomate2 ``StaticMaker``/``HSEStaticMaker``) in ``workdir``; the Frame comes from
-        the run's TaskDoc, or from ``vasprun.xml`` when atomate2 could not build one."""
+        the run's TaskDoc, or from ``vasprun.xml`` when atomate2 could not build one. ``Frame.potential`` holds the
+        LOCPOT planar averages and OUTCAR core potentials (doped's FNV/eFNV inputs) from the TaskDoc, or from the
+        files when the TaskDoc lacks them."""
         workdir = Path(workdir)
         self.check(structure)
         workdir.mkdir(parents=True, exist_ok=True)
@@ -169,7 +173,8 @@ class VaspEngine(Engine):
                 return self.failed_frame(
                     structure, charge, f"VASP single point: {detail}", time.perf_counter() - t0
                 )
-        return frame.model_copy(update={"wall_seconds": time.perf_counter() - t0})
+        potential = (potential_from_task(task) if task is not None else None) or potential_from_directory(workdir)
+        return frame.model_copy(update={"wall_seconds": time.perf_counter() - t0, "potential": potential})
 
     def relax(self, structure, charge, workdir=".", fmax=0.05, max_steps=100):
         """One VASP relaxation (atomate2 ``RelaxMaker``/``HSERelaxMaker``, fixed cell) in ``workdir``; every ionic

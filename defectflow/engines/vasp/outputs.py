@@ -1,7 +1,13 @@
 """VASP outputs → Frames and RelaxTrajectories: from ``vasprun.xml`` (or its ``.gz``, or the run directory) or from
 the atomate2/emmet ``TaskDoc`` of the run (its ``calcs_reversed[*].output.ionic_steps``: the same numbers
 pymatgen's ``Vasprun`` reads, so both give the same documents). Energies in eV (σ→0), forces eV/Å, stress eV/Å³
-(Voigt, ASE sign; VASP writes kbar, positive = compressive)."""
+(Voigt, ASE sign; VASP writes kbar, positive = compressive).
+
+The electrostatic potential for doped's finite-size corrections (``Frame.potential``; doped's defect INCAR sets
+``LVHAR``, and every OUTCAR prints the core potentials) comes from what atomate2 already parsed into the TaskDoc
+(``output.locpot``: LOCPOT planar averages; ``output.outcar['electrostatic_potential']``: the core potentials), or
+from ``LOCPOT``/``OUTCAR`` in the run directory read with doped's own readers (:func:`potential_from_task`,
+:func:`potential_from_directory`)."""
 
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ from pymatgen.core import Structure
 from defectflow.engines.base import Engine, EngineError
 from defectflow.engines.vasp.settings import VaspSettings
 from defectflow.schemas import Frame, RelaxTrajectory
+from defectflow.schemas.core import ElectrostaticPotential
 
 if TYPE_CHECKING:
     from defectflow.engines.vasp.engine import VaspEngine
@@ -25,6 +32,8 @@ if TYPE_CHECKING:
 __all__ = [
     "KBAR_TO_EV_PER_A3",
     "frames_from_task",
+    "potential_from_directory",
+    "potential_from_task",
     "to_frame",
     "trajectory_from_task",
     "trajectory_from_vasprun",
@@ -251,3 +260,56 @@ def to_frame(
         scf_converged=ok,
         error=None if ok else f"VASP task state: {state}",
     )
+
+
+def _potential(planar: list[list[float]] | None, sites: Any, grid: list[int] | None, source: str,
+               file: str | None = None) -> ElectrostaticPotential | None:
+    """ElectrostaticPotential from LOCPOT planar averages (eV, as VASP writes them) and site potentials (V, doped's
+    eFNV sign: −1 × OUTCAR's core potentials); None when there is neither."""
+    if not planar and (sites is None or len(sites) == 0):
+        return None
+    return ElectrostaticPotential(
+        planar_averages=planar or None, site_potentials=None if sites is None or len(sites) == 0 else
+        np.asarray(sites, dtype=float).tolist(), grid=grid, source=source, file=file)
+
+
+def potential_from_task(task: Any) -> ElectrostaticPotential | None:
+    """The electrostatic potential of the last calculation of an atomate2/emmet ``TaskDoc`` (object or dict):
+    ``output.locpot`` (LOCPOT planar averages along a, b, c, eV; atomate2 stores them when a LOCPOT exists) and
+    ``output.outcar['electrostatic_potential']`` (OUTCAR's 'average (electrostatic) potential at core', its sign
+    flipped to doped's eFNV convention, V). None when the document holds neither."""
+    calcs = list(_as_mapping(task).get("calcs_reversed") or [])
+    if not calcs:
+        return None
+    output = _as_mapping(_as_mapping(calcs[0]).get("output") or {})
+    locpot = {int(k): v for k, v in (output.get("locpot") or {}).items()}  # keys "0", "1", "2" (str in JSON)
+    planar = [list(map(float, locpot[i])) for i in range(3)] if set(locpot) >= {0, 1, 2} else None
+    outcar = output.get("outcar") or {}
+    core = outcar.get("electrostatic_potential") if isinstance(outcar, Mapping) else None
+    return _potential(planar, None if core is None else -np.asarray(core, dtype=float),
+                      [len(p) for p in planar] if planar else None, "vasp LOCPOT + OUTCAR (atomate2 TaskDoc)")
+
+
+def potential_from_directory(path: str | Path) -> ElectrostaticPotential | None:
+    """The electrostatic potential of a VASP run directory, read with doped's readers: ``LOCPOT`` (or ``.gz``, ...)
+    → planar averages (eV), ``OUTCAR`` → core potentials of the last ionic step (doped's eFNV sign, V). None when
+    neither file has them (LVHAR off, or a crashed run)."""
+    import warnings
+
+    from doped.utils.parsing import find_archived_fname, get_core_potentials_from_outcar, get_locpot
+
+    path = Path(path)
+    planar, grid, file, sites = None, None, None, None
+    locpot_file = find_archived_fname(str(path / "LOCPOT"), raise_error=False)
+    if locpot_file:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            locpot = get_locpot(locpot_file)
+        planar = [locpot.get_average_along_axis(i).tolist() for i in range(3)]
+        grid, file = list(locpot.dim), str(Path(locpot_file).resolve())
+    if find_archived_fname(str(path / "OUTCAR"), raise_error=False):
+        try:
+            sites = get_core_potentials_from_outcar(path / "OUTCAR")
+        except ValueError:  # no core potentials in this OUTCAR (a crashed run)
+            sites = None
+    return _potential(planar, sites, grid, "vasp LOCPOT + OUTCAR", file)
