@@ -5,7 +5,8 @@
 #   DEFECTFLOW_VENV=/path bash scripts/setup.sh
 #
 # What it does, in order:
-#   1. apt: Quantum ESPRESSO (pw.x + bundled pseudopotentials), CP2K (+ data), OpenBLAS, OpenMPI.
+#   1. apt: Quantum ESPRESSO (pw.x + bundled pseudopotentials), CP2K (+ data), OpenBLAS, OpenMPI, Chromium (the
+#      tests render `defectflow report`'s HTML page in headless Chromium).
 #   2. a virtual environment (.venv by default);
 #   3. torch==2.13.0 FIRST (a CPU wheel; any other torch pulls GBs of CUDA packages);
 #   4. defectflow itself (editable) with its test extra.
@@ -19,7 +20,7 @@ python="${PYTHON:-python3}"
 log() { printf '[setup] %s\n' "$*"; }
 
 # ---- 1. Debian packages ---------------------------------------------------------------
-apt_pkgs=(quantum-espresso quantum-espresso-data cp2k cp2k-data libopenblas0 openmpi-bin)
+apt_pkgs=(quantum-espresso quantum-espresso-data cp2k cp2k-data libopenblas0 openmpi-bin chromium)
 missing=()
 for p in "${apt_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -242,3 +242,23 @@ def descendants(root: int, table: dict[int, dict]) -> dict[int, dict]:
                 out[pid] = info
                 todo.append(pid)
     return out
+
+
+@pytest.fixture(scope="session")
+def pipeline_run(tmp_path_factory):
+    """The whole campaign of test_pipeline.py, run once per session (test_report.py reads the same run)."""
+    from defectflow.campaign import Campaign
+    from defectflow.submit import run_campaign
+
+    work = tmp_path_factory.mktemp("pipeline")
+    campaign = Campaign.from_dict(si_vacancy_campaign(
+        "pipeline", work,
+        relax={"fmax": 0.3, "max_steps": 6},
+        selection={"strategy": "minima", "budget": 6},
+        mlip=TINY_MLIP,
+        search={"extra_starts": 1, "fmax": 0.1, "max_steps": 60},
+        # a threshold no tiny model meets: forces the top-up round (retrain with the verified frames) to run
+        verify={"energy_threshold": 0.001, "max_rounds": 1},
+        levels={"dielectric": 11.7},
+    ))
+    return campaign, run_campaign(campaign)

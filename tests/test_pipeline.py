@@ -10,26 +10,13 @@ import math
 from pathlib import Path
 
 import pytest
-from conftest import TINY_MLIP, si_vacancy_campaign
 
-from defectflow.campaign import Campaign
-from defectflow.submit import run_campaign
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    work = tmp_path_factory.mktemp("pipeline")
-    campaign = Campaign.from_dict(si_vacancy_campaign(
-        "pipeline", work,
-        relax={"fmax": 0.3, "max_steps": 6},
-        selection={"strategy": "minima", "budget": 6},
-        mlip=TINY_MLIP,
-        search={"extra_starts": 1, "fmax": 0.1, "max_steps": 60},
-        # a threshold no tiny model meets: forces the top-up round (retrain with the verified frames) to run
-        verify={"energy_threshold": 0.001, "max_rounds": 1},
-        levels={"dielectric": 11.7},
-    ))
-    return campaign, run_campaign(campaign)
+def run(pipeline_run):
+    """The finished campaign (conftest's session fixture ``pipeline_run``, shared with test_report.py)."""
+    return pipeline_run
 
 
 def test_every_job_finished(run):

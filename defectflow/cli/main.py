@@ -35,6 +35,7 @@ examples:
   defectflow run workflows/quickstart.yaml          run a campaign locally (embedded store), all five steps
   defectflow status workflows/quickstart.yaml       per-step progress of its newest run
   defectflow results workflows/quickstart.yaml      ground states, CTLs, model metrics, cost per step
+  defectflow report workflows/quickstart.yaml       one self-contained HTML page of the run (tables + figures)
   defectflow query workflows/quickstart.yaml --step relax_lf --charge 0   job documents (--json)
   defectflow submit CAMPAIGN --manager fireworks    submit to FireWorks (or jobflow-remote)
   defectflow schema > campaign.schema.json          JSON schema of the campaign file
@@ -321,7 +322,34 @@ def _cmd_run(args) -> int:
         print(f"interrupted ({name}): {tally.summary()}, kept in the store; resume with: {_same_command()}",
               file=sys.stderr, flush=True)
         return code
-    return _report_run(campaign, result)
+    code = _report_run(campaign, result)
+    _write_run_report(campaign, result)
+    return code
+
+
+def _write_run_report(campaign, result) -> None:
+    """The run's HTML page at ``<work_dir>/report.html`` (what ``defectflow report`` writes); a failure is one
+    warning line, never the run's failure."""
+    try:
+        from defectflow.report import write_report
+        from defectflow.results import Results
+
+        text = Path(campaign.source).read_text() if campaign.source else campaign.to_yaml()
+        path = write_report(Results.for_campaign(campaign, run=result.flow_uuid), text,
+                            result.work_dir / "report.html", store_label=_store_label(campaign))
+    except Exception as exc:  # noqa: BLE001 - the run itself finished; the page is a convenience
+        print(f"warning: could not write the HTML report ({type(exc).__name__}: {exc}); "
+              f"`defectflow report {campaign.source or 'CAMPAIGN'}` writes it from the store", file=sys.stderr)
+        return
+    print(f"report: {path}")
+
+
+def _store_label(campaign) -> str:
+    """Where a campaign's store is, for people: the embedded store's folder or the masked MongoDB URI."""
+    from defectflow.store import mask_uri
+
+    return (str(campaign.work_dir() / "store") if campaign.execution.store == "embedded"
+            else mask_uri(campaign.execution.store))
 
 
 def _report_run(campaign, result) -> int:
@@ -481,8 +509,8 @@ def _open_source(args) -> _Source:
             campaign.execution.work_dir = str(work_dir)
         work = campaign.work_dir()
         store = open_store(campaign.execution.store, work)
-        label = str(work / "store") if campaign.execution.store == "embedded" else mask_uri(campaign.execution.store)
-        return _Source(store, campaign=campaign, work_dir=work, name=name or campaign.name, label=label)
+        return _Source(store, campaign=campaign, work_dir=work, name=name or campaign.name,
+                       label=_store_label(campaign))
     if work_dir is not None:
         return _Source(open_store("embedded", work_dir), work_dir=work_dir, name=name, label=str(work_dir / "store"))
     raise ValueError("expected a campaign YAML file, --work-dir DIR or --store URI|DIR")
@@ -839,6 +867,39 @@ def _cmd_plot(args) -> int:
     return 0
 
 
+def _cmd_report(args) -> int:
+    from defectflow.campaign import CampaignError
+    from defectflow.report import write_report
+
+    try:
+        r, src = _open_results(args)
+        if r.run is None:
+            raise _no_run(r)
+        if args.output:
+            out = Path(args.output).resolve()
+        elif src.work_dir is not None:
+            out = src.work_dir / "report.html"
+        else:
+            out = Path(f"report-{r.campaign or r.run}.html").resolve()
+        text = Path(src.campaign.source).read_text() if src.campaign is not None else None
+        state = _run_state(r, src)
+        note = _state_line(state, src)
+    except (CampaignError, ValueError, LookupError) as exc:
+        return _fail(exc)
+    try:
+        path = write_report(r, text, out, store_label=src.label, note=note)
+    except OSError as exc:
+        return _fail(OSError(f"cannot write the report: {exc.filename or out}: {exc.strerror or exc}"))
+    if args.json:
+        print(json.dumps({"run": r.run, "campaign": r.campaign, "state": state["state"], "report": str(path)},
+                         indent=2))
+        return 0
+    if note:
+        print(f"note: {note}")
+    print(f"report: {path} ({path.stat().st_size / 1e6:.1f} MB; open it in a browser, no network needed)")
+    return 0
+
+
 def _benchmarks_dir() -> Path | None:
     import defectflow
 
@@ -1015,6 +1076,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: <work_dir>/plots/replot for a campaign file, else "
                    "./plots-<campaign name>)")
     p.set_defaults(func=_cmd_plot)
+
+    p = sub.add_parser("report", help="one self-contained HTML page of a run: tables and figures of every step",
+                       description="Write one HTML page of a campaign's newest finished run, from its store (embedded\n"
+                       "or MongoDB, whichever executor ran it). The page is self-contained: figures are embedded\n"
+                       "PNGs, with no external style sheet, script or font, so it opens offline and can be mailed\n"
+                       "or archived as one file. It holds:\n\n"
+                       "  ground states        per (defect, q): the start it came from, E_HF and E_surrogate (eV),\n"
+                       "                       |E_HF − E_MLIP| (meV/atom), distinct minima, RMSDs (Å)\n"
+                       "  levels               CTLs ε(q/q') in eV above the VBM, formation energies at E_F = VBM\n"
+                       "                       and corrections (eV), doped's formation-energy diagram\n"
+                       "  landscapes           energy vs distortion: LF ShakeNBreak relaxations, surrogate search\n"
+                       "                       (and the foundation-model baseline when it ran)\n"
+                       "  surrogate model      held-out errors of the model and its ablations (meV/atom, meV/Å),\n"
+                       "                       parity and descriptor-PCA plots\n"
+                       "  verification rounds  |E_HF − E_MLIP| per (defect, q) and round, top-up retraining\n"
+                       "  cost per step        jobs, reused jobs, wall and CPU seconds, HF calls\n"
+                       "  campaign file        the YAML as given (not with --store alone: the store does not keep it)\n\n"
+                       "Figures are the PNG files the run wrote; missing ones (runs on FireWorks / jobflow-remote\n"
+                       "workers) are drawn again from the store, as `plot` does (parity and PCA plots need the model\n"
+                       "evaluated again and are named instead). An LF-only or unfinished run gets a page too: what\n"
+                       "it does not have yet is said in one line. `run` writes <work_dir>/report.html at its end.\n\n"
+                       "examples:\n"
+                       "  defectflow report workflows/quickstart.yaml\n"
+                       "  defectflow report workflows/quickstart.yaml --work-dir /scratch/si -o si.html\n"
+                       "  defectflow report --store mongodb://host/db --name sb2se3 -o sb2se3.html",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    store_args(p)
+    p.add_argument("-o", "--output", help="HTML file to write (default: <work_dir>/report.html; with a MongoDB "
+                   "--store and no work directory: ./report-<campaign name>.html)")
+    p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("benchmark", help="run a benchmark script from the source checkout (accuracy and HF cost "
                        "vs a direct high-fidelity search; speed and memory)",
