@@ -652,7 +652,10 @@ def test_sigterm_handler_ends_children(tmp_path):
 
 
 _INTERRUPT_SCRIPT = """
-import sys
+import signal, sys
+# a shell starts background jobs with SIGINT ignored, and Python then installs no KeyboardInterrupt handler: the
+# suite run with `... &` (nohup, CI wrappers) would see the signal do nothing. Ctrl-C's default, whatever started us.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 sys.path.insert(0, {tests!r})
 from conftest import si_vac15
 from defectflow.engines.qe import QEEngine
