@@ -243,6 +243,15 @@ class SelectionSpec(_Section):
     budget: int = Field(40, ge=1, description="Total number of high-fidelity single points")
     per_group_min: int = Field(1, ge=1, description="At least this many HF frames per (defect, q)")
     per_group_max: int | None = Field(None, ge=1, description="At most this many HF frames per (defect, q)")
+    max_energy_above_min: float | None = Field(
+        None, gt=0, description="Frames more than this above the lowest frame of their (defect, q) are not "
+        "candidates, eV/atom (the harvest's filter is 1.0: HF labels then fall where the LF training frames are); "
+        "None: every frame"
+    )
+    max_force: float | None = Field(
+        None, gt=0, description="Frames with an atomic force above this are not candidates, eV/Å (the harvest's "
+        "filter is 20); None: every frame"
+    )
     seed: int = Field(0, description="Random seed (selection is deterministic for a seed)")
     # -- minima ---------------------------------------------------------------------------------------------------
     energy_tolerance: float = Field(
@@ -310,8 +319,15 @@ class MlipSpec(_Section):
         50, ge=1, description="Epochs without validation improvement before the learning rate is multiplied by 0.8 "
         "(mace ReduceLROnPlateau)"
     )
+    default_dtype: Literal["float64", "float32"] = Field(
+        "float64", description="Floating-point precision of training and of the trained model (mace --default_dtype)"
+    )
     finetune_lr: float = Field(1e-3, gt=0, description="Learning rate of the HF fine-tuning (finetune, replay)")
     finetune_epochs: int = Field(100, ge=1, description="Epochs of the HF fine-tuning (finetune, replay)")
+    finetune_min_frames: int = Field(
+        128, ge=1, description="finetune: the HF training frames are repeated up to at least this many per epoch, "
+        "so that a handful of frames still gets enough optimiser steps (mace replay duplicates them likewise)"
+    )
     charge_embedding: bool = Field(True, description="Condition on the total charge q (embedding_specs total_charge)")
     embedding_readout: bool = Field(
         True, description="Add the charge-dependent energy readout (use_embedding_readout): charged cells differ by "
@@ -393,13 +409,22 @@ class LevelsSpec(_Section):
         None, description="Total (ionic + electronic) dielectric constant, scalar or 3×3; needed for corrections"
     )
     correction: Literal["auto", "efnv", "fnv", "image_charge", "none"] = Field(
-        "auto", description="Finite-size correction: auto = eFNV/FNV when the engine gives potentials, else image charge"
+        "auto",
+        description="Finite-size correction (any letter case: eFNV = efnv): efnv (Kumagai, doped; site potentials), "
+        "fnv (Freysoldt, doped; planar-averaged potentials), image_charge (Makov–Payne point charge, no alignment), "
+        "none; auto = eFNV when the HF engine gives the potentials (VASP; QE, which then runs pp.x after the bulk "
+        "and verification single points), else image_charge. The result says which was used and why",
     )
     chemical_potentials: dict[str, float] | None = Field(
         None, description="Absolute elemental chemical potentials in eV/atom, on the HF engine's energy scale "
         "(optional; default for an elemental host: its bulk energy per atom; CTLs never need them)"
     )
     band_gap: float | None = Field(None, ge=0, description="Override the band gap in eV (default: bulk HF calculation)")
+
+    @field_validator("correction", mode="before")
+    @classmethod
+    def _correction(cls, v):
+        return v.strip().lower() if isinstance(v, str) else v
 
     @field_validator("dielectric")
     @classmethod

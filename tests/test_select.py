@@ -211,6 +211,22 @@ def test_failed_and_unconverged_scf_frames_are_not_candidates():
     assert empty.n_chosen == 0 and empty.per_group == {} and empty.warnings
 
 
+def test_energy_and_force_windows_drop_frames_the_lf_training_set_drops():
+    n = len(BASE)  # eV/atom above the group's lowest frame: (E − E_min) / n
+    r = record("A", [-1.0 + 2.0 * n, -1.0 + 0.5 * n, -1.0], q=0)
+    r.trajectory.frames[1].forces = (np.full((n, 3), 30.0)).tolist()  # a 52 eV/Å atomic force
+    other = record("B", [5.0 + 2.0 * n, 5.0], q=1)  # each q has its own minimum
+    cands, warns = collect_candidates([r, other], max_energy_above_min=1.0)
+    assert [(c.charge, c.step) for c in cands] == [(0, 1), (0, 2), (1, 1)]
+    assert [c.index for c in cands] == [0, 1, 2] and any("not candidates" in w for w in warns)
+    cands, _ = collect_candidates([r, other], max_energy_above_min=1.0, max_force=20.0)
+    assert [(c.charge, c.step) for c in cands] == [(0, 2), (1, 1)]
+    sel = select_frames([r, other], SelectionSpec(strategy="fps", budget=4, max_energy_above_min=1.0,
+                                                   max_force=20.0))
+    assert sorted((x.charge, x.step) for x in sel.chosen) == [(0, 2), (1, 1)]
+    assert len(collect_candidates([r, other])[0]) == 5  # no window: every frame (the default)
+
+
 def test_stratified_picks_one_frame_per_energy_bin():
     # energies in three known 1-eV bins between -3 and 0 eV
     e1, e2 = [-3.0, -2.95, -2.9, -2.2], [-1.9, -1.5, -1.1]

@@ -385,6 +385,15 @@ def test_charge_references_fit_every_charge_state_and_are_added_back(dataset):
     for q in (0, 1):  # least squares with a constant per q: the residuals of each q average to zero
         assert np.mean([a.info["REF_energy"] for a in resid if a.info["total_charge"] == q]) == pytest.approx(0,
                                                                                                         abs=1e-8)
+    # HF frames with their LF energies: fitted through E_HF − E_LF on top of the LF references, so that per q the
+    # HF residual equals the LF residual on average (the Δ between the codes is what the constants absorb)
+    hf_lf = attach_lf_labels(read_frames(dataset[1]), lf)
+    hf_refs = fit_references(hf_lf, baseline=refs)
+    for q in (0, 1):
+        d = [(a.info["REF_energy"] - hf_refs.energy(a)) - (a.info["LF_energy"] - refs.energy(a))
+             for a in hf_lf if a.info["total_charge"] == q]
+        assert np.mean(d) == pytest.approx(0, abs=1e-8)
+    assert abs(hf_refs.energy(hf_lf[0]) - refs.energy(hf_lf[0])) > 10  # GFN2 − GFN1 ≈ 44 eV per cell
     # an HF fit that lacks q = +1 borrows it from the LF fit, shifted by the q = 0 difference
     hf0 = [a for a in read_frames(dataset[1]) if a.info["total_charge"] == 0]
     filled = fill_references(fit_references(hf0), refs)

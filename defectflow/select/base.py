@@ -14,6 +14,7 @@ budget, coverage and cap rules are then checked again by :meth:`SelectionStrateg
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
@@ -64,11 +65,14 @@ def _is_candidate(f: Frame) -> bool:
     return f.energy is not None and math.isfinite(f.energy) and f.scf_converged and f.error is None
 
 
-def collect_candidates(records: list[RelaxRecord | dict]) -> tuple[list[Candidate], list[str]]:
+def collect_candidates(records: list[RelaxRecord | dict], max_energy_above_min: float | None = None,
+                       max_force: float | None = None) -> tuple[list[Candidate], list[str]]:
     """Every successful frame of every trajectory, in a canonical order: (defect, q, distortion, step).
 
     Records come from jobflow as documents or dicts; records without a trajectory (not loaded from the data store)
-    are skipped with a warning. Returns the candidates and the warnings.
+    are skipped with a warning. ``max_energy_above_min`` (eV/atom) drops frames further above the lowest frame of
+    their (defect, q); ``max_force`` (eV/Å) frames with a larger atomic force — the harvest's filters, so that HF
+    labels fall where the LF training frames are. Returns the candidates and the warnings.
     """
     warnings: list[str] = []
     recs = list(records)
@@ -89,7 +93,19 @@ def collect_candidates(records: list[RelaxRecord | dict]) -> tuple[list[Candidat
             out.append(Candidate(index=len(out), defect=r.defect, charge=r.charge, distortion=r.distortion,
                                  bond_distortion=r.bond_distortion, relax_status=r.status, step=f.step,
                                  is_final=f is last, frame=f))
-    return out, warnings
+    if max_energy_above_min is None and max_force is None:
+        return out, warnings
+    lowest: dict[str, float] = {}
+    for c in out:
+        lowest[c.group] = min(lowest.get(c.group, math.inf), c.energy / len(c.frame.structure))
+    kept = [c for c in out
+            if (max_energy_above_min is None or c.energy / len(c.frame.structure) - lowest[c.group]
+                <= max_energy_above_min)
+            and (max_force is None or c.frame.fmax is None or c.frame.fmax <= max_force)]
+    if len(kept) < len(out):
+        warnings.append(f"{len(out) - len(kept)} of {len(out)} frames outside selection.max_energy_above_min / "
+                        "selection.max_force: not candidates")
+    return [dataclasses.replace(c, index=i) for i, c in enumerate(kept)], warnings
 
 
 def group_candidates(cands: list[Candidate]) -> dict[str, list[Candidate]]:
@@ -158,7 +174,7 @@ class SelectionStrategy:
     name: ClassVar[str] = "base"
 
     def __call__(self, records: list[RelaxRecord], spec: SelectionSpec) -> Selection:
-        cands, warnings = collect_candidates(records)
+        cands, warnings = collect_candidates(records, spec.max_energy_above_min, spec.max_force)
         groups = group_candidates(cands)
         check_budget(groups, spec)
         state = SelectionState(spec=spec, candidates=cands, groups=groups, caps=group_caps(groups, spec))

@@ -315,23 +315,40 @@ class EnergyReferences(dict):
         return float(sum(e0[str(z)] for z in atoms.numbers) + self["charge"][q])
 
 
-def fit_references(frames: Sequence[Atoms]) -> EnergyReferences:
+def fit_references(frames: Sequence[Atoms], baseline: EnergyReferences | None = None) -> EnergyReferences:
     """Fit :class:`EnergyReferences` to frames of one fidelity (``REF_energy``): minimum-norm least squares over
     [atom counts per element, one-hot q] — with one element and one cell size the split between e0 and c[q] is
-    arbitrary, their sum (what is subtracted) is not."""
+    arbitrary, their sum (what is subtracted) is not.
+
+    ``baseline``: the LF references. HF frames that carry their LF energy at the same geometry (``LF_energy``) are
+    then fitted through the difference, E_HF − E_LF ≈ Σ n_Z Δe0(Z) + Δc(q), and the result is baseline + Δ. The
+    HF − LF difference varies far less between geometries than either energy, so a few HF frames that include
+    eV-high ShakeNBreak starts still give the constants of the low-energy region (a direct fit to such frames
+    does not)."""
     if not frames:
         raise ValueError("fit_references: no frames")
+    use_delta = baseline is not None and all(LF_ENERGY_KEY in a.info for a in frames)
     zs = sorted({int(z) for a in frames for z in a.numbers})
     qs = sorted({charge_of(a) for a in frames})
     x = np.zeros((len(frames), len(zs) + len(qs)))
-    y = np.array([float(a.info[ENERGY_KEY]) for a in frames])
+    y = np.array([float(a.info[ENERGY_KEY]) - (float(a.info[LF_ENERGY_KEY]) if use_delta else 0.0)
+                  for a in frames])
     for i, a in enumerate(frames):
         for j, z in enumerate(zs):
             x[i, j] = np.count_nonzero(a.numbers == z)
         x[i, len(zs) + qs.index(charge_of(a))] = 1.0
     theta = np.linalg.lstsq(x, y, rcond=None)[0]
-    return EnergyReferences(e0={str(z): float(theta[j]) for j, z in enumerate(zs)},
+    refs = EnergyReferences(e0={str(z): float(theta[j]) for j, z in enumerate(zs)},
                             charge={charge_label(q): float(theta[len(zs) + k]) for k, q in enumerate(qs)})
+    if not use_delta:
+        return refs
+    missing = [q for q in refs["charge"] if q not in baseline["charge"]] + [z for z in refs["e0"]
+                                                                            if z not in baseline["e0"]]
+    if missing:
+        raise ValueError(f"fit_references: the LF references lack {', '.join(missing)} (charge states / elements "
+                         "of the HF frames); fit the LF references on frames that cover them")
+    return EnergyReferences(e0={z: baseline["e0"][z] + v for z, v in refs["e0"].items()},
+                            charge={q: baseline["charge"][q] + v for q, v in refs["charge"].items()})
 
 
 def fill_references(refs: EnergyReferences, other: EnergyReferences) -> EnergyReferences:

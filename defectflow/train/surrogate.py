@@ -218,7 +218,7 @@ def _run_mace(workdir: Path, name: str, heads: dict[str, dict[str, Any]], spec: 
         "--energy_weight", str(spec.energy_weight),
         "--forces_weight", str(spec.forces_weight),
         "--device", device,
-        "--default_dtype", "float64",
+        "--default_dtype", spec.default_dtype,
         "--seed", str(spec.seed),
         "--work_dir", ".",
         "--plot", "False",
@@ -346,8 +346,8 @@ def train_kind(lf_extxyz: str, hf_extxyz: str, spec: MlipSpec, workdir: str | Pa
             references["lf"] = EnergyReferences(lf_model.references["lf"])  # what its LF model was trained on
         elif lf_train:
             references["lf"] = fit_references(lf_train)
-        if hf_train:
-            references["hf"] = fit_references(hf_train)
+        if hf_train:  # through E_HF − E_LF where the HF frames carry their LF energies (fit_references)
+            references["hf"] = fit_references(hf_train, baseline=references.get("lf"))
             if "lf" in references:
                 references["hf"] = fill_references(references["hf"], references["lf"])
         if kind == "delta" and "lf" in references and "hf" in references:
@@ -422,7 +422,10 @@ def train_kind(lf_extxyz: str, hf_extxyz: str, spec: MlipSpec, workdir: str | Pa
             opts += ["--multiheads_finetuning", "True", "--pt_train_file", "pt_train.xyz",
                      "--pt_valid_file", "pt_valid.xyz", "--force_mh_ft_lr", "True"]
             extra = ("pt_train.xyz", "pt_valid.xyz")
-        run("main", {"hf": files("hf", hf_train, hf_valid, e0)}, {"hf": len(hf_train)}, {"hf": len(hf_valid)},
+        train = hf_train
+        if kind == "finetune" and hf_train:
+            train = hf_train * -(-spec.finetune_min_frames // len(hf_train))  # ceil: whole copies of the set
+        run("main", {"hf": files("hf", train, hf_valid, e0)}, {"hf": len(train)}, {"hf": len(hf_valid)},
             "main", finetune=opts, e0s=e0, extra_files=extra)
     else:
         raise ValueError(f"unknown model kind {kind!r}")
@@ -430,6 +433,7 @@ def train_kind(lf_extxyz: str, hf_extxyz: str, spec: MlipSpec, workdir: str | Pa
     return TrainedModel(
         label=label, kind=kind, heads=list(head_map), prediction_head="lf" if kind == "lf_only" else "hf",
         charge_embedding=charge, embedding_readout=readout, model_files=blobs, components=runs, device=device,
+        default_dtype=spec.default_dtype,
         r_max=spec.r_max, split=split.as_dict(), hf_test_extxyz=frames_to_text(hf_test),
         lf_valid_extxyz=frames_to_text(tagged(lf, split.lf_valid, "valid")), references={k: dict(v) for k, v in references.items()},
         head_map=head_map, spec=spec.model_dump(mode="json"), mace_version=_mace_version(),
@@ -481,10 +485,10 @@ def model_path(trained: TrainedModel, component: str = "main") -> Path:
     return path
 
 
-def _mace_calc(path: Path, head: str, device: str):
+def _mace_calc(path: Path, head: str, device: str, dtype: str = "float64"):
     from mace.calculators import MACECalculator
 
-    return MACECalculator(model_paths=str(path), head=head, default_dtype="float64", device=device)
+    return MACECalculator(model_paths=str(path), head=head, default_dtype=dtype, device=device)
 
 
 def _infos_equal(a: dict, b: dict) -> bool:
@@ -572,7 +576,8 @@ def load_calculator(trained: TrainedModel | dict, head: str = "hf", device: str 
                          f"{', '.join(trained.heads)}")
     device = resolve_device(device)
     parts = (trained.head_map or _default_head_map(trained.kind))[head]
-    calcs = [_mace_calc(model_path(trained, component), mace_head, device) for component, mace_head in parts]
+    calcs = [_mace_calc(model_path(trained, component), mace_head, device, trained.default_dtype)
+             for component, mace_head in parts]
     calc = calcs[0] if len(calcs) == 1 else DeltaCalculator(*calcs)
     if head in trained.references:
         calc = ReferencedCalculator(calc, trained.references[head])
