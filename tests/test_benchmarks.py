@@ -81,3 +81,41 @@ def test_table_and_rounding():
 def test_table_escapes_pipes_inside_cells():
     t = bu.table(["goal |x|"], [["CTL |error| ≤ 0.02 eV"]])
     assert all(ln.count("|") - ln.count("\\|") == 2 for ln in t.splitlines())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# benchmarks/training.py (issue #13): strategy names and the HF frames of a cell
+# ---------------------------------------------------------------------------------------------------------------
+def test_training_strategy_names_are_library_options():
+    tr = _load("training")
+    assert tr.strategy_spec("multihead+refs+w10+ew0.05") == {
+        "kind": "multihead", "charge_references": True, "hf_weight": 10.0, "energy_weight_scale": 0.05}
+    spec = tr.make_spec("finetune+ew0.1", tr.BASE)
+    assert spec.multi_fidelity == "multihead"  # the kind is train_kind's argument, not the spec's
+    assert spec.energy_weight_scale == 0.1 and spec.hf_test_fraction == 0.0 and spec.default_dtype == "float32"
+    assert tr.uses_refs("finetune") and tr.uses_refs("delta+refs") and not tr.uses_refs("delta")
+    assert tr.needs_lf_model("replay") and not tr.needs_lf_model("multihead+refs")
+    assert tr.strategy_spec("delta+all")["selection"] == {"max_energy_above_min": None, "max_force": None}
+    for bad in ("transformer", "multihead+bogus"):
+        with pytest.raises(SystemExit, match="--strategies"):
+            tr.strategy_spec(bad)
+
+
+def test_training_hf_frames_come_from_the_frozen_pool_within_the_harvest_window():
+    tr = _load("training")
+    if not tr.frozen.pool_frames("far"):
+        pytest.fail("benchmarks/data: the far preset's HF pool is not frozen")
+    records = tr.lf_records("far")
+    atoms, keys = tr.hf_training_frames("far", records, 6)
+    assert 1 <= len(atoms) <= 6 and len(set(keys)) == len(keys)
+    pool = {(a.info["lf_relaxation"], int(a.info["lf_step"])) for a in tr.frozen.pool_frames("far")}
+    lowest = {}  # the candidates are the pool's frames: the window counts from the lowest of them
+    for name, r in records.items():
+        for f in r.trajectory.frames:
+            if (name, f.step) in pool:
+                lowest[r.charge] = min(lowest.get(r.charge, 1e9), f.energy / len(f.structure))
+    for a in atoms:
+        assert (a.info["lf_relaxation"], int(a.info["lf_step"])) in pool
+        q = int(a.info["total_charge"])
+        assert a.info["LF_energy"] / len(a) - lowest[q] <= 1.0 + 1e-9  # HF_SELECTION's window, eV/atom
+        assert abs(a.arrays["LF_forces"]).max() <= 20.0 * 1.0001  # ... and force cap, eV/Å (|F| ≥ any component)
