@@ -296,11 +296,12 @@ def pool(preset: str, deadline: float) -> None:
             break
         rec = records.setdefault(name, frozen.relaxation_record(preset, name))
         lf = next(f for f in rec.trajectory.frames if f.step == step)
-        c0 = cpu_seconds()
+        c0, u0 = cpu_seconds(), time.time()
         with chdir(work_root() / "pools" / preset):
             hf = engine.single_point(lf.structure, lf.charge, workdir=Path.cwd() / key.replace("@", "_step"))
         cpu = cpu_seconds() - c0
-        done[key] = {"energy": hf.energy, "cpu_seconds": round(cpu, 2), "wall_seconds": round(hf.wall_seconds, 2),
+        wall = hf.wall_seconds - paused_seconds(u0, time.time())  # pauses (pause log) are not compute time
+        done[key] = {"energy": hf.energy, "cpu_seconds": round(cpu, 2), "wall_seconds": round(wall, 2),
                      "error": hf.error}
         if hf.energy is not None:
             from defectflow.train.data import LF_ENERGY_KEY, LF_FORCES_KEY
