@@ -386,8 +386,10 @@ class SearchSpec(_Section):
         "× the sum of their covalent radii (Si–Si: 0.6 × 2.22 Å = 1.33 Å); it is listed in the search result's "
         "'rejected' and never becomes the ground state. 0 disables the check"
     )
-    foundation_baseline: Literal["chgnet"] | None = Field(
-        None, description="Also relax the distortions with a foundation model and report its ground-state RMSD"
+    foundation_baseline: Literal["chgnet", "chgnet-r2scan"] | None = Field(
+        None, description="Also relax the distortions with a foundation model and report its ground-state RMSD: "
+        "chgnet (CHGNet 0.3.0, PBE/MPtrj) or chgnet-r2scan (CHGNet's r2SCAN model); both ship in the chgnet package "
+        "(no download at run time); neither takes the charge (docs/foundation-baselines.md: what else was checked)"
     )
 
 

@@ -196,8 +196,27 @@ def test_chgnet_baseline_search_runs_offline(tmp_path):
     assert res["ground_state"]["energy"] == pytest.approx(atoms.get_potential_energy(), abs=1e-3)
     if res["ground_state_label"] not in res["unconverged"]:
         assert np.linalg.norm(atoms.get_forces(), axis=1).max() < 0.1
-    with pytest.raises(ValueError, match="search.foundation_baseline: expected 'chgnet'"):
+    with pytest.raises(ValueError, match="search.foundation_baseline: expected one of 'chgnet', 'chgnet-r2scan'"):
         baseline_search.original("v_Si", 0, starts, SearchSpec(), "mace_mp")
+
+
+def test_chgnet_r2scan_baseline_loads_the_shipped_checkpoint_offline():
+    """CHGNet's r2SCAN model ships in the chgnet package: it loads without a download and is another level of
+    theory (r2SCAN total energies per atom differ from PBE's by eV; the helper that checked, docs/foundation-
+    baselines.md, saw −8.71 vs −5.30 eV/atom for a Si vacancy cell)."""
+    from chgnet.model import CHGNet
+    from chgnet.model.dynamics import CHGNetCalculator
+    from conftest import si_vac15
+
+    from defectflow.engines.base import structure_to_atoms
+
+    energies = {}
+    for name in ("0.3.0", "r2scan"):
+        atoms = structure_to_atoms(si_vac15(0.05, 3), 0)
+        atoms.calc = CHGNetCalculator(model=CHGNet.load(model_name=name, use_device="cpu", verbose=False),
+                                      use_device="cpu")
+        energies[name] = atoms.get_potential_energy() / len(atoms)
+    assert abs(energies["r2scan"] - energies["0.3.0"]) > 1.0
 
 
 def test_collapsed_minimum_is_rejected_not_chosen():

@@ -136,17 +136,21 @@ def surrogate_search(model: TrainedModel, defect: str, charge: int, starts: list
 @tracked("baseline", ignore=("plot_dir",))
 def baseline_search(defect: str, charge: int, starts: list[SearchStart], spec: SearchSpec, model: str = "chgnet",
                     plot_dir: str | None = None) -> SearchResult:
-    """The same ShakeNBreak starts relaxed with a foundation model (CHGNet: no charge input, weights ship
-    with the package) for the baseline ground-state RMSD."""
-    if model != "chgnet":
-        raise ValueError(f"search.foundation_baseline: expected 'chgnet', got {model!r}")
+    """The same ShakeNBreak starts relaxed with a foundation model (CHGNet 0.3.0 or its r2SCAN model: no charge
+    input, weights ship with the package) for the baseline ground-state RMSD."""
+    checkpoints = {"chgnet": "0.3.0", "chgnet-r2scan": "r2scan"}  # file names in the chgnet package
+    if model not in checkpoints:
+        raise ValueError(f"search.foundation_baseline: expected one of {', '.join(map(repr, checkpoints))}, "
+                         f"got {model!r}")
 
     def factory():
+        from chgnet.model import CHGNet
         from chgnet.model.dynamics import CHGNetCalculator
 
-        return CHGNetCalculator(use_device="cpu")
+        return CHGNetCalculator(model=CHGNet.load(model_name=checkpoints[model], use_device="cpu", verbose=False),
+                                use_device="cpu")
 
-    return search_ground_state(defect, charge, starts, factory, model="chgnet", fmax=spec.fmax,
+    return search_ground_state(defect, charge, starts, factory, model=model, fmax=spec.fmax,
                                max_steps=spec.max_steps, energy_tolerance=spec.energy_tolerance, plot_dir=plot_dir,
                                min_distance_factor=spec.min_distance_factor)
 
