@@ -201,3 +201,26 @@ def test_the_charge_reaches_hf_single_points_search_and_verification(run):
             assert s["ground_state"]["energy"] == pytest.approx(energies[q], abs=1e-6)
             assert abs(energies[q] - energies[other(q)]) > 1e-3
     assert compared >= 1  # at least one HF result was compared with a converged calculation at the other charge
+
+
+def test_job_folders_are_found_by_job_name(run):
+    """run_locally names folders job_<time>-<random>; jobs/by_name/<step>/<details> links each job that ran to
+    its folder (issue #17: a user finds a calculation's files by its job)."""
+    from defectflow.results import Results
+
+    campaign, _ = run
+    by_name = campaign.work_dir() / "jobs" / "by_name"
+    q = Results.for_campaign(campaign)
+    relax = q.query(step="relax_lf", properties=["name", "metadata"])
+    assert relax
+    targets = set()
+    for doc in relax:
+        link = by_name.joinpath(*doc["name"].split())
+        assert link.is_symlink() and link.resolve().is_dir(), link
+        assert link.resolve().name.startswith("job_") and link.resolve().parent == by_name.parent
+        targets.add(link.resolve())
+    assert len(targets) == len(relax)  # one folder per relaxation, none shared
+    assert (by_name / "bulk_hf" / "job").resolve().is_dir()  # a one-word job name: <step>/job
+    for n in (0, 1):  # the forced top-up round trains and verifies again
+        assert (by_name / "train" / "round" / str(n)).resolve().joinpath("train").is_dir()
+        assert (by_name / "verify" / "v_Si" / "+1" / "round" / str(n)).resolve().name.startswith("job_")

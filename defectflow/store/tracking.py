@@ -13,6 +13,12 @@
                 ``mpi_procs``, ``command``),
 * ``reused_from`` the uuid of the job whose output was reused, when it was.
 
+Folders: jobflow's ``run_locally`` names a job's folder ``job_<time>-<random>``. A job that runs (not one whose
+output is reused) links ``<jobs folder>/by_name/<step>/<details>`` to its folder, e.g.
+``by_name/relax_lf/v_Si_-1/Bond_Distortion_-30.0%``, so that a user finds a calculation's files by its job name
+(:func:`link_job_folder`; the newest run of a job name wins). FireWorks and jobflow-remote name their launch
+folders themselves; nothing is linked there.
+
 Resume: with ``cache=True`` a job first looks in its own JobStore (``CURRENT_JOB.store``; the job needs
 ``expose_store``) for a finished job with the same ``cache_key`` and returns that output instead of computing.
 So re-running a campaign after a crash or kill, locally or through FireWorks / jobflow-remote, recomputes only what
@@ -28,9 +34,11 @@ import functools
 import hashlib
 import json
 import logging
+import os
 import resource
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 from defectflow.engines import get_engine
@@ -107,6 +115,30 @@ def _cpu() -> tuple[float, float]:
     return me.ru_utime + me.ru_stime, ch.ru_utime + ch.ru_stime
 
 
+def link_job_folder(job_name: str, folder: Path | None = None) -> Path | None:
+    """Link ``<parent>/by_name/<step>/<details...>`` to ``folder`` (default: the working directory) when it is a
+    ``run_locally`` job folder (``job_*``); the words of the job name become folders (``"/"`` in a word becomes
+    ``_``), a name of one word links ``<step>/job``. Returns the link, or None (not a run_locally folder, or the
+    link could not be made: a warning-free debug line, since a missing link loses nothing)."""
+    folder = Path.cwd() if folder is None else Path(folder)
+    if not folder.name.startswith("job_"):
+        return None
+    words = [w.replace("/", "_") for w in job_name.split() if w not in (".", "..")]
+    if not words:
+        return None
+    link = folder.parent.joinpath("by_name", *words, *(["job"] if len(words) == 1 else []))
+    try:
+        link.parent.mkdir(parents=True, exist_ok=True)
+        tmp = link.with_name(f".{link.name}.{os.getpid()}.tmp")
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(os.path.relpath(folder, link.parent))
+        os.replace(tmp, link)
+    except OSError as exc:
+        logger.debug("no by_name link for %r: %s", job_name, exc)
+        return None
+    return link
+
+
 def tracked(step: str, cache: bool = True, engines: Iterable[str] = (), ignore: Iterable[str] = ()) -> Callable:
     """Decorator (under ``@job``) adding cost, step and resume to a job function; see the module docstring.
 
@@ -139,6 +171,7 @@ def tracked(step: str, cache: bool = True, engines: Iterable[str] = (), ignore: 
                 CURRENT_JOB.job._kwargs = {k: v for k, v in CURRENT_JOB.job._kwargs.items() if k != "data"}
                 logger.info("%s: reusing the output of job %s (same inputs)", CURRENT_JOB.job.name, source)
             else:
+                link_job_folder(CURRENT_JOB.job.name)
                 out, source = func(*args, **kwargs), None
             c1, k1 = _cpu()
             meta = {"step": step if step in STEPS else CURRENT_JOB.job.metadata.get("step"),
