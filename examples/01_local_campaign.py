@@ -143,6 +143,25 @@ def print_run(run: CampaignRun) -> None:
         print(f"  {t.defect} ε({t.q_from:+d}/{t.q_to:+d}) = {t.level:.3f} eV{'' if t.in_gap else ' (outside the gap)'}")
 
 
+def print_submitted_run(campaign: Campaign, flow_uuid: str, states: dict[str, dict[str, int]], executor: str) -> int:
+    """What a run submitted to FireWorks or jobflow-remote reached (examples 02 and 03): the job states per step
+    (``status_of_submission``) and the ground states in the campaign's store (HF-verified, or the LF ones of an
+    LF-only run), energies in eV. Returns the exit status: 0 when every job COMPLETED."""
+    from defectflow.results import Results
+    from defectflow.store import open_store
+
+    print(f"{executor} states per step:")
+    for step, counts in states.items():
+        print(f"  {step}: " + ", ".join(f"{n} {state}" for state, n in sorted(counts.items())))
+    results = Results(open_store(campaign.execution.store), campaign.name, run=flow_uuid)
+    print("ground states:")
+    for g in results.ground_states():
+        energy = g["hf_energy"] if g["source"] != "lf" else g["lf_energy"]
+        print(f"  {g['defect']} q={g['charge']:+d}: start {g['ground_state_label']}, "
+              f"E = {energy:.4f} eV ({g['source']})")
+    return 0 if all(set(counts) == {"COMPLETED"} for counts in states.values()) else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -49,12 +49,12 @@ from maggma.stores import MongoStore
 from monty.json import jsanitize
 
 from defectflow.campaign import Campaign
-from defectflow.results import Results
-from defectflow.store import make_store, open_store, resolve_uri
+from defectflow.store import make_store, resolve_uri
 from defectflow.submit.remote import status_of_submission, submit_jobflow_remote
 
 # the campaign of example 1, built in Python (examples/01_local_campaign.py)
-build_campaign = importlib.import_module("01_local_campaign").build_campaign
+_local = importlib.import_module("01_local_campaign")
+build_campaign, print_submitted_run = _local.build_campaign, _local.print_submitted_run
 
 
 def create_local_project(name: str, campaign: Campaign) -> Path:
@@ -132,17 +132,7 @@ def main(argv: list[str] | None = None) -> int:
 
     Runner(project_name=project).run_all_jobs(max_seconds=args.max_seconds)
     states = status_of_submission(campaign.work_dir())
-    print("jobflow-remote states per step:")
-    for step, counts in states.items():
-        print(f"  {step}: " + ", ".join(f"{n} {state}" for state, n in sorted(counts.items())))
-    results = Results(open_store(campaign.execution.store), campaign.name, run=record.flow_uuid)
-    print("ground states:")
-    for g in results.ground_states():
-        energy = g["hf_energy"] if g["source"] != "lf" else g["lf_energy"]
-        print(f"  {g['defect']} q={g['charge']:+d}: start {g['ground_state_label']}, "
-              f"E = {energy:.4f} eV ({g['source']})")
-    done = all(set(counts) == {"COMPLETED"} for counts in states.values())
-    return 0 if done else 1
+    return print_submitted_run(campaign, record.flow_uuid, states, "jobflow-remote")
 
 
 if __name__ == "__main__":

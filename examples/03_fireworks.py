@@ -40,12 +40,11 @@ import sys
 from fireworks import FWorker, LaunchPad
 from fireworks.core.rocket_launcher import rapidfire
 
-from defectflow.results import Results
-from defectflow.store import open_store
 from defectflow.submit.fireworks import status_of_submission, submit_fireworks
 
 # the campaign of example 1, built in Python (examples/01_local_campaign.py)
-build_campaign = importlib.import_module("01_local_campaign").build_campaign
+_local = importlib.import_module("01_local_campaign")
+build_campaign, print_submitted_run = _local.build_campaign, _local.print_submitted_run
 
 
 def open_launchpad(path: str | None, uri: str | None, reset: bool) -> LaunchPad:
@@ -96,17 +95,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rapidfire(lpad, FWorker(), m_dir=str(campaign.work_dir()), nlaunches=0, sleep_time=1, strm_lvl="WARNING")
     states = status_of_submission(campaign.work_dir(), launchpad=lpad)
-    print("FireWorks states per step:")
-    for step, counts in states.items():
-        print(f"  {step}: " + ", ".join(f"{n} {state}" for state, n in sorted(counts.items())))
-    results = Results(open_store(campaign.execution.store), campaign.name, run=record.flow_uuid)
-    print("ground states:")
-    for g in results.ground_states():
-        energy = g["hf_energy"] if g["source"] != "lf" else g["lf_energy"]
-        print(f"  {g['defect']} q={g['charge']:+d}: start {g['ground_state_label']}, "
-              f"E = {energy:.4f} eV ({g['source']})")
-    done = all(set(counts) == {"COMPLETED"} for counts in states.values())
-    return 0 if done else 1
+    return print_submitted_run(campaign, record.flow_uuid, states, "FireWorks")
 
 
 if __name__ == "__main__":
