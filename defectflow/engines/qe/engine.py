@@ -57,15 +57,17 @@ class QEEngine(Engine):
     def hybrid(self) -> bool:
         return self.settings.xc in HYBRID_DFT
 
-    def executable(self) -> str:
-        exe = self.settings.command or "pw.x"
+    @staticmethod
+    def _which(exe: str, how_to_get_it: str) -> str:
         found = shutil.which(exe)
         if found is None:
-            raise EngineError(
-                f"QE: {exe!r} not found on PATH. Install Quantum ESPRESSO (Debian/Ubuntu: "
-                "`apt-get install quantum-espresso quantum-espresso-data`) or set `command:` to pw.x's path."
-            )
+            raise EngineError(f"QE: {exe!r} not found on PATH{how_to_get_it}")
         return found
+
+    def executable(self) -> str:
+        return self._which(self.settings.command or "pw.x",
+                           ". Install Quantum ESPRESSO (Debian/Ubuntu: `apt-get install quantum-espresso "
+                           "quantum-espresso-data`) or set `command:` to pw.x's path.")
 
     def pseudopotentials(self, structure: Structure) -> dict[str, UPFInfo]:
         return select_pseudopotentials(
@@ -74,16 +76,11 @@ class QEEngine(Engine):
         )
 
     def pp_executable(self) -> str:
-        exe = self.settings.pp_command or "pp.x"
-        found = shutil.which(exe)
-        if found is None:
-            raise EngineError(
-                f"QE: {exe!r} not found on PATH (needed by electrostatic_potential: true, which levels.correction "
-                "auto/eFNV/FNV turns on for the bulk and verification single points). Install Quantum ESPRESSO's "
-                "post-processing tools (Debian/Ubuntu: `apt-get install quantum-espresso`), set `pp_command:` to "
-                "pp.x's path, or use levels.correction: image_charge."
-            )
-        return found
+        return self._which(self.settings.pp_command or "pp.x",
+                           " (needed by electrostatic_potential: true, which levels.correction auto/eFNV/FNV turns "
+                           "on for the bulk and verification single points). Install Quantum ESPRESSO's "
+                           "post-processing tools (Debian/Ubuntu: `apt-get install quantum-espresso`), set "
+                           "`pp_command:` to pp.x's path, or use levels.correction: image_charge.")
 
     def check(self, structure: Structure) -> None:
         """Raise :class:`EngineError` if pw.x (pp.x when ``electrostatic_potential`` is on) or a pseudopotential
