@@ -131,10 +131,12 @@ class TestSet:
     """The frozen direct-HF search: every frame, per q, and each relaxation's final structure."""
 
     def __init__(self) -> None:
-        from defectflow.train.data import charge_of
+        from defectflow.engines.base import atoms_to_structure
+        from defectflow.train.data import ENERGY_KEY, charge_of
 
         self.frames: list = []
-        self.finals: dict[str, Any] = {}  # relaxation name -> final Frame
+        self.finals: dict[str, Any] = {}  # relaxation name -> its last frame (Atoms: REF_energy eV, total_charge)
+        self.final_structures: dict[str, Any] = {}  # relaxation name -> that frame's Structure
         self.starts: dict[str, Any] = {}  # relaxation name -> (structure, q)
         gen = frozen.generation()
         index = frozen.relaxation_index("hf")
@@ -144,17 +146,19 @@ class TestSet:
                 row = index.get(name)
                 if row is None or row["status"] != "converged":
                     continue
-                rec = frozen.relaxation_record("hf", name)
-                self.starts[name] = (st.structure, ds.charge)
-                self.finals[name] = rec.trajectory.frames[-1]
-                for a in frozen.read_frames_gz(frozen.set_dir("hf") / row["file"]):
+                frames = frozen.read_frames_gz(frozen.set_dir("hf") / row["file"])
+                for a in frames:
                     a.info["relaxation"] = name
-                    self.frames.append(a)
+                self.frames += frames
+                self.starts[name] = (st.structure, ds.charge)
+                self.finals[name] = frames[-1]
+                self.final_structures[name] = atoms_to_structure(frames[-1], charge_of(frames[-1]))
         self.charges = sorted({charge_of(a) for a in self.frames})
         self.gs: dict[int, tuple[str, float]] = {}
-        for name, f in self.finals.items():
-            if f.charge not in self.gs or f.energy < self.gs[f.charge][1]:
-                self.gs[f.charge] = (name, f.energy)
+        for name, a in self.finals.items():
+            q, e = charge_of(a), float(a.info[ENERGY_KEY])
+            if q not in self.gs or e < self.gs[q][1]:
+                self.gs[q] = (name, e)
 
     def low_energy(self, atoms) -> bool:
         from defectflow.train.data import ENERGY_KEY, charge_of
@@ -198,13 +202,10 @@ def evaluate(calc, test: TestSet, preset: str) -> dict[str, Any]:
         errors = {k: {"e_rmse_mev_atom": _rmse(v["e"]), "f_rmse_mev_a": _rmse(v["f"]), "n_frames": len(v["e"])}
                   for k, v in sorted(sets.items())}
         # ranking of the direct-HF final structures
-        from defectflow.train.data import frame_to_atoms
-
-        finals = {name: frame_to_atoms(f, head="hf", meta={}) for name, f in test.finals.items()}
-        e_fin, _ = predict(calc, list(finals.values()))
+        e_fin, _ = predict(calc, list(test.finals.values()))
         by_q: dict[int, list[tuple[str, float, float]]] = {}
-        for (name, f), e in zip(test.finals.items(), e_fin):
-            by_q.setdefault(f.charge, []).append((name, f.energy, float(e)))
+        for (name, a), e in zip(test.finals.items(), e_fin):
+            by_q.setdefault(charge_of(a), []).append((name, float(a.info[ENERGY_KEY]), float(e)))
         ranking = {}
         for q, rows in sorted(by_q.items()):
             lowest = min(rows, key=lambda r: r[2])
@@ -224,7 +225,7 @@ def evaluate(calc, test: TestSet, preset: str) -> dict[str, Any]:
                                     keep="last")
             fin = traj.frames[-1].structure if traj.frames else None
             relax[name] = {"q": q, "status": traj.status, "steps": traj.frames[-1].step if traj.frames else 0,
-                           "rmsd_a": None if fin is None else rmsd(test.finals[name].structure, fin)}
+                           "rmsd_a": None if fin is None else rmsd(test.final_structures[name], fin)}
         relax_seconds = time.perf_counter() - t0
     rmsds = [r["rmsd_a"] for r in relax.values() if r["rmsd_a"] is not None]
     return {"errors": errors, "ranking": ranking, "relaxations": relax, "relax_seconds": relax_seconds,

@@ -435,7 +435,8 @@ def train_kind(lf_extxyz: str, hf_extxyz: str, spec: MlipSpec, workdir: str | Pa
         charge_embedding=charge, embedding_readout=readout, model_files=blobs, components=runs, device=device,
         default_dtype=spec.default_dtype,
         r_max=spec.r_max, split=split.as_dict(), hf_test_extxyz=frames_to_text(hf_test),
-        lf_valid_extxyz=frames_to_text(tagged(lf, split.lf_valid, "valid")), references={k: dict(v) for k, v in references.items()},
+        lf_valid_extxyz=frames_to_text(tagged(lf, split.lf_valid, "valid")),  # raw energies: evaluate() adds refs
+        references={k: dict(v) for k, v in references.items()},
         head_map=head_map, spec=spec.model_dump(mode="json"), mace_version=_mace_version(),
         wall_seconds=time.perf_counter() - t0,
     )
@@ -548,9 +549,9 @@ class ReferencedCalculator(_InfoAware):
         a = self.atoms.copy()
         self.base.calculate(a, list(properties), all_changes)
         self.results = dict(self.base.results)
-        probe = self.atoms.copy()
-        probe.info[CHARGE_KEY] = int(round(float(self.atoms.info.get("charge", 0))))
-        offset = self.references.energy(probe)
+        # the reference of the q the model saw (MACE reads info["charge"]), not of a stale training-file key
+        a.info[CHARGE_KEY] = int(round(float(self.atoms.info.get("charge", 0))))
+        offset = self.references.energy(a)
         for key in ("energy", "free_energy"):
             if key in self.results:
                 self.results[key] = self.results[key] + offset
