@@ -386,6 +386,14 @@ class SearchSpec(_Section):
         "× the sum of their covalent radii (Si–Si: 0.6 × 2.22 Å = 1.33 Å); it is listed in the search result's "
         "'rejected' and never becomes the ground state. 0 disables the check"
     )
+    batched: bool = Field(
+        True, description="Relax all starts of one (defect, q) together (torch-sim's batched FIRE, ASE's FIRE "
+        "flavour): one model call per step for the whole batch. false: one start at a time with ASE's FIRE"
+    )
+    precision: Literal["float64", "float32"] = Field(
+        "float64", description="Floating-point precision of the surrogate search (training keeps mlip.default_dtype)"
+    )
+    device: Literal["cpu", "cuda", "auto"] = Field("auto", description="Search device (auto: cuda when available)")
     foundation_baseline: Literal["chgnet", "chgnet-r2scan"] | None = Field(
         None, description="Also relax the distortions with a foundation model and report its ground-state RMSD: "
         "chgnet (CHGNet 0.3.0, PBE/MPtrj) or chgnet-r2scan (CHGNet's r2SCAN model); both ship in the chgnet package "

@@ -107,32 +107,34 @@ def search_ground_state(
     defect: str,
     charge: int,
     starts: list[SearchStart],
-    calculator_factory: Callable[[], Any],
+    calculator_factory: Callable[[], Any] | None = None,
     model: str = "surrogate",
     fmax: float = 0.02,
     max_steps: int = 300,
     energy_tolerance: float = 0.01,
     plot_dir: str | Path | None = None,
     min_distance_factor: float = 0.6,
+    relax_batch: Callable[[list], list] | None = None,
 ) -> SearchResult:
     """Relax every start with the surrogate at charge ``charge`` and return the ranked distinct minima.
 
-    ``fmax`` in eV/Å, ``energy_tolerance`` in eV. A minimum with an interatomic distance below
-    ``min_distance_factor`` × the pair's covalent-radius sum is rejected as unphysical (0 disables the check)."""
-    engine = CalculatorEngine(calculator_factory(), xc=model, optimizer="FIRE")
+    The starts are relaxed one at a time with ASE's FIRE on ``calculator_factory()``'s calculator, or all together
+    by ``relax_batch`` (structures → :class:`~defectflow.search.batched.BatchRelaxation` in the same order: the
+    batched torch-sim FIRE of :func:`~defectflow.search.batched.batched_relax`). ``fmax`` in eV/Å,
+    ``energy_tolerance`` in eV. A minimum with an interatomic distance below ``min_distance_factor`` × the pair's
+    covalent-radius sum is rejected as unphysical (0 disables the check)."""
+    if (calculator_factory is None) == (relax_batch is None):
+        raise ValueError("search_ground_state: give exactly one of calculator_factory and relax_batch")
     t0 = time.perf_counter()
     finals, landscape, unconverged, failed, rejected = [], {}, [], 0, {}
-    for s in starts:
-        # the one relaxation driver (engines.base.AseDrivenEngine.relax): FIRE, final frame only
-        traj = engine.relax(s.structure, charge, workdir=None, fmax=fmax, max_steps=max_steps, keep="last")
-        last = traj.final
-        if traj.status == "failed" or last is None or not np.isfinite(last.energy):
-            logger.warning("surrogate relaxation of %s q=%+d %s failed: %s", defect, charge, s.label, traj.error)
+    for s, status, energy, final, error in _relaxed(starts, charge, calculator_factory, relax_batch, model, fmax,
+                                                    max_steps):
+        if status == "failed" or final is None or not np.isfinite(energy):
+            logger.warning("surrogate relaxation of %s q=%+d %s failed: %s", defect, charge, s.label, error)
             failed += 1
             continue
-        if traj.status == "unconverged":
+        if status == "unconverged":
             unconverged.append(s.label)
-        energy, final = float(last.energy), last.structure
         if min_distance_factor > 0:
             shortest, ratio = shortest_contact(final)
             if ratio < min_distance_factor:
@@ -154,6 +156,29 @@ def search_ground_state(
     if plot_dir is not None and landscape:
         result.plot = plot_landscape(result, starts, Path(plot_dir))
     return result
+
+
+def _relaxed(starts, charge, calculator_factory, relax_batch, model, fmax, max_steps):
+    """(start, status, energy eV, final structure, error) per start, one at a time or batched."""
+    if relax_batch is not None:
+        try:
+            out = relax_batch([s.structure for s in starts])
+        except Exception as exc:  # a failed batch fails every start of it, reported per start
+            logger.exception("batched surrogate relaxation failed")
+            yield from ((s, "failed", float("nan"), None, f"{type(exc).__name__}: {exc}") for s in starts)
+            return
+        for s, r in zip(starts, out, strict=True):
+            yield s, "converged" if r.converged else "unconverged", r.energy, r.structure, None
+        return
+    engine = CalculatorEngine(calculator_factory(), xc=model, optimizer="FIRE")
+    for s in starts:
+        # the one relaxation driver (engines.base.AseDrivenEngine.relax): FIRE, final frame only
+        traj = engine.relax(s.structure, charge, workdir=None, fmax=fmax, max_steps=max_steps, keep="last")
+        last = traj.final
+        if last is None:
+            yield s, "failed", float("nan"), None, traj.error
+        else:
+            yield s, traj.status, float(last.energy), last.structure, traj.error
 
 
 def plot_landscape(result: SearchResult, starts: list[SearchStart] | dict[str, float | None], plot_dir: Path) -> str:

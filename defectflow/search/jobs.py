@@ -40,11 +40,12 @@ from defectflow.schemas import (
 )
 from defectflow.schemas.core import ElectrostaticPotential
 from defectflow.search import rattled_starts, rmsd, search_ground_state
+from defectflow.search.batched import batched_relax
 from defectflow.steps import name_job
 from defectflow.store.tracking import tracked
 from defectflow.train.data import frames_to_extxyz, hf_extxyz
 from defectflow.train.jobs import train_job
-from defectflow.train.surrogate import load_calculator
+from defectflow.train.surrogate import load_calculator, torch_threads
 
 logger = logging.getLogger(__name__)
 
@@ -124,11 +125,21 @@ def search_starts(starts: list[SearchStart], spec: SearchSpec, seed: int) -> lis
 @tracked("search", ignore=("plot_dir",))
 def surrogate_search(model: TrainedModel, defect: str, charge: int, starts: list[SearchStart], spec: SearchSpec,
                      plot_dir: str | None = None, seed: int = 0) -> SearchResult:
-    """Relax every ShakeNBreak start (+ rattled copies) with the trained surrogate's HF head at charge q."""
+    """Relax every ShakeNBreak start (+ rattled copies) with the trained surrogate's HF head at charge q: all
+    together (``spec.batched``, torch-sim) or one at a time (ASE), in ``spec.precision``."""
+    if spec.batched:
+        def relax(structures):
+            with torch_threads():
+                return batched_relax(model, "hf", structures, charge, fmax=spec.fmax, max_steps=spec.max_steps,
+                                     dtype=spec.precision, device=spec.device)
+        engines = {"relax_batch": relax}
+    else:
+        engines = {"calculator_factory": lambda: load_calculator(model, head="hf", device=spec.device,
+                                                                 dtype=spec.precision)}
     return search_ground_state(
-        defect, charge, search_starts(starts, spec, seed), lambda: load_calculator(model, head="hf"),
-        model="mace:hf", fmax=spec.fmax, max_steps=spec.max_steps, energy_tolerance=spec.energy_tolerance,
-        plot_dir=plot_dir, min_distance_factor=spec.min_distance_factor,
+        defect, charge, search_starts(starts, spec, seed), model="mace:hf", fmax=spec.fmax,
+        max_steps=spec.max_steps, energy_tolerance=spec.energy_tolerance, plot_dir=plot_dir,
+        min_distance_factor=spec.min_distance_factor, **engines,
     )
 
 

@@ -562,12 +562,13 @@ class ReferencedCalculator(_InfoAware):
         return self.base.get_descriptors(atoms, invariants_only=invariants_only, num_layers=num_layers)
 
 
-def load_calculator(trained: TrainedModel | dict, head: str = "hf", device: str = "cpu"):
+def load_calculator(trained: TrainedModel | dict, head: str = "hf", device: str = "cpu", dtype: str | None = None):
     """An ASE calculator for one head of a trained surrogate (the model bytes are written to a cache file).
 
     ``head``: 'hf' (HF prediction) or 'lf'; 'lf_only' models have only 'lf' and 'hf_only' only 'hf'. Delta models
     give LF + Δ for 'hf' and the LF model for 'lf'; models trained with reference energies add them back. Set the
-    total charge in ``atoms.info['charge']`` (e). Importing mace (done here) sets torch's default dtype to float64
+    total charge in ``atoms.info['charge']`` (e). ``dtype``: float64 or float32 (default: the model's training
+    precision). Importing mace (done here) sets torch's default dtype to float64
     and TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 in this process.
     """
     if isinstance(trained, dict):
@@ -577,7 +578,7 @@ def load_calculator(trained: TrainedModel | dict, head: str = "hf", device: str 
                          f"{', '.join(trained.heads)}")
     device = resolve_device(device)
     parts = (trained.head_map or _default_head_map(trained.kind))[head]
-    calcs = [_mace_calc(model_path(trained, component), mace_head, device, trained.default_dtype)
+    calcs = [_mace_calc(model_path(trained, component), mace_head, device, dtype or trained.default_dtype)
              for component, mace_head in parts]
     calc = calcs[0] if len(calcs) == 1 else DeltaCalculator(*calcs)
     if head in trained.references:
