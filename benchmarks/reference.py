@@ -227,6 +227,12 @@ def hf_engine_settings() -> dict[str, Any]:
     return load_campaign("reference").fidelities.high.model_dump(mode="json")
 
 
+def _redo_of(part: str, redo: set[str]) -> set[str]:
+    """The ``--redo`` names of one part: ``<part>:<name>``, or a bare ``<name>`` for the direct-HF search."""
+    return {r.split(":", 1)[1] for r in redo if r.startswith(f"{part}:")} | (
+        {r for r in redo if ":" not in r} if part == "hf" else set())
+
+
 def compute(only: list[str], minutes: float | None, redo: set[str] = frozenset()) -> None:
     deadline = time.time() + 60 * minutes if minutes else float("inf")
     ref = load_campaign("reference")
@@ -235,10 +241,11 @@ def compute(only: list[str], minutes: float | None, redo: set[str] = frozenset()
         if part == "bulk":
             bulk(deadline)
         elif part == "hf":
-            relax_set("hf", hf_engine_settings(), "high", ref.relax, deadline, redo)
+            relax_set("hf", hf_engine_settings(), "high", ref.relax, deadline, _redo_of("hf", redo))
         elif part in LF_PRESETS:
             camp = load_campaign(part)
-            relax_set(f"lf/{part}", camp.fidelities.low.model_dump(mode="json"), "low", camp.relax, deadline, redo)
+            relax_set(f"lf/{part}", camp.fidelities.low.model_dump(mode="json"), "low", camp.relax, deadline,
+                      _redo_of(part, redo))
         elif part == "pools":
             for preset in LF_PRESETS:
                 pool(preset, deadline)
@@ -466,8 +473,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS),
                     help="parts to compute, in the order given (default: all, cheapest first after the HF search)")
     ap.add_argument("--redo", nargs="+", default=[], metavar="NAME",
-                    help="relax these again even if frozen (names as in <set>/index.json, e.g. "
-                    "'v_Si_0__Bond_Distortion_-50.0_'): one that shared the cores with other work")
+                    help="relax these again even if frozen (names as in <set>/index.json; bare names are the "
+                    "direct-HF search's, e.g. 'v_Si_0__Bond_Distortion_-50.0_', an LF preset's are prefixed, e.g. "
+                    "'close:v_Si_0__Unperturbed'): one that shared the cores with other work")
     ap.add_argument("--minutes", type=float, default=None,
                     help="start no new relaxation after this many minutes (the running one finishes)")
     args = ap.parse_args(argv)

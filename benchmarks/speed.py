@@ -58,18 +58,29 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
 SETTINGS = {
-    "quick": {"n_frames": 40, "epochs": 3, "calls_mace": 20, "calls_lf": 5, "graph": [10, 5, 15]},
-    "default": {"n_frames": 200, "epochs": 5, "calls_mace": 100, "calls_lf": 20, "graph": [50, 5, 15]},
+    "quick": {"n_frames": 40, "epochs": 3, "calls_mace": 20, "calls_lf": 5, "graph": [10, 5, 15], "loop_63": False},
+    "default": {"n_frames": 200, "epochs": 5, "calls_mace": 100, "calls_lf": 20, "graph": [50, 5, 15],
+                "loop_63": True},
 }
-STEPS = ("generate", "lf_relax", "hf_single_point", "train", "search", "per_structure", "levels", "graph")
+STEPS = ("generate", "lf_relax", "hf_single_point", "train", "search", "dft_relax", "per_structure", "levels", "graph")
 
 
-def _campaign():
-    from accuracy_cost import PRESETS, campaign_dict
+def _campaign(work: Path | None = None):
+    """The ``far`` preset's campaign (LF GFN1-xTB, HF QE PBE 18 Ry 2×2×2 k, 16-site Si cell, q = 0, +1, +2) with
+    the surrogate architecture of the training study (:data:`training.BASE`, which mlip's defaults follow)."""
+    import frozen
+    from training import BASE
 
-    from defectflow.campaign import Campaign
+    c = frozen.load_campaign("far", work or ROOT / "runs" / "benchmarks" / "speed")
+    arch = {k: BASE[k] for k in ("hidden_irreps", "max_L", "num_interactions", "correlation", "r_max",
+                                 "default_dtype", "batch_size")}
+    return c.model_copy(update={"mlip": c.mlip.model_copy(update=arch)})
 
-    return Campaign.from_dict(campaign_dict(PRESETS["xtb-lf"], "bench-speed", ROOT / "runs" / "benchmarks" / "speed"))
+
+#: the DFT relaxation the surrogate's is compared with (issue #17): QE PBE at Γ with the quickstart's settings
+#: (workflows/quickstart.yaml: fidelities.high), 2 MPI ranks, the quickstart's search fmax
+DFT_RELAX = {"settings": {"engine": "qe", "xc": "PBE", "ecutwfc": 20.0, "kpts": [1, 1, 1], "mpi_procs": 2},
+             "fmax": 0.05, "max_steps": 200}
 
 
 def _generation(work: Path):
@@ -180,21 +191,103 @@ def _model(work: Path):
     return TrainedModel.model_validate_json((work / "model.json").read_text())
 
 
+def _search_model(work: Path):
+    """The model the searches use: ``--model`` (a TrainedModel JSON, e.g. a training-study cell's), else ``train``'s."""
+    import gzip
+
+    from defectflow.train.surrogate import TrainedModel
+
+    path = work / "search_model.json"
+    if not path.is_file():
+        return _model(work)
+    raw = path.read_bytes()
+    data = json.loads(gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw)
+    return TrainedModel.model_validate(data.get("model", data))  # training.py caches {"model": ..., seconds}
+
+
+def _big_starts(n_extra: int, seed: int) -> list:
+    """ShakeNBreak's default grid on the 63-atom cell: the vacancy's 4 neighbours distorted by −60 … +60 % in 10 %
+    steps (0 % included) and rattled as ShakeNBreak rattles (``shakenbreak.distortions``, seed 42), plus
+    Unperturbed, plus ``n_extra`` rattled copies of each (the search's extra starts)."""
+    import numpy as np
+    from shakenbreak.distortions import distort, rattle
+
+    from defectflow.search import SearchStart, rattled_starts
+
+    big = _big_cell()  # vacancy at fractional (0, 0, 0): site 0 of the conventional supercell was removed
+    starts = [SearchStart(label="Unperturbed", bond_distortion=None, structure=big)]
+    for bd in np.round(np.arange(-0.6, 0.61, 0.1), 1):
+        d = distort(big, num_nearest_neighbours=4, distortion_factor=1 + bd, frac_coords=np.zeros(3))
+        st = rattle(d["distorted_structure"], seed=42)
+        starts.append(SearchStart(label=f"Bond_Distortion_{100 * bd:.1f}%", bond_distortion=float(bd), structure=st))
+    return starts + rattled_starts(starts, n_extra, 0.15, seed)
+
+
 def step_search(work: Path, cfg: dict) -> dict:
+    """The search of one charge state, three ways: one start at a time (ASE FIRE, float64: the search before the
+    batched one) and all starts together (torch-sim FIRE) in float64 and float32; at 15 and 63 atoms."""
+    import numpy as np
+
     from defectflow.search import search_ground_state
+    from defectflow.search.batched import batched_relax
     from defectflow.search.jobs import search_starts, shakenbreak_starts
-    from defectflow.train.surrogate import load_calculator
+    from defectflow.train.surrogate import load_calculator, torch_threads
 
     c = _campaign()
     ds, _ = _start(work)
-    model = _model(work)
-    starts = search_starts(shakenbreak_starts(ds), c.search, c.distortions.seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        res = search_ground_state(ds.defect, ds.charge, starts, lambda: load_calculator(model, head="hf"),
-                                  fmax=c.search.fmax, max_steps=c.search.max_steps)
-    return {"wall": res.wall_seconds, "starts": res.n_starts, "structures_per_second": res.structures_per_second,
-            "unconverged": len(res.unconverged)}
+    model = _search_model(work)
+    head = model.prediction_head
+    sets = {"15": search_starts(shakenbreak_starts(ds), c.search, c.distortions.seed),
+            "63": _big_starts(c.search.extra_starts, c.distortions.seed)}
+    out: dict[str, Any] = {"model": model.label, "hidden_irreps": model.spec.get("hidden_irreps"),
+                           "head": head, "fmax": c.search.fmax, "max_steps": c.search.max_steps,
+                           "torch_threads": int(os.environ.get("OMP_NUM_THREADS", "1"))}
+    for size, starts in sets.items():
+        rows = {}
+        for way in ("loop_float64", "batched_float64", "batched_float32"):
+            batched, dtype = way.startswith("batched"), way.split("_")[1]
+            if not batched and size == "63" and cfg["loop_63"] is False:
+                continue
+            kw = ({"relax_batch": lambda st, d=dtype: batched_relax(model, head, st, 0, fmax=c.search.fmax,
+                                                                     max_steps=c.search.max_steps, dtype=d)}
+                  if batched else {"calculator_factory": lambda: load_calculator(model, head)})
+            with warnings.catch_warnings(), torch_threads():
+                warnings.simplefilter("ignore")
+                res = search_ground_state(ds.defect, 0, starts, fmax=c.search.fmax, max_steps=c.search.max_steps,
+                                          **kw)
+            n = len(res.landscape) + len(res.rejected)
+            rows[way] = {"wall": res.wall_seconds, "starts": len(starts), "relaxed": n,
+                         "structures_per_second": n / res.wall_seconds, "seconds_per_structure": res.wall_seconds / n,
+                         "unconverged": len(res.unconverged), "failed": res.n_failed,
+                         "ground_state_energy": res.ground_state.energy if res.ground_state else None,
+                         "ground_state_label": res.ground_state_label,
+                         "energies": [res.landscape.get(s.label) for s in starts]}
+        ref = rows.get("batched_float64")
+        for way, r in rows.items():  # same minimum per start as batched float64? (|ΔE| per start, meV)
+            e, e0 = np.array(r["energies"], dtype=float), np.array(ref["energies"], dtype=float)
+            ok = np.isfinite(e) & np.isfinite(e0)
+            r["max_abs_energy_difference_meV_vs_batched_float64"] = float(1000 * np.max(np.abs(e - e0)[ok]))
+            r.pop("energies")
+        out[size] = {"natoms": len(starts[0].structure), **rows}
+    return out
+
+
+def step_dft_relax(work: Path, cfg: dict) -> dict:
+    """QE PBE relaxations (:data:`DFT_RELAX`: Γ, the quickstart's settings, 2 MPI ranks) of the Bond_Distortion
+    −30 % start, 15 and 63 atoms: the DFT relaxation the surrogate's is compared with."""
+    from defectflow.engines import get_engine
+
+    eng = get_engine(DFT_RELAX["settings"], fidelity="low")
+    big = next(s for s in _big_starts(0, 0) if s.label == "Bond_Distortion_-30.0%")
+    out = {"settings": DFT_RELAX}
+    for size, st in (("15", _start(work)[1]), ("63", big.structure)):
+        t0 = time.perf_counter()
+        traj = eng.relax(st, 0, workdir=work / f"dft_relax_{size}", fmax=DFT_RELAX["fmax"],
+                         max_steps=DFT_RELAX["max_steps"])
+        wall = time.perf_counter() - t0
+        out[size] = {"natoms": len(st), "wall": wall, "steps": traj.n_steps, "status": traj.status,
+                     "seconds_per_step": wall / max(1, traj.n_steps)}
+    return out
 
 
 def _time_calls(calc, structure, charge: int, n: int) -> float:
@@ -321,6 +414,53 @@ def run_step(step: str, work: Path, quick: bool) -> dict:
     return res
 
 
+def render_search(r: dict[str, Any]) -> list[str]:
+    """The search table (one charge state: loop vs batched, float64 vs float32) and the DFT-relaxation ratio."""
+    s = r["steps"]
+    se, dft = s["search"], s["dft_relax"]
+    title = (f"### Surrogate search, one charge state ({se['model']}, {se['hidden_irreps']}, head {se['head']}, "
+             f"fmax {se['fmax']} eV/Å, {se['torch_threads']} torch thread(s))")
+    out = [title, ""]
+    rows = []
+    for size in ("15", "63"):
+        for way in ("loop_float64", "batched_float64", "batched_float32"):
+            x = se[size].get(way)
+            if x:
+                rows.append([f"{se[size]['natoms']} atoms", way.replace("_", ", "), x["relaxed"], x["wall"],
+                             x["structures_per_second"], x["seconds_per_structure"],
+                             x["unconverged"], x["max_abs_energy_difference_meV_vs_batched_float64"]])
+    out.append(table(["cell", "search", "starts", "wall s", "structures/s", "s per structure", "unconverged",
+                      "max |ΔE| per start vs batched float64, meV"], rows, digits=3))
+    out.append("")
+    goal = r.get("relaxation_speedup_vs_lf_dft") or speedups(s)
+    rows = []
+    for size in ("15", "63"):
+        d = dft[size]
+        rows.append([f"{d['natoms']} atoms", d["wall"], d["steps"], d["status"], goal.get(size),
+                     ratio(d["wall"], se[size].get("loop_float64", {}).get("seconds_per_structure"))])
+    out.append(table(["QE PBE relaxation (Γ, 20 Ry, 2 MPI ranks), Bond_Distortion −30 %", "wall s", "ionic steps",
+                      "status", "speed-up: batched search (default), per structure",
+                      "speed-up: one-at-a-time search"], rows, digits=1))
+    g63 = goal.get("63")
+    out.append(f"Goal (issue #17): ≥ 1000× at 63 atoms — {'met' if g63 and g63 >= 1000 else 'missed'} "
+               f"({g63:.0f}×)." if g63 else "Goal (issue #17): ≥ 1000× at 63 atoms — not measured.")
+    return out
+
+
+def speedups(steps: dict[str, Any], way: str | None = None) -> dict[str, float | None]:
+    """QE PBE relaxation wall (``dft_relax``) / surrogate seconds per relaxed structure in the search, per cell size
+    ("15", "63"). ``way``: the search as the pipeline runs it by default (batched, ``search.precision``'s default)."""
+    from defectflow.campaign import SearchSpec
+
+    spec = SearchSpec()
+    way = way or (f"batched_{spec.precision}" if spec.batched else "loop_float64")
+    out = {}
+    for size in ("15", "63"):
+        dft, search = steps["dft_relax"].get(size), steps["search"].get(size, {}).get(way)
+        out[size] = ratio(dft["wall"], search["seconds_per_structure"]) if dft and search else None
+    return out
+
+
 def render(r: dict[str, Any]) -> str:
     s = r["steps"]
     ps = s["per_structure"]
@@ -348,8 +488,8 @@ def render(r: dict[str, Any]) -> str:
     out.append("HF QE PBE: one SCF from scratch (energy, forces, stress) with the campaign's settings, 2 MPI ranks, "
                "wall time. The 63-atom cell is the unrelaxed vacancy: QE uses its symmetry to reduce the k-points, which a "
                "distorted structure would not allow, so that DFT figure is a lower bound.")
-    out.append(f"Surrogate search (one charge state, {s['search']['starts']} starts): "
-               f"{s['search']['structures_per_second']:.2f} structures/s.")
+    out.append("")
+    out += render_search(r)
     out.append("")
     t = s["train"]
     out.append(table(["training", "value"], [
@@ -379,6 +519,11 @@ def main(argv=None) -> dict[str, Any]:
                    help="JSON output (default: benchmarks/results/speed.json; speed_quick.json for --quick)")
     p.add_argument("--work-dir", type=Path, default=None, help="scratch (default: runs/benchmarks/speed-<preset>)")
     p.add_argument("--show", action="store_true", help="print the tables of the existing JSON and exit (no runs)")
+    p.add_argument("--model", type=Path, default=None,
+                   help="TrainedModel JSON(.gz) the searches use (e.g. a cached training-study cell: "
+                        "runs/benchmarks/training/far/lf_only/n0/model.json.gz); default: the train step's model")
+    p.add_argument("--steps", nargs="+", choices=STEPS, default=None,
+                   help="run only these steps; the others are kept from the existing JSON")
     p.add_argument("--_step", choices=STEPS, help=argparse.SUPPRESS)
     p.add_argument("--_work", type=Path, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -393,13 +538,22 @@ def main(argv=None) -> dict[str, Any]:
     work = (a.work_dir or ROOT / "runs" / "benchmarks" / f"speed-{name}").resolve()
     work.mkdir(parents=True, exist_ok=True)
     out_json = a.json or RESULTS / ("speed_quick.json" if a.quick else "speed.json")
+    if a.model is not None:
+        (work / "search_model.json").write_bytes(a.model.read_bytes())
+    elif (work / "search_model.json").exists() and (a.steps is None or "search" in a.steps):
+        (work / "search_model.json").unlink()
     t0 = time.perf_counter()
-    steps = {}
-    for step in STEPS:
+    old = json.loads(out_json.read_text()) if a.steps and out_json.is_file() else {}
+    steps = dict(old.get("steps", {}))
+    for step in a.steps or STEPS:
         print(f"  {step} ...", flush=True)
         steps[step] = run_step(step, work, a.quick)
+    missing = [st for st in STEPS if st not in steps]
+    if missing:
+        raise SystemExit(f"steps {', '.join(missing)} have no results yet: run them (--steps) or run all steps")
     report = rounded({"benchmark": "speed", "preset": name, "settings": SETTINGS[name], "machine": machine(),
-                      "steps": steps, "wall_seconds": time.perf_counter() - t0}, 5)
+                      "steps": steps, "relaxation_speedup_vs_lf_dft": speedups(steps),
+                      "wall_seconds": time.perf_counter() - t0 + (old.get("wall_seconds", 0) if a.steps else 0)}, 5)
     out_json.parent.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps(report, indent=1) + "\n")
     print()

@@ -298,11 +298,14 @@ def train_lf_model(preset: str, refs: bool, base: dict[str, Any]) -> dict[str, A
 
     d = lf_model_dir(preset, refs)
     path = d / "model.json"
+    spec = MlipSpec(**{**base, **STUDY_SPEC, "charge_references": refs})
     if path.is_file():
-        return json.loads(path.read_text())
+        doc = json.loads(path.read_text())
+        if doc.get("spec") == spec.model_dump(mode="json"):
+            return doc
+        print(f"  {d}: trained with other settings (BASE changed): retrained", flush=True)
     records = lf_records(preset)
     lf_text, _ = lf_training_extxyz(preset, records)
-    spec = MlipSpec(**{**base, **STUDY_SPEC, "charge_references": refs})
     t0 = time.perf_counter()
     # lf_only ignores the HF frames: any non-empty HF text keeps the split happy
     model = train_kind(lf_text, "", spec, d / "train", kind="lf_only", label="lf_model")
@@ -320,10 +323,13 @@ def run_cell(preset: str, strategy: str, n: int, base: dict[str, Any]) -> dict[s
 
     d = cell_dir(preset, strategy, n)
     out = d / "record.json"
-    if out.is_file():
-        return json.loads(out.read_text())
-    d.mkdir(parents=True, exist_ok=True)
     spec = make_spec(strategy, base)
+    if out.is_file():
+        record = json.loads(out.read_text())
+        if record.get("spec") == _spec_key(spec):
+            return record
+        print(f"  {d}: trained with other settings (BASE or the strategy changed): retrained", flush=True)
+    d.mkdir(parents=True, exist_ok=True)
     kind = strategy_spec(strategy)["kind"]
     records = lf_records(preset)
     lf_text, harvest = lf_training_extxyz(preset, records)
@@ -370,10 +376,15 @@ def evaluate_cell(preset, strategy, n, model, train_seconds, lf_seconds, harvest
         "per_q": {k: v for k, v in ev["errors"].items() if not k.endswith("|all")},
         "ranking": ev["ranking"], "relaxations": ev["relaxations"],
         "n_lf_frames": harvest["n_frames"], "hf_frames": hf_keys, "n_hf_chosen": len(hf_keys),
-        "spec": {k: v for k, v in spec.model_dump(mode="json").items() if k not in ("ablations",)},
+        "spec": _spec_key(spec),
     }
     frozen.write_json(d / "record.json", rounded(record, 5))
     return record
+
+
+def _spec_key(spec) -> dict[str, Any]:
+    """What a cached cell was trained with (its record's ``spec``): a changed BASE or strategy retrains it."""
+    return rounded({k: v for k, v in spec.model_dump(mode="json").items() if k not in ("ablations",)}, 5)
 
 
 def reevaluate_cell(preset: str, strategy: str, n: int, base: dict[str, Any]) -> dict[str, Any] | None:
@@ -382,8 +393,9 @@ def reevaluate_cell(preset: str, strategy: str, n: int, base: dict[str, Any]) ->
 
     d = cell_dir(preset, strategy, n)
     cached = frozen.read_json(d / "model.json.gz")
-    if cached is None:
-        return None
+    record = frozen.read_json(d / "record.json")
+    if cached is None or record is None or record.get("spec") != _spec_key(make_spec(strategy, base)):
+        return None  # not trained yet, or with other settings: run_cell trains it
     records = lf_records(preset)
     _, harvest = lf_training_extxyz(preset, records)
     _, hf_keys = hf_training_frames(preset, records, n, strategy_spec(strategy).get("selection"))
