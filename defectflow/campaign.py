@@ -348,6 +348,9 @@ class MlipSpec(_Section):
     hf_test_fraction: float = Field(0.2, ge=0, lt=1, description="Fraction of HF frames held out for testing")
     seed: int = Field(1)
     device: Literal["cpu", "cuda", "auto"] = Field("auto", description="Training device (auto: cuda when available)")
+    committee: int = Field(
+        3, ge=1, description="Models trained (the main one + committee − 1 with other seeds and splits): their "
+        "spread is the uncertainty that drives verification and top-up (1: no uncertainty)")
     ablations: list[Literal["no_charge", "hf_only", "lf_only"]] = Field(
         default_factory=list, description="Extra models trained side by side for comparison"
     )
@@ -394,6 +397,11 @@ class SearchSpec(_Section):
         "float64", description="Floating-point precision of the surrogate search (training keeps mlip.default_dtype)"
     )
     device: Literal["cpu", "cuda", "auto"] = Field("auto", description="Search device (auto: cuda when available)")
+    path_every: int = Field(
+        10, ge=0, description="Keep every n-th structure of each (batched) surrogate relaxation path as a top-up "
+        "candidate (0: none)")
+    candidates: int = Field(
+        8, ge=0, description="Most uncertain path frames kept per (defect, q) (at most one per start)")
     foundation_baseline: Literal["chgnet", "chgnet-r2scan"] | None = Field(
         None, description="Also relax the distortions with a foundation model and report its ground-state RMSD: "
         "chgnet (CHGNet 0.3.0, PBE/MPtrj) or chgnet-r2scan (CHGNet's r2SCAN model); both ship in the chgnet package "
@@ -402,13 +410,32 @@ class SearchSpec(_Section):
 
 
 class VerifySpec(_Section):
-    """High-fidelity check of each surrogate ground state."""
+    """High-fidelity check of the surrogate minima and the active-learning top-up rounds.
 
-    mode: Literal["single_point", "relax"] = Field("single_point", description="HF single point, or HF relaxation")
+    Each round verifies, per (defect, q), the ``top_k`` lowest distinct surrogate minima plus the most uncertain
+    minimum within ``uncertain_window`` of the lowest; the ground state is the lowest in HF energy among them and
+    every other structure of that (defect, q) whose HF energy is known. Then, unless the campaign stops, it adds HF
+    single points (``round_budget`` per round) at the most uncertain frames along the surrogate relaxation paths,
+    plus the verified minima whose error exceeds ``energy_threshold``, and fine-tunes the committee from its
+    previous weights. It stops when every ground state is unchanged from the previous round and every verified
+    error is below ``energy_threshold``, after ``max_rounds`` top-ups, or when ``max_hf_calls`` would be exceeded."""
+
+    mode: Literal["single_point", "relax"] = Field(
+        "single_point", description="HF single point at each verified minimum, or an HF relaxation from the lowest")
     energy_threshold: float = Field(
-        5.0, gt=0, description="Retrain when |E_HF − E_surrogate| exceeds this, in meV/atom"
-    )
-    max_rounds: int = Field(1, ge=0, description="Uncertainty top-up rounds (retrain with the disagreeing frames)")
+        5.0, gt=0, description="|E_HF − E_surrogate| at a verified minimum above which it is added to the training "
+        "set and the round is not converged, in meV/atom")
+    max_rounds: int = Field(3, ge=0, description="Top-up rounds at most (0: verify once, never retrain)")
+    top_k: int = Field(3, ge=1, description="Distinct surrogate minima verified per (defect, q), lowest first")
+    uncertain_window: float = Field(
+        0.5, ge=0, description="Also verify the minimum with the largest committee energy spread among those "
+        "within this many eV of the lowest (0: no extra minimum)")
+    round_budget: int = Field(
+        4, ge=0, description="HF single points per top-up round at the most uncertain path frames (all (defect, "
+        "q) together; the verified minima above the threshold are added on top, at no extra HF call)")
+    max_hf_calls: int | None = Field(
+        None, ge=1, description="Cap on the campaign's HF calculations (bulk + selection + verifications + top-ups); "
+        "a round that would exceed it is not started. None: no cap beyond max_rounds")
     rmsd_threshold: float = Field(0.1, gt=0, description="Success criterion for surrogate vs HF-relaxed RMSD in Å")
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from defectflow.levels import compute_levels
 from defectflow.relax import plot_distortions, snb_energies
-from defectflow.schemas import GenerationResult, LevelEntry, SearchResult, as_structure
+from defectflow.schemas import GenerationResult, GroupVerification, LevelEntry, SearchResult, as_structure
 from defectflow.search import plot_landscape
 
 __all__ = ["replot"]
@@ -74,12 +74,26 @@ def _bond_distortion(label: str) -> float | None:
 
 
 def _replot_landscapes(results, final: dict, out: Path) -> list[str]:
+    """The surrogate landscape of each (defect, q) from the round its ground state comes from, with that round's
+    HF-verified minima (search and verify documents of the store), and the baseline's."""
     paths = []
     for g in final["ground_states"]:
-        if g.get("landscape"):
+        if not g.get("landscape"):
+            continue
+        rnd = g.get("round")
+        search = [d for d in results.query(step="search", defect=g["defect"], charge=g["charge"], load=True,
+                                           properties=["output", "metadata"])
+                  if (d.get("metadata") or {}).get("round") == rnd]
+        verify = [d for d in results.query(step="verify", defect=g["defect"], charge=g["charge"], load=True,
+                                           properties=["output", "metadata"])
+                  if (d.get("metadata") or {}).get("round") == rnd]
+        if search:
+            res = SearchResult.model_validate(search[-1]["output"])
+        else:
             res = SearchResult(defect=g["defect"], charge=g["charge"], model="mace:hf", n_starts=len(g["landscape"]),
                                landscape=g["landscape"], minima=[])
-            paths.append(plot_landscape(res, {k: _bond_distortion(k) for k in res.landscape}, out))
+        gv = GroupVerification.model_validate(verify[-1]["output"]) if verify else None
+        paths.append(plot_landscape(res, {k: _bond_distortion(k) for k in res.landscape}, out, verification=gv))
     for d in results.query(step="baseline", load=True, properties=["output"]):
         o = d.get("output") or {}
         if o.get("landscape"):

@@ -291,21 +291,43 @@ def _verification(final: dict | None) -> str:
         return _absent("No verification yet: the HF engine verifies the surrogate's ground states in a full run.")
     rounds = final.get("rounds") or []
     out = [(f"<p>{final.get('hf_calls', 0)} HF calculations in all (bulk, {final.get('n_hf_selected', 0)} selected "
-            f"single points, verifications), {final.get('hf_seconds', 0.0):.0f} s of wall time.</p>")]
+            f"single points, verifications, top-ups), {final.get('hf_seconds', 0.0):.0f} s of wall time; "
+            f"verifications and top-ups {final.get('hf_cpu_seconds', 0.0):.0f} CPU-s.</p>")]
     if not rounds:
         out.append(_absent("No verification round recorded."))
         return "\n".join(out)
     rows = []
     for rec in rounds:
-        errors = rec.get("errors_mev_per_atom") or {}
-        for group in sorted(errors):
-            rows.append([str(rec["round"]), group, _num(errors[group], ".1f"),
-                         "yes" if group in rec.get("disagreeing", []) else "no",
-                         "yes" if rec.get("retrained") else "no"])
-    out.append(_table(["round", "defect q", "|E_HF − E_MLIP| (meV/atom)", "above threshold", "retrained after"],
-                      rows))
-    out.append('<p class="meta">A (defect, q) above verify.energy_threshold gets an LF single point at the same '
-               "geometry; with rounds left, the surrogate is retrained with those frames and searches again.</p>")
+        gs = rec.get("ground_states") or {}
+        for group, checks in sorted((rec.get("verified") or {}).items()):
+            for c in checks:
+                std = c.get("energy_std")
+                is_gs = gs.get(group, {}).get("label") == c.get("label") and c.get("hf_energy") == gs.get(
+                    group, {}).get("hf_energy")
+                rows.append([str(rec["round"]), group, _label(c.get("label")), c.get("role") or "–",
+                             _num(c.get("surrogate_energy"), ".4f"), _num(c.get("hf_energy"), ".4f"),
+                             _num(c.get("error_mev_per_atom"), ".1f"), _num(None if std is None else 1000 * std, ".1f"),
+                             "✓" if is_gs else ""])
+    out.append(_table(["round", "defect q", "minimum (from start)", "why verified", "E_surrogate (eV)", "E_HF (eV)",
+                       "|E_HF − E_MLIP| (meV/atom)", "committee σ_E (meV)", "ground state"], rows))
+    summary = []
+    for rec in rounds:
+        added = rec.get("added") or []
+        reasons: dict[str, int] = {}
+        for a in added:
+            reasons[a["reason"]] = reasons.get(a["reason"], 0) + 1
+        summary.append([str(rec["round"]), ", ".join(rec.get("changed") or []) or "none",
+                        "; ".join(f"{n} × {k}" for k, n in sorted(reasons.items())) or "–",
+                        str(rec.get("hf_calls", "–")), _num(rec.get("hf_cpu_seconds"), ".0f"),
+                        rec.get("stop_reason") or "next round"])
+    out.append(_table(["round", "ground state changed", "frames added before it", "HF calls", "HF CPU (s)",
+                       "after it"], summary))
+    out.append('<p class="meta">Each round verifies the lowest distinct surrogate minima of every (defect, q) plus '
+               "the most uncertain low-energy one (committee spread) with HF single points; the ground state is the "
+               "lowest in HF energy among them and every structure whose HF energy was already known. A further round "
+               "adds HF single points at the most uncertain structures along the surrogate relaxation paths and at "
+               "the verified minima above verify.energy_threshold, and fine-tunes the committee from its previous "
+               "weights.</p>")
     return "\n".join(out)
 
 

@@ -116,14 +116,17 @@ class Results:
 
     def ground_states(self) -> list[dict[str, Any]]:
         """Per (defect, q): ground-state label and structure, HF / surrogate energies (eV), verification error
-        (meV/atom), RMSD to the HF-relaxed structure (Å, verify.mode relax), foundation-baseline RMSD (Å).
+        (meV/atom), RMSD to the HF-relaxed structure (Å, verify.mode relax), foundation-baseline RMSD (Å), the
+        round it comes from, the committee's energy (eV) and force (eV/Å) σ there, and ``ground_state_source``
+        ('verified minimum' or 'known HF frame', with ``reason``).
         Without a final result (LF-only or unfinished run): the LF ShakeNBreak ground states (``source='lf'``)."""
         final = self.result()
         if final:
             keys = ("defect", "charge", "ground_state_label", "hf_energy", "surrogate_energy",
                     "verification_error_mev_per_atom", "rmsd_to_hf_relaxed", "baseline_rmsd", "n_minima",
-                    "structure")
-            rows = [{**{k: g.get(k) for k in keys}, "source": "surrogate+hf"} for g in final["ground_states"]]
+                    "round", "energy_std", "force_std", "reason", "structure")
+            rows = [{**{k: g.get(k) for k in keys}, "source": "surrogate+hf",
+                     "ground_state_source": g.get("source", "verified minimum")} for g in final["ground_states"]]
         else:
             rows = []
             for s in self.lf_summaries():
@@ -138,6 +141,12 @@ class Results:
         final = self.result()
         levels = (final or {}).get("levels") or {}
         return [dict(t) for t in levels.get("transition_levels", [])]
+
+    def rounds(self) -> list[dict[str, Any]]:
+        """The verification / top-up rounds of the final result: per round the verified minima (label, role,
+        surrogate and HF energies in eV, error in meV/atom, committee σ in eV), the ground states, which changed,
+        the frames added before it and why, HF calls, wall and CPU seconds, and why the loop stopped."""
+        return list((self.result() or {}).get("rounds") or [])
 
     def levels(self) -> dict[str, Any] | None:
         """The whole levels document: VBM, gap, corrections, formation energies at E_F = VBM (eV)."""
@@ -154,8 +163,10 @@ class Results:
 
     def cost(self) -> list[dict[str, Any]]:
         """Per step: jobs, jobs reused from earlier runs, wall seconds and CPU seconds (this process + child
-        processes such as ``mpirun pw.x``), HF calls. Untracked steps count jobs only."""
-        rows: dict[str, dict[str, Any]] = defaultdict(lambda: {"jobs": 0, "reused": 0, "wall_s": 0.0, "cpu_s": 0.0})
+        processes such as ``mpirun pw.x``), HF calls (one per job of an HF step, or what the job recorded:
+        verify and topup make several). Untracked steps count jobs only."""
+        rows: dict[str, dict[str, Any]] = defaultdict(lambda: {"jobs": 0, "reused": 0, "wall_s": 0.0, "cpu_s": 0.0,
+                                                               "hf_calls": 0})
         for d in self.query(properties=["name", "metadata", "completed_at"]):
             step = step_of(d["name"]) or d["name"].split(" ", 1)[0]
             row = rows[step]
@@ -166,6 +177,8 @@ class Results:
                 # metadata (cost included), which must not be counted twice
                 continue
             row["reused"] += bool(meta.get("reused_from"))
+            if not meta.get("reused_from"):  # one HF call per job of an HF step unless the job says otherwise
+                row["hf_calls"] += int(meta.get("hf_calls", 1))
             cost = meta.get("cost") or {}
             row["wall_s"] += cost.get("wall_s", 0.0)
             row["cpu_s"] += cost.get("cpu_s", 0.0) + cost.get("cpu_children_s", 0.0)
@@ -173,7 +186,7 @@ class Results:
         for step, row in rows.items():
             hf = step in HF_STEPS
             out.append({"step": step, **row, "wall_s": round(row["wall_s"], 2), "cpu_s": round(row["cpu_s"], 2),
-                        "hf_calls": row["jobs"] - row["reused"] if hf else 0})
+                        "hf_calls": row["hf_calls"] if hf else 0})
         return sorted(out, key=lambda r: r["step"])
 
     def progress(self) -> list[dict[str, Any]]:

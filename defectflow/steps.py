@@ -23,8 +23,10 @@ step                  part  HF  resource  what the job does
 ``baseline``          5                   foundation-model (CHGNet) search of one (defect, q)
 ``start_search``      5                   join after training: starts round 0 of the search
 ``search``            5         ✓         surrogate search of one (defect, q) in one round
-``verify``            5     ✓   ✓         HF check of one surrogate ground state
-``finalize``          5                   top-up retraining or levels + the campaign result
+``verify``            5     ✓   ✓         HF check of the lowest surrogate minima of one (defect, q)
+``plot``              5                   the landscape of one (defect, q) with its HF-verified minima
+``topup``             5     ✓   ✓         HF single points at the most uncertain path frames (active learning)
+``finalize``          5                   next round (top-up, warm-started training) or levels + the result
 ``store_inputs``      —                   jobflow's own bookkeeping job of a dynamic replacement
 ====================  ====  ==  ========  =======================================================================
 """
@@ -69,8 +71,10 @@ STEPS: dict[str, Step] = {s.name: s for s in (
     Step("baseline", "5", description="foundation-model search (not defectflow's cost)"),
     Step("start_search", "5", description="join after training"),
     Step("search", "5", resource=True, description="surrogate search of one (defect, q)"),
-    Step("verify", "5", hf=True, resource=True, description="HF check of one ground state"),
-    Step("finalize", "5", description="top-up retraining or levels"),
+    Step("verify", "5", hf=True, resource=True, description="HF check of the lowest minima of one (defect, q)"),
+    Step("plot", "5", description="landscape with the HF-verified minima"),
+    Step("topup", "5", hf=True, resource=True, description="HF single points at uncertain path frames"),
+    Step("finalize", "5", description="next round or levels"),
     Step("store_inputs", "-", description="jobflow bookkeeping"),
 )}
 

@@ -99,7 +99,7 @@ def test_verification_runs_hf_and_lf_at_the_searched_charge(tmp_path):
     """verify at q = +1 with a threshold no surrogate meets: the QE single point (pw.in tot_charge = 1) and the LF
     top-up single point (GFN1-xTB at q = +1) are both at the search's charge."""
     from defectflow.campaign import VerifySpec
-    from defectflow.search.jobs import verify_ground_state
+    from defectflow.search.jobs import verify_minima
 
     pytest.importorskip("tblite")
     q = 1
@@ -107,10 +107,12 @@ def test_verification_runs_hf_and_lf_at_the_searched_charge(tmp_path):
     search = SearchResult(defect="v_Si", charge=q, model="test", n_starts=1, landscape={"start": 0.0},
                           minima=[Minimum(energy=0.0, structure=gs, labels=["start"])],
                           ground_state=Minimum(energy=0.0, structure=gs, labels=["start"]), ground_state_label="start")
-    job = verify_ground_state(search, QE, GFN1, VerifySpec(energy_threshold=1e-6))
+    job = verify_minima(search, QE, GFN1, VerifySpec(energy_threshold=1e-6))
     store = _run(job, tmp_path)
-    v = store.query_one({"uuid": job.uuid}, load=True)["output"]
-    (folder,) = (tmp_path / "jobs").glob(f"*/v_Si_{q:+d}_verify")
+    gv = store.query_one({"uuid": job.uuid}, load=True)["output"]
+    assert len(gv["checks"]) == 1 and gv["ground_state"]["role"] == "rank 1"
+    v = gv["checks"][0]
+    (folder,) = (tmp_path / "jobs").glob(f"*/v_Si_{q:+d}_verify_0")
     pw = _pw(folder)
     assert pw["tot_charge"] == q and pw["nspin"] == 2
     assert v["charge"] == q and v["hf_frame"]["charge"] == q and v["hf_frame"]["engine"] == "qe"

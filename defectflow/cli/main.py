@@ -411,7 +411,8 @@ def _ground_state_table(rows: list[dict], title: str):
     table = Table(title=title)
     lf = rows and rows[0].get("source") == "lf"
     cols = (("defect", "q", "ground state (LF ShakeNBreak)", "E_LF (eV)", "ΔE vs Unperturbed (eV)") if lf else
-            ("defect", "q", "from start", "E_HF (eV)", "|E_HF − E_MLIP| (meV/atom)", "minima", "baseline RMSD (Å)"))
+            ("defect", "q", "from start", "E_HF (eV)", "|E_HF − E_MLIP| (meV/atom)", "σ_E (meV)", "minima", "round",
+             "baseline RMSD (Å)"))
     for col in cols:
         table.add_column(col)
     for r in sorted(rows, key=lambda r: (r["defect"], r["charge"])):
@@ -420,9 +421,13 @@ def _ground_state_table(rows: list[dict], title: str):
             table.add_row(r["defect"], f"{r['charge']:+d}", label, _fmt(r.get("lf_energy"), ".4f"),
                           _fmt(r.get("energy_lowering"), "+.3f"))
         else:
+            std = r.get("energy_std")
+            if r.get("ground_state_source") == "known HF frame":
+                label += " (known HF frame)"
             table.add_row(r["defect"], f"{r['charge']:+d}", label, _fmt(r.get("hf_energy"), ".4f"),
-                          _fmt(r.get("verification_error_mev_per_atom"), ".1f"), str(r.get("n_minima", "-")),
-                          _fmt(r.get("baseline_rmsd")))
+                          _fmt(r.get("verification_error_mev_per_atom"), ".1f"),
+                          _fmt(None if std is None else 1000 * std, ".1f"), str(r.get("n_minima", "-")),
+                          _fmt(r.get("round"), "d"), _fmt(r.get("baseline_rmsd")))
     return table
 
 
@@ -439,6 +444,34 @@ def _print_levels(console, levels: dict) -> None:
     console.print(table)
     if not levels.get("transition_levels"):
         console.print("no transition level within [VBM − 1 eV, CBM + 1 eV]")
+
+
+def _rounds_table(rounds: list[dict]):
+    """Active-learning rounds: verified minima, errors, changed ground states, frames added, HF cost."""
+    from rich.table import Table
+
+    table = Table(title="Verification and top-up rounds")
+    for col in ("round", "verified minima", "max |E_HF − E_MLIP| (meV/atom)", "max σ_E (meV)", "ground state changed",
+                "frames added before it", "HF calls", "HF CPU (s)"):
+        table.add_column(col)
+    for r in rounds:
+        checks = [c for cs in (r.get("verified") or {}).values() for c in cs]
+        errs = [c["error_mev_per_atom"] for c in checks if c.get("error_mev_per_atom") is not None]
+        stds = [1000 * c["energy_std"] for c in checks if c.get("energy_std") is not None]
+        added = r.get("added") or []
+        why = ", ".join(f"{n} {k}" for k, n in sorted(_count(a["reason"] for a in added).items()))
+        table.add_row(str(r["round"]), str(len(checks)), _fmt(max(errs) if errs else None, ".1f"),
+                      _fmt(max(stds) if stds else None, ".1f"), ", ".join(r.get("changed") or []) or "none",
+                      f"{len(added)}" + (f" ({why})" if why else ""), str(r.get("hf_calls", "-")),
+                      _fmt(r.get("hf_cpu_seconds"), ".0f"))
+    return table
+
+
+def _count(items) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for x in items:
+        out[x] = out.get(x, 0) + 1
+    return out
 
 
 def _metrics_table(rows: list[dict]):
@@ -597,7 +630,7 @@ def _cmd_results(args) -> int:
     except (CampaignError, ValueError, LookupError) as exc:
         return _fail(exc)
     state = _run_state(r, src)
-    show = set(args.show.split(",")) if args.show else {"ground-states", "levels", "metrics", "cost"}
+    show = set(args.show.split(",")) if args.show else {"ground-states", "levels", "rounds", "metrics", "cost"}
     data = {"run": r.run, "campaign": r.campaign, "state": state["state"], "jobs": state["jobs"]}
     if state.get("newest"):
         data["newest_run"] = {"run": state["newest"], "state": state["newest_state"]}
@@ -608,6 +641,8 @@ def _cmd_results(args) -> int:
                                  for g in r.ground_states()]
     if "levels" in show:
         data["levels"] = r.levels()
+    if "rounds" in show:
+        data["rounds"] = r.rounds()
     if "metrics" in show:
         data["model_metrics"] = r.model_metrics()
     if "cost" in show:
@@ -634,6 +669,11 @@ def _cmd_results(args) -> int:
         _print_levels(out, data["levels"])
     elif "levels" in show and state["state"] != "finished":
         out.print("levels: none yet (computed at the end of a full run)")
+    if data.get("rounds"):
+        out.print(_rounds_table(data["rounds"]))
+        last = data["rounds"][-1]
+        if last.get("stop_reason"):
+            out.print(f"stopped after round {last['round']}: {last['stop_reason']}")
     if data.get("model_metrics"):
         out.print(_metrics_table(data["model_metrics"]))
     if data.get("cost"):
@@ -1005,7 +1045,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "  defectflow results --store mongodb://host/db --name sb2se3 --show cost",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     store_args(p)
-    p.add_argument("--show", help="comma-separated: ground-states,levels,metrics,cost,runs (default: all but runs)")
+    p.add_argument("--show", help="comma-separated: ground-states,levels,rounds,metrics,cost,runs (default: all but "
+                   "runs)")
     p.add_argument("--structures", action="store_true", help="include ground-state structures in --json output")
     p.set_defaults(func=_cmd_results)
 

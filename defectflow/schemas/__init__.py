@@ -6,8 +6,8 @@ engine or the campaign: documents are the lowest layer.
 """
 
 from defectflow.schemas.core import (
-    MSONDict,
     Frame,
+    MSONDict,
     RelaxTrajectory,
     Structure,
     as_structure,
@@ -21,11 +21,14 @@ from defectflow.schemas.relax import DistortionSummary, RelaxRecord, TrainingSet
 from defectflow.schemas.search import (
     CampaignResult,
     GroundStateRecord,
+    GroupVerification,
     KeptGroundState,
     Minimum,
+    PathFrame,
     RoundRecord,
     SearchResult,
     SearchStart,
+    TopUpFrame,
     Verification,
 )
 from defectflow.schemas.select import SelectedFrame, Selection
@@ -43,7 +46,7 @@ from defectflow.schemas.train import (
 __all__ = [
     "BulkReference", "CampaignResult", "ComparisonRow", "ComponentRun", "DistortedStructure", "DistortionSet",
     "DistortionSummary", "ErrorStats", "Frame", "GenerationResult", "GroundStateRecord", "KeptGroundState", "LabelledSet", "LevelEntry",
-    "LevelsResult", "MSONDict", "Metrics", "Minimum", "PCAResult", "RelaxRecord", "RelaxTrajectory", "RoundRecord", "SearchResult",
+    "LevelsResult", "MSONDict", "Metrics", "Minimum", "PCAResult", "PathFrame", "GroupVerification", "TopUpFrame", "RelaxRecord", "RelaxTrajectory", "RoundRecord", "SearchResult",
     "SearchStart", "SelectedFrame", "Selection", "SetMetrics", "Structure", "TrainedModel", "TrainingResult",
     "TrainingSet", "TransitionLevel", "Verification", "as_structure", "group_key",
     "settings_digest",

@@ -23,8 +23,14 @@ class LabelledSet(BaseModel):
     failed: list[dict[str, Any]] = Field(default_factory=list, description="defect, charge, distortion, step, error")
     per_group: dict[str, int] = Field(default_factory=dict, description="'defect q' → HF frames")
     hf_seconds: float = Field(0.0, description="Sum of HF wall times in s")
+    cpu_seconds: float = Field(0.0, description="CPU seconds of the calculations (when measured: the top-up job)")
     frames: list[Frame] = Field(default_factory=list, description="The HF frames (data store)")
     extxyz: str = Field("", description="HF frames as extxyz: REF_* = HF labels, LF_* = LF labels (data store)")
+
+    @property
+    def hf_calls(self) -> int:
+        """HF calculations made (the job's cost record)."""
+        return self.n_requested
 
 
 class BulkReference(BaseModel):

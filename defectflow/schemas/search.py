@@ -11,8 +11,8 @@ from pydantic import BaseModel, Field
 from defectflow.schemas.core import Frame, Structure
 from defectflow.schemas.levels import LevelsResult
 
-__all__ = ["SearchStart", "Minimum", "SearchResult", "Verification", "KeptGroundState", "RoundRecord",
-           "GroundStateRecord", "CampaignResult"]
+__all__ = ["SearchStart", "Minimum", "PathFrame", "SearchResult", "Verification", "GroupVerification",
+           "KeptGroundState", "TopUpFrame", "RoundRecord", "GroundStateRecord", "CampaignResult"]
 
 
 class SearchStart(BaseModel):
@@ -28,6 +28,20 @@ class Minimum(BaseModel):
     structure: Structure
     labels: list[str] = Field(description="Starts that relaxed into this minimum")
     relative_energy: float = Field(0.0, description="Energy above the lowest minimum in eV")
+    energy_std: float | None = Field(None, description="Committee standard deviation of the energy here, eV")
+    force_std: float | None = Field(
+        None, description="Committee uncertainty of the forces here: the largest per-atom standard deviation, eV/Å")
+
+
+class PathFrame(BaseModel):
+    """A structure along a surrogate relaxation path, with its committee uncertainty: a top-up candidate."""
+
+    label: str = Field(description="Start whose relaxation passed through it")
+    step: int = Field(description="FIRE step of that relaxation")
+    structure: Structure
+    energy: float = Field(description="Surrogate energy in eV")
+    energy_std: float = Field(description="Committee standard deviation of the energy, eV")
+    force_std: float = Field(description="Largest per-atom committee standard deviation of the force, eV/Å")
 
 
 class SearchResult(BaseModel):
@@ -50,6 +64,12 @@ class SearchResult(BaseModel):
     wall_seconds: float = 0.0
     structures_per_second: float = Field(0.0, description="Relaxed starts per second of wall time")
     plot: str | None = None
+    committee_size: int = Field(1, description="Models whose spread gives the uncertainties (1: none)")
+    landscape_std: dict[str, float] = Field(
+        default_factory=dict, description="Start label → committee energy standard deviation at its minimum, eV")
+    candidates: list[PathFrame] = Field(
+        default_factory=list, description="The most uncertain structures along the relaxation paths (at most one "
+        "per start, most uncertain first): where HF single points teach the model most")
 
 
 class Verification(BaseModel):
@@ -70,6 +90,41 @@ class Verification(BaseModel):
     lf_frame: Frame | None = Field(None, description="LF single point at the same geometry (top-up data)")
     hf_seconds: float = 0.0
     error: str | None = None
+    role: str = Field("lowest", description="Why this minimum was verified: 'rank <k>' (k-th lowest surrogate "
+                      "minimum), 'most uncertain' (highest committee energy spread among the low-energy minima), "
+                      "'lowest' (single-minimum verification)")
+    energy_std: float | None = Field(None, description="Committee energy standard deviation at the minimum, eV")
+    force_std: float | None = Field(None, description="Committee force uncertainty at the minimum, eV/Å")
+    cpu_seconds: float = Field(0.0, description="CPU seconds of the HF (and LF) calculations, this process and "
+                               "its engine subprocesses")
+
+
+class GroupVerification(BaseModel):
+    """The HF check of one (defect, q) in one round: the k lowest distinct surrogate minima plus the most
+    uncertain low-energy one, and which structure is the ground state."""
+
+    defect: str
+    charge: int
+    checks: list[Verification] = Field(description="One HF single point (or relaxation) per verified minimum")
+    ground_state: Verification | None = Field(
+        None, description="The check with the lowest HF energy, or the known HF structure that is lower still")
+    source: str = Field("verified minimum", description="'verified minimum', or 'known HF frame' when a structure "
+                        "whose HF energy was already known (an HF single point of the selection or of an earlier "
+                        "round) is lower in HF energy than every verified minimum")
+    reason: str | None = Field(None, description="Why the ground state is what it is, when not simply the "
+                               "lowest verified minimum")
+
+    @property
+    def hf_calls(self) -> int:
+        return len(self.checks)
+
+    @property
+    def hf_seconds(self) -> float:
+        return sum(c.hf_seconds for c in self.checks)
+
+    @property
+    def cpu_seconds(self) -> float:
+        return sum(c.cpu_seconds for c in self.checks)
 
 
 class KeptGroundState(BaseModel):
@@ -80,16 +135,43 @@ class KeptGroundState(BaseModel):
     landscape: dict[str, float] = Field(description="Start label → surrogate energy of that round's search, eV")
     plot: str | None = Field(None, description="That search's landscape PNG")
     verification: Verification = Field(description="Its HF verification (without the HF/LF frames)")
+    source: str = Field("verified minimum", description="'verified minimum' or 'known HF frame' (GroupVerification)")
+    reason: str | None = Field(None, description="Why, when not simply the lowest verified minimum")
+
+
+class TopUpFrame(BaseModel):
+    """One HF-labelled frame a round added to the training set, and why."""
+
+    group: str = Field(description="'defect q'")
+    label: str = Field(description="Start (and FIRE step) it comes from")
+    reason: str = Field(description="'uncertain path frame' or 'verified minimum, |ΔE| above threshold'")
+    energy_std: float | None = Field(None, description="Committee energy standard deviation there, eV")
+    force_std: float | None = Field(None, description="Committee force uncertainty there, eV/Å")
+    error_mev_per_atom: float | None = Field(None, description="|E_HF − E_surrogate| there, meV/atom (when known)")
 
 
 class RoundRecord(BaseModel):
-    """What one search-and-verify round found."""
+    """What one search-and-verify round found, what it cost and what it added."""
 
     round: int
     errors_mev_per_atom: dict[str, float | None] = Field(
         description="'defect q' → |E_HF − E_surrogate| at the surrogate ground state, meV/atom")
     disagreeing: list[str] = Field(description="'defect q' groups above verify.energy_threshold (with an LF frame)")
     retrained: bool = Field(description="Whether a top-up round followed")
+    verified: dict[str, list[dict[str, Any]]] = Field(
+        default_factory=dict, description="'defect q' → every verified minimum: label, role, surrogate and HF "
+        "energy (eV), error (meV/atom), committee energy std (eV)")
+    ground_states: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="'defect q' → the round's ground state: label, HF energy (eV), source")
+    changed: list[str] = Field(default_factory=list, description="'defect q' whose ground state differs from the "
+                               "previous round's")
+    added: list[TopUpFrame] = Field(default_factory=list, description="Frames added to the HF training set after "
+                                    "this round (empty when it was the last)")
+    hf_calls: int = Field(0, description="HF calculations of this round: verifications + top-up single points")
+    hf_seconds: float = Field(0.0, description="Their wall seconds")
+    hf_cpu_seconds: float = Field(0.0, description="Their CPU seconds (this process and engine subprocesses)")
+    hf_calls_total: int = Field(0, description="HF calculations of the campaign so far, this round included")
+    stop_reason: str | None = Field(None, description="Why no further round followed (None: one did)")
 
 
 class GroundStateRecord(BaseModel):
@@ -110,6 +192,10 @@ class GroundStateRecord(BaseModel):
                               "over all rounds is kept (a top-up round can make the surrogate worse)")
     baseline_rmsd: float | None = Field(None, description="Foundation-model ground state vs this one, Å")
     baseline_label: str | None = None
+    source: str = Field("verified minimum", description="'verified minimum' or 'known HF frame' (GroupVerification)")
+    reason: str | None = Field(None, description="Why, when the ground state is not the lowest verified minimum")
+    energy_std: float | None = Field(None, description="Committee energy standard deviation at the ground state, eV")
+    force_std: float | None = Field(None, description="Committee force uncertainty at the ground state, eV/Å")
 
 
 class CampaignResult(BaseModel):
@@ -124,4 +210,6 @@ class CampaignResult(BaseModel):
     hf_calls: int = Field(0, description="HF calculations: bulk + selected single points + verifications")
     n_hf_selected: int = Field(0, description="Frames selected for HF single points (step 3)")
     hf_seconds: float = Field(0.0, description="Wall seconds of the HF calculations counted in hf_calls")
+    hf_cpu_seconds: float = Field(0.0, description="CPU seconds of the verification and top-up HF calculations "
+                                  "(those of the bulk and the selection are in the step costs)")
     plots: dict[str, str] = Field(default_factory=dict)

@@ -67,10 +67,18 @@ class TrainedModel(BaseModel):
     spec: dict[str, Any] = Field(description="The MlipSpec used (as a dict)")
     mace_version: str = Field(description="mace-torch version")
     wall_seconds: float = Field(description="Total training wall time in s")
+    warm_started_from: str | None = Field(
+        None, description="SHA-256 of the model file this one was fine-tuned from (a top-up round's warm start)")
 
     @property
     def commands(self) -> list[str]:
         return [c.command for c in self.components]
+
+    def model_sha256(self, component: str = "main") -> str:
+        """SHA-256 of one component's model file."""
+        import hashlib
+
+        return hashlib.sha256(self.model_bytes(component)).hexdigest()
 
     def model_bytes(self, component: str = "main") -> bytes:
         """The model file of one component as bytes."""
@@ -157,6 +165,9 @@ class TrainingResult(BaseModel):
     metrics: dict[str, Metrics] = Field(description="Same keys → accuracy on held-out frames")
     comparison: list[ComparisonRow] = Field(description="Side-by-side headline numbers, main first")
     plots: dict[str, str] = Field(default_factory=dict, description="Plot name → PNG path")
+    committee: list[str] = Field(default_factory=lambda: ["main"],
+                                 description="Keys of the committee models in ``models``, main first")
+    warm_started: bool = Field(False, description="Fine-tuned from the previous round's models (a top-up round)")
     n_lf_frames: int = Field(description="LF frames given")
     n_hf_frames: int = Field(description="HF frames given")
     wall_seconds: float = Field(description="Wall time of the whole step (training + evaluation), s")

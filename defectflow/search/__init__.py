@@ -115,6 +115,8 @@ def search_ground_state(
     plot_dir: str | Path | None = None,
     min_distance_factor: float = 0.6,
     relax_batch: Callable[[list], list] | None = None,
+    committee: Callable[[list], tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None,
+    n_candidates: int = 0,
 ) -> SearchResult:
     """Relax every start with the surrogate at charge ``charge`` and return the ranked distinct minima.
 
@@ -122,13 +124,20 @@ def search_ground_state(
     by ``relax_batch`` (structures → :class:`~defectflow.search.batched.BatchRelaxation` in the same order: the
     batched torch-sim FIRE of :func:`~defectflow.search.batched.batched_relax`). ``fmax`` in eV/Å,
     ``energy_tolerance`` in eV. A minimum with an interatomic distance below ``min_distance_factor`` × the pair's
-    covalent-radius sum is rejected as unphysical (0 disables the check)."""
+    covalent-radius sum is rejected as unphysical (0 disables the check).
+
+    ``committee``: structures → (energy, energy std in eV, force std in eV/Å) per structure (a
+    :func:`~defectflow.search.uncertainty.committee_predict` of the committee); it gives the uncertainty at every
+    minimum and, with ``n_candidates`` > 0 and a batched relaxation that kept its paths, the ``n_candidates`` most
+    uncertain path frames (at most one per start) as top-up candidates."""
     if (calculator_factory is None) == (relax_batch is None):
         raise ValueError("search_ground_state: give exactly one of calculator_factory and relax_batch")
     t0 = time.perf_counter()
-    finals, landscape, unconverged, failed, rejected = [], {}, [], 0, {}
-    for s, status, energy, final, error in _relaxed(starts, charge, calculator_factory, relax_batch, model, fmax,
-                                                    max_steps):
+    finals, landscape, unconverged, failed, rejected, paths = [], {}, [], 0, {}, {}
+    for s, status, energy, final, error, path in _relaxed(starts, charge, calculator_factory, relax_batch, model,
+                                                          fmax, max_steps):
+        if path:
+            paths[s.label] = path
         if status == "failed" or final is None or not np.isfinite(energy):
             logger.warning("surrogate relaxation of %s q=%+d %s failed: %s", defect, charge, s.label, error)
             failed += 1
@@ -153,22 +162,48 @@ def search_ground_state(
         ground_state_label=min(landscape, key=landscape.get) if landscape else None,
         wall_seconds=wall, structures_per_second=len(finals) / wall if wall > 0 else 0.0,
     )
+    if committee is not None and finals:
+        _add_uncertainty(result, finals, paths, committee, n_candidates)
+        result.wall_seconds = time.perf_counter() - t0
     if plot_dir is not None and landscape:
         result.plot = plot_landscape(result, starts, Path(plot_dir))
     return result
 
 
+def _add_uncertainty(result: SearchResult, finals, paths, committee, n_candidates: int) -> None:
+    """Committee spread at every final structure and minimum; the most uncertain path frames as candidates."""
+    from defectflow.schemas import PathFrame
+
+    _, e_std, f_std = committee([f[2] for f in finals])
+    result.committee_size = max(result.committee_size, 2)
+    std = {label: (float(e), float(f)) for (label, _, _), e, f in zip(finals, e_std, f_std, strict=True)}
+    result.landscape_std = {label: v[0] for label, v in std.items()}
+    for m in result.minima:
+        m.energy_std, m.force_std = std[m.labels[0]]  # the minimum's structure is its first (lowest) start's
+    if n_candidates <= 0 or not paths:
+        return
+    flat = [(label, step, st) for label, path in paths.items() for step, st in path]
+    energy, e_std, f_std = committee([st for _, _, st in flat])
+    best: dict[str, PathFrame] = {}
+    for (label, step, st), e, es, fs in zip(flat, energy, e_std, f_std, strict=True):
+        if label not in best or es > best[label].energy_std:
+            best[label] = PathFrame(label=label, step=step, structure=st, energy=float(e), energy_std=float(es),
+                                    force_std=float(fs))
+    result.candidates = sorted(best.values(), key=lambda p: -p.energy_std)[:n_candidates]
+
+
 def _relaxed(starts, charge, calculator_factory, relax_batch, model, fmax, max_steps):
-    """(start, status, energy eV, final structure, error) per start, one at a time or batched."""
+    """(start, status, energy eV, final structure, error, path) per start, one at a time or batched; ``path``:
+    (step, structure) along the relaxation (batched relaxations that keep it; else empty)."""
     if relax_batch is not None:
         try:
             out = relax_batch([s.structure for s in starts])
         except Exception as exc:  # a failed batch fails every start of it, reported per start
             logger.exception("batched surrogate relaxation failed")
-            yield from ((s, "failed", float("nan"), None, f"{type(exc).__name__}: {exc}") for s in starts)
+            yield from ((s, "failed", float("nan"), None, f"{type(exc).__name__}: {exc}", []) for s in starts)
             return
         for s, r in zip(starts, out, strict=True):
-            yield s, "converged" if r.converged else "unconverged", r.energy, r.structure, None
+            yield s, "converged" if r.converged else "unconverged", r.energy, r.structure, None, r.path
         return
     engine = CalculatorEngine(calculator_factory(), xc=model, optimizer="FIRE")
     for s in starts:
@@ -176,34 +211,86 @@ def _relaxed(starts, charge, calculator_factory, relax_batch, model, fmax, max_s
         traj = engine.relax(s.structure, charge, workdir=None, fmax=fmax, max_steps=max_steps, keep="last")
         last = traj.final
         if last is None:
-            yield s, "failed", float("nan"), None, traj.error
+            yield s, "failed", float("nan"), None, traj.error, []
         else:
-            yield s, traj.status, float(last.energy), last.structure, traj.error
+            yield s, traj.status, float(last.energy), last.structure, traj.error, []
 
 
-def plot_landscape(result: SearchResult, starts: list[SearchStart] | dict[str, float | None], plot_dir: Path) -> str:
-    """Energy (relative to the ground state) vs bond distortion of every start, extra rattles as small dots.
+def plot_landscape(result: SearchResult, starts: list[SearchStart] | dict[str, float | None], plot_dir: Path,
+                   verification=None, suffix: str = "") -> str:
+    """Energy vs starting bond distortion of every start's surrogate minimum (relative to the lowest), with the
+    committee's ±1σ, the rejected minima and, after verification, the HF energies of the verified minima.
 
-    ``starts``: the search's starts, or start label → bond distortion fraction (None: Unperturbed, Dimer)."""
+    ``starts``: the search's starts, or start label → bond distortion fraction (None: Unperturbed, Dimer).
+    ``verification``: the group's :class:`~defectflow.schemas.GroupVerification` (or None). ``suffix`` is added to
+    the file name (e.g. ``_round1``). Returns the PNG path."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     e0 = min(result.landscape.values())
-    fig, ax = plt.subplots(figsize=(5, 4))
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
     distortion = starts if isinstance(starts, dict) else {s.label: s.bond_distortion for s in starts}
     special = {"Unperturbed": 0.0}
-    for label, e in result.landscape.items():
-        bd = distortion.get(label)
-        x = bd if bd is not None else special.get(label.split("+")[0], 0.7)
-        extra = "+rattle" in label
-        ax.scatter(100 * x, e - e0, s=12 if extra else 40, c="0.6" if extra else "C0",
-                   marker="o" if bd is not None or extra else "D", zorder=3 if not extra else 2)
-    ax.set_xlabel("Bond distortion (%)  [Dimer at 70 %]")
-    ax.set_ylabel("Surrogate energy − ground state (eV)")
-    ax.set_title(f"{result.defect} q={result.charge:+d} ({result.model})")
-    ax.axhline(0, color="k", lw=0.5)
-    fig.tight_layout()
 
-    return save_figure(fig, plot_dir / f"{result.defect}_{result.charge:+d}_{result.model.replace(':', '-')}.png", dpi=150)
+    def x_of(label: str) -> float:
+        bd = distortion.get(label, distortion.get(label.split("+")[0]))
+        return 100 * (bd if bd is not None else special.get(label.split("+")[0], 0.7))
+
+    handles = []
+    kinds = {"snb": ("o", "C0", 40, "ShakeNBreak start (bond distortion)"),
+             "special": ("D", "C0", 40, "ShakeNBreak start (Unperturbed at 0 %, Dimer at 70 %)"),
+             "rattled": ("o", "0.6", 14, "extra rattled start")}
+    seen = set()
+    for label, e in result.landscape.items():
+        base = label.split("+")[0]
+        kind = "rattled" if "+rattle" in label else ("snb" if distortion.get(base) is not None else "special")
+        marker, color, size, name = kinds[kind]
+        std = result.landscape_std.get(label)
+        if std:
+            ax.errorbar(x_of(label), e - e0, yerr=std, fmt="none", ecolor=color, elinewidth=0.8, capsize=2,
+                        zorder=1)
+        ax.scatter(x_of(label), e - e0, s=size, c=color, marker=marker, zorder=3 if kind != "rattled" else 2)
+        seen.add(kind)
+    for kind in ("snb", "special", "rattled"):
+        if kind in seen:
+            marker, color, size, name = kinds[kind]
+            handles.append(Line2D([], [], ls="", marker=marker, color=color, markersize=6 if size > 20 else 4,
+                                  label=name))
+    if result.landscape_std:
+        handles.append(Line2D([], [], color="0.3", lw=0.8, label=f"committee ±1σ ({result.committee_size} models)"))
+    checks = [c for c in (verification.checks if verification is not None else [])
+              if c.hf_energy is not None and c.ground_state_label in result.landscape]
+    for c in checks:
+        x = x_of(c.ground_state_label)
+        ax.plot([x, x], [c.surrogate_energy - e0, c.hf_energy - e0], color="C3", lw=0.8, zorder=2)
+        ax.scatter(x, c.hf_energy - e0, s=90, marker="*", c="C3", edgecolors="k", linewidths=0.4, zorder=4)
+    if checks:
+        handles.append(Line2D([], [], ls="", marker="*", color="C3", markeredgecolor="k", markersize=9,
+                              label="HF single point at a verified minimum"))
+        gs = verification.ground_state
+        if gs is not None and gs.ground_state_label in result.landscape and verification.source == "verified minimum":
+            ax.scatter(x_of(gs.ground_state_label), gs.hf_energy - e0, s=260, facecolors="none", edgecolors="k",
+                       linewidths=1.2, zorder=5)
+            handles.append(Line2D([], [], ls="", marker="o", markerfacecolor="none", color="k", markersize=11,
+                                  label="HF-verified ground state"))
+    if result.rejected:
+        bottom = ax.get_ylim()[0]
+        for label in result.rejected:
+            ax.scatter(x_of(label), bottom, marker="v", s=40, c="C1", zorder=4, clip_on=False)
+        handles.append(Line2D([], [], ls="", marker="v", color="C1",
+                              label="rejected minimum (atoms too close; energy off the axis)"))
+    ax.set_xlabel("Starting bond distortion (%)")
+    ax.set_ylabel("Energy − lowest surrogate minimum (eV)")
+    title = f"{result.defect} q = {result.charge:+d}, surrogate {result.model}"
+    if verification is not None and verification.ground_state is not None and verification.source != \
+            "verified minimum":
+        title += "\n(ground state: a known HF frame, not a verified minimum)"
+    ax.set_title(title, fontsize=10)
+    ax.axhline(0, color="k", lw=0.5)
+    ax.legend(handles=handles, fontsize=7, loc="best", framealpha=0.85)
+    fig.tight_layout()
+    name = f"{result.defect}_{result.charge:+d}_{result.model.replace(':', '-')}{suffix}.png"
+    return save_figure(fig, plot_dir / name, dpi=150)

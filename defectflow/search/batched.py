@@ -19,7 +19,8 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -36,6 +37,7 @@ class BatchRelaxation:
     structure: object  # pymatgen Structure (charge set)
     fmax: float  # largest force at the end, eV/Å
     converged: bool
+    path: list = field(default_factory=list)  # (FIRE step, pymatgen Structure) every ``path_every`` steps
 
 
 def _charged_head(model, charge: int, head_index: int):
@@ -102,11 +104,15 @@ def batched_model(trained, head: str, charge: int, dtype: str = "float64", devic
 
 
 def batched_relax(trained, head: str, structures: list, charge: int, fmax: float = 0.02, max_steps: int = 300,
-                  dtype: str = "float64", device: str = "cpu") -> list[BatchRelaxation]:
+                  dtype: str = "float64", device: str = "cpu", path_every: int = 0) -> list[BatchRelaxation]:
     """Relax ``structures`` (pymatgen, fixed cell) together at charge ``charge`` with one head of a trained surrogate
-    until every max |F| < ``fmax`` (eV/Å) or ``max_steps`` FIRE steps (torch-sim, ASE's FIRE flavour)."""
-    import torch_sim as ts
+    until every max |F| < ``fmax`` (eV/Å) or ``max_steps`` FIRE steps (torch-sim, ASE's FIRE flavour).
 
+    ``path_every`` > 0 also keeps every ``path_every``-th structure of each path (torch-sim's trajectory reporter,
+    positions stored in float32) in :attr:`BatchRelaxation.path`: the candidates of the active-learning top-up."""
+    import tempfile
+
+    import torch_sim as ts
     from ase import Atoms
 
     from defectflow.train.data import CHARGE_KEY, EnergyReferences
@@ -116,12 +122,16 @@ def batched_relax(trained, head: str, structures: list, charge: int, fmax: float
     model = batched_model(trained, head, charge, dtype, device)
     refs = trained.references.get(head)
     t0 = time.perf_counter()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), tempfile.TemporaryDirectory(prefix="defectflow-paths-") as tmp:
         warnings.simplefilter("ignore")  # torch-sim warns once the step limit is reached; reported per structure
+        files = [Path(tmp) / f"path{i}.h5" for i in range(len(structures))]
+        reporter = ts.TrajectoryReporter(files, state_frequency=path_every) if path_every > 0 else None
         state = ts.optimize(system=list(structures), model=model, optimizer=ts.optimizers.fire,
                             convergence_fn=ts.generate_force_convergence_fn(fmax, include_cell_forces=False),
-                            max_steps=max_steps, autobatcher=False, md_flavor="ase_fire")
+                            max_steps=max_steps, autobatcher=False, md_flavor="ase_fire",
+                            trajectory_reporter=reporter)
         out = model(state)
+        paths = [_read_path(f, st) for f, st in zip(files, structures, strict=True)] if reporter else None
     energies = out["energy"].detach().cpu().numpy().astype(float)
     forces = out["forces"].detach().cpu().numpy().astype(float)
     finals = state.to_structures()
@@ -133,7 +143,22 @@ def batched_relax(trained, head: str, structures: list, charge: int, fmax: float
         f = float(np.linalg.norm(forces[index == i], axis=1).max()) if len(st) else 0.0
         if refs:
             e += EnergyReferences(refs).energy(Atoms(numbers=st.atomic_numbers, info={CHARGE_KEY: charge}))
-        results.append(BatchRelaxation(energy=float(e), structure=st, fmax=f, converged=f < fmax))
+        results.append(BatchRelaxation(energy=float(e), structure=st, fmax=f, converged=f < fmax,
+                                       path=paths[i] if paths else []))
     logger.debug("batched relaxation of %d structures (q=%+d, %s): %.2f s", len(structures), charge, dtype,
                  time.perf_counter() - t0)
     return results
+
+
+def _read_path(path: Path, start) -> list:
+    """(step, Structure) of every frame torch-sim's reporter wrote for one structure (fixed cell: the start's)."""
+    from pymatgen.core import Structure
+    from torch_sim.trajectory import TorchSimTrajectory
+
+    if not path.is_file():
+        return []
+    with TorchSimTrajectory(path, mode="r") as traj:
+        positions = traj.get_array("positions")
+        steps = traj.get_steps("positions")
+    return [(int(k), Structure(start.lattice, start.species, np.asarray(x, dtype=float), coords_are_cartesian=True,
+                                charge=start.charge)) for k, x in zip(steps, positions, strict=True)]

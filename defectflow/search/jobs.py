@@ -26,25 +26,29 @@ from defectflow.schemas import (
     DistortionSet,
     Frame,
     GroundStateRecord,
+    GroupVerification,
     KeptGroundState,
     LabelledSet,
     MSONDict,
+    PathFrame,
     RoundRecord,
     SearchResult,
     SearchStart,
     Structure,
+    TopUpFrame,
     TrainedModel,
     TrainingResult,
     Verification,
     group_key,
 )
 from defectflow.schemas.core import ElectrostaticPotential
-from defectflow.search import rattled_starts, rmsd, search_ground_state
+from defectflow.search import plot_landscape, rattled_starts, rmsd, search_ground_state
 from defectflow.search.batched import batched_relax
+from defectflow.search.uncertainty import committee_predict
 from defectflow.steps import name_job
 from defectflow.store.tracking import tracked
-from defectflow.train.data import frames_to_extxyz, hf_extxyz
-from defectflow.train.jobs import train_job
+from defectflow.train.data import hf_extxyz
+from defectflow.train.jobs import committee_names, train_job
 from defectflow.train.surrogate import load_calculator, torch_threads
 
 logger = logging.getLogger(__name__)
@@ -56,13 +60,20 @@ __all__ = [
     "search_starts",
     "surrogate_search",
     "baseline_search",
-    "verify_ground_state",
+    "verify_minima",
+    "minima_to_verify",
+    "known_hf_lowest",
     "best_verified",
+    "round_record",
+    "plan_topup",
+    "label_topup",
+    "plot_verified",
     "finalize",
     "start_search",
     "build_search_round",
     # documents, re-exported from defectflow.schemas
     "Verification",
+    "GroupVerification",
     "GroundStateRecord",
     "CampaignResult",
 ]
@@ -104,9 +115,13 @@ class SearchContext(BaseModel):
     n_hf_selected: int = Field(0, description="Frames selected for HF single points in step 3")
     hf_calls: int = Field(0, description="HF calculations so far: bulk + selected single points + verifications")
     hf_seconds: float = Field(0.0, description="Wall seconds of those HF calculations")
+    hf_cpu_seconds: float = Field(0.0, description="CPU seconds of the verification and top-up HF calculations")
     history: list[RoundRecord] = Field(default_factory=list, description="Every finished round")
     best_verified: dict[str, KeptGroundState] = Field(
         default_factory=dict, description="'defect q' → the verified minimum with the lowest HF energy so far")
+    pending: list[TopUpFrame] = Field(
+        default_factory=list, description="Frames the last round added to the training set (recorded in the next "
+        "round's record, whose model they trained)")
 
 
 def shakenbreak_starts(distortion_set: DistortionSet) -> list[SearchStart]:
@@ -121,26 +136,44 @@ def search_starts(starts: list[SearchStart], spec: SearchSpec, seed: int) -> lis
     return starts + rattled_starts(starts, spec.extra_starts, spec.rattle_stdev, seed)
 
 
-@job(data=["minima", "landscape"])
+@job(data=["minima", "landscape", "candidates"])
 @tracked("search", ignore=("plot_dir",))
 def surrogate_search(model: TrainedModel, defect: str, charge: int, starts: list[SearchStart], spec: SearchSpec,
-                     plot_dir: str | None = None, seed: int = 0) -> SearchResult:
+                     plot_dir: str | None = None, seed: int = 0, committee: list[TrainedModel] | None = None,
+                     plot_suffix: str = "") -> SearchResult:
     """Relax every ShakeNBreak start (+ rattled copies) with the trained surrogate's HF head at charge q: all
-    together (``spec.batched``, torch-sim) or one at a time (ASE), in ``spec.precision``."""
+    together (``spec.batched``, torch-sim) or one at a time (ASE), in ``spec.precision``.
+
+    ``committee`` (the main model's fellow members, main included or not): their spread gives the energy and force
+    uncertainty at every minimum and picks the ``spec.candidates`` most uncertain path frames (batched search,
+    every ``spec.path_every`` steps) as top-up candidates."""
+    members = [model] + [m for m in (committee or []) if m.model_files != model.model_files]
     if spec.batched:
         def relax(structures):
             with torch_threads():
                 return batched_relax(model, "hf", structures, charge, fmax=spec.fmax, max_steps=spec.max_steps,
-                                     dtype=spec.precision, device=spec.device)
+                                     dtype=spec.precision, device=spec.device,
+                                     path_every=spec.path_every if len(members) > 1 else 0)
         engines = {"relax_batch": relax}
     else:
         engines = {"calculator_factory": lambda: load_calculator(model, head="hf", device=spec.device,
                                                                  dtype=spec.precision)}
-    return search_ground_state(
+
+    def spread(structures):
+        with torch_threads():
+            p = committee_predict(members, "hf", structures, charge, dtype=spec.precision, device=spec.device)
+        return p.energies[0], p.energy_std, p.force_std
+
+    result = search_ground_state(
         defect, charge, search_starts(starts, spec, seed), model="mace:hf", fmax=spec.fmax,
-        max_steps=spec.max_steps, energy_tolerance=spec.energy_tolerance, plot_dir=plot_dir,
-        min_distance_factor=spec.min_distance_factor, **engines,
+        max_steps=spec.max_steps, energy_tolerance=spec.energy_tolerance, plot_dir=None,
+        min_distance_factor=spec.min_distance_factor, committee=spread if len(members) > 1 else None,
+        n_candidates=spec.candidates, **engines,
     )
+    result.committee_size = len(members)
+    if plot_dir is not None and result.landscape:
+        result.plot = plot_landscape(result, search_starts(starts, spec, seed), Path(plot_dir), suffix=plot_suffix)
+    return result
 
 
 @job(data=["minima", "landscape"])
@@ -166,106 +199,300 @@ def baseline_search(defect: str, charge: int, starts: list[SearchStart], spec: S
                                min_distance_factor=spec.min_distance_factor)
 
 
-@job(data=["hf_frame", "lf_frame"])
-@tracked("verify", engines=("high", "low"))
-def verify_ground_state(search: SearchResult, high, low, spec: VerifySpec) -> Verification:
-    """HF single point (or HF relaxation) on the surrogate ground state; LF single point too when it disagrees.
+def minima_to_verify(search: SearchResult, spec: VerifySpec) -> list[tuple[int, str]]:
+    """(index into ``search.minima``, role): the ``spec.top_k`` lowest distinct minima ('rank 1' …), then of the
+    others within ``spec.uncertain_window`` eV of the lowest, the one with the largest committee energy spread
+    ('most uncertain')."""
+    chosen = [(i, f"rank {i + 1}") for i in range(min(spec.top_k, len(search.minima)))]
+    if spec.uncertain_window > 0 and search.minima:
+        e0 = search.minima[0].energy
+        rest = [i for i in range(len(chosen), len(search.minima))
+                if search.minima[i].energy - e0 <= spec.uncertain_window and search.minima[i].energy_std is not None]
+        if rest:
+            chosen.append((max(rest, key=lambda i: search.minima[i].energy_std), "most uncertain"))
+    return chosen
 
-    ``high``/``low``: the campaign's fidelity settings."""
-    v = Verification(defect=search.defect, charge=search.charge, mode=spec.mode,
-                     ground_state_label=search.ground_state_label)
-    if search.ground_state is None:
-        v.error = ("the surrogate search produced no physical minimum"
-                   + (f" ({len(search.rejected)} rejected: atoms too close)" if search.rejected else ""))
-        return v
-    gs = search.ground_state.structure
-    v.surrogate_energy = search.ground_state.energy
+
+def known_hf_lowest(hf_extxyz: str, defect: str, charge: int):
+    """The HF frame of ``defect`` at ``charge`` with the lowest HF energy in an HF training set (extxyz text: the
+    selection's single points and earlier rounds'), as (label, energy eV, Structure), or None."""
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    from defectflow.train.data import ENERGY_KEY, charge_of, read_frames
+
+    frames = [a for a in read_frames(hf_extxyz) if a.info.get("defect") == defect and charge_of(a) == charge
+              and ENERGY_KEY in a.info]
+    if not frames:
+        return None
+    a = min(frames, key=lambda x: float(x.info[ENERGY_KEY]))
+    structure = AseAtomsAdaptor.get_structure(a)
+    structure._charge = charge  # the adaptor drops a periodic structure's charge
+    label = f"{a.info.get('distortion', '?')} step {a.info.get('step', 0)}"
+    return label, float(a.info[ENERGY_KEY]), structure
+
+
+@job(data=["checks"])
+@tracked("verify", engines=("high", "low"))
+def verify_minima(search: SearchResult, high, low, spec: VerifySpec, known_extxyz: str = "") -> GroupVerification:
+    """HF single points at the surrogate minima :func:`minima_to_verify` picks; the ground state is the lowest in
+    HF energy, unless a structure of this (defect, q) whose HF energy is already known (``known_extxyz``: the HF
+    training frames so far) is lower: then that structure gets an HF single point of its own (the levels need the
+    verify engine's outputs, e.g. its electrostatic potential) and is the ground state, and ``reason`` says why.
+    ``spec.mode: relax`` relaxes the lowest verified minimum with the HF engine. An LF single point is added where
+    a minimum disagrees (top-up data). ``high``/``low``: the campaign's fidelity settings."""
+    gv = GroupVerification(defect=search.defect, charge=search.charge, checks=[])
+    if not search.minima:
+        gv.reason = ("the surrogate search produced no physical minimum"
+                     + (f" ({len(search.rejected)} rejected: atoms too close)" if search.rejected else ""))
+        return gv
     engine = get_engine(high, fidelity="high")
     tag = f"{search.defect}_{search.charge:+d}_verify"
-    t0 = time.perf_counter()
-    hf = engine.single_point(gs, search.charge, workdir=Path.cwd() / tag)
+    for k, (i, role) in enumerate(minima_to_verify(search, spec)):
+        m = search.minima[i]
+        gv.checks.append(_check(engine, low, m.structure, search, spec, f"{tag}_{k}", role=role,
+                                ground_state_label=m.labels[0], surrogate_energy=m.energy, energy_std=m.energy_std,
+                                force_std=m.force_std))
+    done = [c for c in gv.checks if c.hf_energy is not None]
+    gv.ground_state = min(done, key=lambda c: c.hf_energy) if done else None
+    known = known_hf_lowest(known_extxyz, search.defect, search.charge) if known_extxyz else None
+    if known is not None and (gv.ground_state is None or known[1] < gv.ground_state.hf_energy - 1e-6):
+        label, _, structure = known
+        c = _check(engine, low, structure, search, spec, f"{tag}_known", role="known HF frame",
+                   ground_state_label=label, surrogate_energy=None)
+        gv.checks.append(c)
+        if c.hf_energy is not None and (gv.ground_state is None or c.hf_energy < gv.ground_state.hf_energy):
+            below = ("no verified minimum has an HF energy" if gv.ground_state is None else
+                     f"{1000 * (gv.ground_state.hf_energy - c.hf_energy):.0f} meV below the lowest verified surrogate "
+                     f"minimum ({gv.ground_state.ground_state_label})")
+            gv.ground_state, gv.source = c, "known HF frame"
+            gv.reason = (f"the HF training frame {label} (a single point of the selection or of an earlier round) "
+                         f"is lower in HF energy than every verified surrogate minimum: {below}")
+    if spec.mode == "relax" and gv.ground_state is not None:
+        _relax_check(engine, gv.ground_state, search.charge, spec, Path.cwd() / f"{tag}_relax")
+    return gv
+
+
+def _check(engine, low, structure, search: SearchResult, spec: VerifySpec, tag: str, **fields) -> Verification:
+    """One HF single point at ``structure`` (+ an LF one where it disagrees with the surrogate)."""
+    from defectflow.store.tracking import cpu_clock
+
+    v = Verification(defect=search.defect, charge=search.charge, mode=spec.mode, structure=structure, **fields)
+    t0, c0 = time.perf_counter(), cpu_clock()
+    hf = engine.single_point(structure, search.charge, workdir=Path.cwd() / tag)
     v.hf_frame = hf
-    v.structure = gs
     if hf.energy is None:
         v.error = hf.error or "HF single point failed"
-        v.hf_seconds = time.perf_counter() - t0
-        return v
-    v.hf_energy = hf.energy
-    v.error_mev_per_atom = 1000 * abs(hf.energy - v.surrogate_energy) / len(gs)
-    v.agrees = v.error_mev_per_atom <= spec.energy_threshold
-    if spec.mode == "relax":
-        traj = engine.relax(gs, search.charge, workdir=Path.cwd() / (tag + "_relax"))
-        final = traj.final
-        if final is not None:
-            v.structure, v.hf_energy = final.structure, final.energy
-            v.rmsd_to_hf_relaxed = rmsd(gs, final.structure)
-            v.rmsd_success = v.rmsd_to_hf_relaxed <= spec.rmsd_threshold
-        else:
-            v.error = f"HF relaxation failed: {traj.error}"
-    v.hf_seconds = time.perf_counter() - t0
-    if not v.agrees:
-        v.lf_frame = get_engine(low, fidelity="low").single_point(gs, search.charge, workdir=Path.cwd() / (tag + "_lf"))
+    else:
+        v.hf_energy = hf.energy
+        if v.surrogate_energy is not None:
+            v.error_mev_per_atom = 1000 * abs(hf.energy - v.surrogate_energy) / len(structure)
+            v.agrees = v.error_mev_per_atom <= spec.energy_threshold
+        if not v.agrees:
+            v.lf_frame = get_engine(low, fidelity="low").single_point(structure, search.charge,
+                                                                       workdir=Path.cwd() / (tag + "_lf"))
+    v.hf_seconds, v.cpu_seconds = time.perf_counter() - t0, cpu_clock() - c0
     return v
 
 
-def best_verified(previous: dict[str, KeptGroundState], verifications: list[Verification],
+def _relax_check(engine, v: Verification, charge: int, spec: VerifySpec, workdir: Path) -> None:
+    """verify.mode relax: HF relaxation from the check's structure (its energy and structure become the relaxed
+    ones; the RMSD to the start is recorded)."""
+    from defectflow.store.tracking import cpu_clock
+
+    t0, c0 = time.perf_counter(), cpu_clock()
+    traj = engine.relax(v.structure, charge, workdir=workdir)
+    final = traj.final
+    if final is not None:
+        v.rmsd_to_hf_relaxed = rmsd(v.structure, final.structure)
+        v.rmsd_success = v.rmsd_to_hf_relaxed <= spec.rmsd_threshold
+        v.structure, v.hf_energy = final.structure, final.energy
+    else:
+        v.error = f"HF relaxation failed: {traj.error}"
+    v.hf_seconds += time.perf_counter() - t0
+    v.cpu_seconds += cpu_clock() - c0
+
+
+def best_verified(previous: dict[str, KeptGroundState], verifications: list[GroupVerification],
                   searches: list[SearchResult], round_no: int) -> dict[str, KeptGroundState]:
-    """Per 'defect q': the verified surrogate minimum with the lowest HF energy over the rounds so far (a failed
-    verification counts as +∞), with its round and its search's landscape. The HF/LF frames are left out (they
-    are in the verify job's document), except for the HF frame's electrostatic potential (the levels' eFNV/FNV
-    input), kept on an HF frame without forces and stress."""
+    """Per 'defect q': the ground state with the lowest HF energy over the rounds so far (a group without one
+    counts as +∞), with its round and its search's landscape. The HF/LF frames are left out (they are in the verify
+    job's document), except for the HF frame's electrostatic potential (the levels' eFNV/FNV input), kept on an HF
+    frame without forces and stress."""
     best = dict(previous)
-    for v, s in zip(verifications, searches, strict=True):
-        key = group_key(v.defect, v.charge)
+    for gv, s in zip(verifications, searches, strict=True):
+        key = group_key(gv.defect, gv.charge)
         old = best.get(key)
         old_e = old.verification.hf_energy if old else None
+        v = gv.ground_state
+        if v is None:
+            v = gv.checks[0] if gv.checks else Verification(defect=gv.defect, charge=gv.charge, mode="single_point",
+                                                            error=gv.reason or "nothing verified")
         if old is None or (v.hf_energy is not None and (old_e is None or v.hf_energy < old_e)):
             hf = v.hf_frame
             slim = hf.model_copy(update={"forces": None, "stress": None}) if hf is not None and hf.potential else None
             best[key] = KeptGroundState(round=round_no, n_minima=len(s.minima), landscape=s.landscape, plot=s.plot,
-                                        verification=v.model_copy(update={"hf_frame": slim, "lf_frame": None}))
+                                        verification=v.model_copy(update={"hf_frame": slim, "lf_frame": None}),
+                                        source=gv.source, reason=gv.reason)
     return best
+
+
+#: two ground states of one (defect, q) in consecutive rounds are the same when their HF energies differ by less
+#: than this (eV): single points near one minimum differ to second order in the displacement (≲ 1 meV here),
+#: distinct minima of the benchmark by ≥ 14 meV
+SAME_GROUND_STATE_EV = 0.002
+
+
+def round_record(round_no: int, verifications: list[GroupVerification], context: SearchContext,
+                 topup: LabelledSet | None) -> RoundRecord:
+    """What round ``round_no`` verified, which ground states changed, and what it cost (its verifications plus
+    the top-up single points that trained its model)."""
+    previous = context.history[-1].ground_states if context.history else {}
+    verified, ground_states, changed = {}, {}, []
+    for gv in verifications:
+        key = group_key(gv.defect, gv.charge)
+        verified[key] = [{"label": c.ground_state_label, "role": c.role, "surrogate_energy": c.surrogate_energy,
+                          "hf_energy": c.hf_energy, "error_mev_per_atom": c.error_mev_per_atom,
+                          "energy_std": c.energy_std, "force_std": c.force_std, "error": c.error} for c in gv.checks]
+        gs = gv.ground_state
+        if gs is not None and gs.hf_energy is not None:
+            ground_states[key] = {"label": gs.ground_state_label, "hf_energy": gs.hf_energy, "source": gv.source}
+        old = previous.get(key, {}).get("hf_energy")
+        new = ground_states.get(key, {}).get("hf_energy")
+        if old is None or new is None or abs(old - new) > SAME_GROUND_STATE_EV:
+            changed.append(key)
+    checks = [c for gv in verifications for c in gv.checks]
+    lowest = {group_key(gv.defect, gv.charge): gv.ground_state for gv in verifications}
+    n_topup = topup.n_requested if topup is not None else 0
+    return RoundRecord(
+        round=round_no,
+        errors_mev_per_atom={k: (v.error_mev_per_atom if v is not None else None) for k, v in lowest.items()},
+        disagreeing=sorted({group_key(c.defect, c.charge) for c in checks if c.hf_energy is not None
+                            and c.error_mev_per_atom is not None and not c.agrees}),
+        retrained=False, verified=verified, ground_states=ground_states, changed=changed, added=context.pending,
+        hf_calls=len(checks) + n_topup,
+        hf_seconds=sum(c.hf_seconds for c in checks) + (topup.hf_seconds if topup is not None else 0.0),
+        hf_cpu_seconds=sum(c.cpu_seconds for c in checks) + (topup.cpu_seconds if topup is not None else 0.0),
+        hf_calls_total=context.hf_calls + len(checks) + n_topup,
+    )
+
+
+def plan_topup(record: RoundRecord, verifications: list[GroupVerification], searches: list[SearchResult],
+               context: SearchContext) -> tuple[list[TopUpFrame], list[tuple[Verification, TopUpFrame]],
+                                                list[tuple[PathFrame, TopUpFrame]], str | None]:
+    """Whether another round follows and with which new training frames.
+
+    Returns (all added frames, verified minima added (their HF single point exists), path frames to label,
+    stop reason or None). Stops when every ground state is unchanged from the previous round and every verified
+    error is below ``verify.energy_threshold``; after ``verify.max_rounds`` top-ups; or when the next round's HF
+    calls (``round_budget`` top-up single points + up to ``top_k`` + 2 verifications per group) would exceed
+    ``verify.max_hf_calls``."""
+    spec = context.verify
+    errors = [c.error_mev_per_atom for gv in verifications for c in gv.checks if c.error_mev_per_atom is not None]
+    converged = all(e <= spec.energy_threshold for e in errors)
+    if context.round >= 1 and not record.changed and converged:
+        return [], [], [], (f"converged: every ground state as in round {context.round - 1}, every verified error "
+                            f"≤ {spec.energy_threshold:g} meV/atom")
+    if context.round >= spec.max_rounds:
+        return [], [], [], f"verify.max_rounds = {spec.max_rounds} reached"
+    n_verify = len(verifications) * (spec.top_k + 2)
+    room = None if spec.max_hf_calls is None else spec.max_hf_calls - record.hf_calls_total - n_verify
+    if room is not None and room < 0:
+        return [], [], [], (f"verify.max_hf_calls = {spec.max_hf_calls}: {record.hf_calls_total} spent, the next "
+                            f"round's verifications alone may take {n_verify}")
+    minima = []
+    for gv in verifications:
+        for c in gv.checks:
+            if (c.hf_frame is not None and c.hf_energy is not None and not c.agrees and c.surrogate_energy is not None
+                    and c.hf_frame.forces is not None):
+                minima.append((c, TopUpFrame(group=group_key(c.defect, c.charge), label=c.ground_state_label or "?",
+                                             reason="verified minimum, |ΔE| above threshold",
+                                             energy_std=c.energy_std, force_std=c.force_std,
+                                             error_mev_per_atom=c.error_mev_per_atom)))
+    pool = sorted(((p, group_key(s.defect, s.charge)) for s in searches for p in s.candidates),
+                  key=lambda x: -x[0].energy_std)
+    n = spec.round_budget if room is None else max(0, min(spec.round_budget, room))
+    paths = [(p, TopUpFrame(group=key, label=f"{p.label} step {p.step}", reason="uncertain path frame",
+                            energy_std=p.energy_std, force_std=p.force_std)) for p, key in pool[:n]]
+    if not minima and not paths:
+        return [], [], [], "nothing to add: no verified minimum above the threshold and no uncertain path frame"
+    return [t for _, t in minima] + [t for _, t in paths], minima, paths, None
 
 
 @job
 @tracked("finalize", cache=False)
-def finalize(verifications: list[Verification], searches: list[SearchResult], baselines: list[SearchResult],
-             training: TrainingResult, context: SearchContext) -> Response:
-    """Top up and retrain when verification disagrees (rounds permitting), else compute levels and the result."""
+def finalize(verifications: list[GroupVerification], searches: list[SearchResult], baselines: list[SearchResult],
+             training: TrainingResult, context: SearchContext, topup: LabelledSet | None = None) -> Response:
+    """Record the round; unless it stops (:func:`plan_topup`), add the new HF frames and start the next round
+    (label top-up frames → fine-tune the committee → search → verify → finalize); else compute the levels and the
+    campaign result."""
     round_no = context.round
-    disagree = [v for v in verifications if v.hf_energy is not None and not v.agrees and v.lf_frame is not None
-                and v.lf_frame.energy is not None]
-    retrain = bool(disagree) and round_no < context.verify.max_rounds
-    history = [*context.history, RoundRecord(
-        round=round_no,
-        errors_mev_per_atom={group_key(v.defect, v.charge): v.error_mev_per_atom for v in verifications},
-        disagreeing=[group_key(v.defect, v.charge) for v in disagree],
-        retrained=retrain,
-    )]
-    hf_calls = context.hf_calls + len(verifications)
-    hf_seconds = context.hf_seconds + sum(v.hf_seconds for v in verifications)
+    hf_text = topup.extxyz if topup is not None else context.hf_extxyz
+    record = round_record(round_no, verifications, context, topup)
+    added, minima, paths, stop = plan_topup(record, verifications, searches, context)
+    record.retrained, record.stop_reason = stop is None, stop
+    history = [*context.history, record]
     best = best_verified(context.best_verified, verifications, searches, round_no)
-    if retrain:
-        meta = [{"defect": v.defect, "distortion": f"verify_round{round_no}", "step": 0} for v in disagree]
-        lf_xyz = context.lf_extxyz + frames_to_extxyz([(v.lf_frame, m) for v, m in zip(disagree, meta)], "lf")
-        hf_xyz = context.hf_extxyz + hf_extxyz([(v.hf_frame, v.lf_frame, m) for v, m in zip(disagree, meta)])
+    counts = {"hf_calls": record.hf_calls_total, "hf_seconds": context.hf_seconds + record.hf_seconds,
+              "hf_cpu_seconds": context.hf_cpu_seconds + record.hf_cpu_seconds}
+    if stop is None:
+        meta = [{"defect": c.defect, "distortion": f"verify_round{round_no}_{c.ground_state_label}", "step": 0}
+                for c, _ in minima]
+        hf_text = hf_text + hf_extxyz([(c.hf_frame, c.lf_frame, m) for (c, _), m in zip(minima, meta)])
         new_context = context.model_copy(update={
-            "round": round_no + 1, "lf_extxyz": lf_xyz, "hf_extxyz": hf_xyz, "history": history,
-            "hf_calls": hf_calls, "hf_seconds": hf_seconds, "best_verified": best})
-        return Response(replace=build_search_round(new_context, baselines))
+            "round": round_no + 1, "hf_extxyz": hf_text, "history": history, "best_verified": best,
+            "pending": added, **counts})
+        label = name_job(label_topup([p for p, _ in paths], [t.group for _, t in paths], hf_text,
+                                     context.fidelities.high, context.fidelities.low,
+                                     need_lf=context.mlip.multi_fidelity == "delta"),
+                         "topup", "round", round_no + 1)
+        return Response(replace=build_search_round(new_context, baselines, previous=training, topup=label))
+    context = context.model_copy(update={"history": history, **counts})
+    return Response(output=campaign_result(verifications, best, baselines, training, context))
 
-    # levels from the verified HF energies
+
+@job(data=["frames", "extxyz"])
+@tracked("topup", engines=("high", "low"))
+def label_topup(frames: list[PathFrame], groups: list[str], hf_extxyz_so_far: str, high, low,
+                need_lf: bool = False) -> LabelledSet:
+    """HF single points (and LF ones when ``need_lf``: Δ-learning's targets) at the top-up path frames; returns
+    them with the HF training set so far, extended, in ``extxyz``."""
+    from defectflow.store.tracking import cpu_clock
+
+    engine = get_engine(high, fidelity="high")
+    lf_engine = get_engine(low, fidelity="low") if need_lf else None
+    t0, c0 = time.perf_counter(), cpu_clock()
+    pairs, failed = [], []
+    for k, (p, key) in enumerate(zip(frames, groups, strict=True)):
+        defect, q = key.rsplit(" ", 1)
+        charge = int(q)
+        hf = engine.single_point(p.structure, charge, workdir=Path.cwd() / f"topup_{k}")
+        if hf.energy is None:
+            failed.append({"defect": defect, "charge": charge, "distortion": p.label, "step": p.step,
+                           "error": hf.error})
+            continue
+        lf = lf_engine.single_point(p.structure, charge, workdir=Path.cwd() / f"topup_{k}_lf") if lf_engine else None
+        pairs.append((hf, lf, {"defect": defect, "distortion": f"topup_{p.label}", "step": p.step}))
+    return LabelledSet(n_requested=len(frames), n_labelled=len(pairs), failed=failed,
+                       hf_seconds=time.perf_counter() - t0, cpu_seconds=cpu_clock() - c0,
+                       frames=[h for h, _, _ in pairs], extxyz=hf_extxyz_so_far + hf_extxyz(pairs))
+
+
+def campaign_result(verifications: list[GroupVerification], best: dict[str, KeptGroundState],
+                    baselines: list[SearchResult], training: TrainingResult, context: SearchContext) -> CampaignResult:
+    """The levels from the kept ground states' HF energies, and the campaign's result document."""
     records, level_entries = [], []
     entries = {g.key: g.defect_entry for g in context.groups}
     baseline_by = {(b.defect, b.charge): b for b in baselines if b is not None}
-    for v in verifications:
-        kept = best[group_key(v.defect, v.charge)]
+    for gv in verifications:
+        kept = best[group_key(gv.defect, gv.charge)]
         v = kept.verification
         rec = GroundStateRecord(defect=v.defect, charge=v.charge, ground_state_label=v.ground_state_label,
                                 structure=v.structure, surrogate_energy=v.surrogate_energy, hf_energy=v.hf_energy,
                                 verification_error_mev_per_atom=v.error_mev_per_atom,
                                 rmsd_to_hf_relaxed=v.rmsd_to_hf_relaxed, n_minima=kept.n_minima,
-                                landscape=kept.landscape, landscape_plot=kept.plot, round=kept.round)
+                                landscape=kept.landscape, landscape_plot=kept.plot, round=kept.round,
+                                source=kept.source, reason=kept.reason, energy_std=v.energy_std,
+                                force_std=v.force_std)
         b = baseline_by.get((v.defect, v.charge))
         if b is not None and b.ground_state is not None and v.structure is not None:
             rec.baseline_rmsd = rmsd(v.structure, b.ground_state.structure)
@@ -296,37 +523,55 @@ def finalize(verifications: list[Verification], searches: list[SearchResult], ba
     plots = {f"landscape {group_key(r.defect, r.charge)}": r.landscape_plot for r in records if r.landscape_plot}
     if levels and levels.plot:
         plots["formation_energies"] = levels.plot
-    result = CampaignResult(campaign=context.campaign, ground_states=records, levels=levels,
-                            levels_error=levels_error, rounds=history,
-                            model_comparison=[r.model_dump() for r in training.comparison], hf_calls=hf_calls,
-                            hf_seconds=hf_seconds, n_hf_selected=context.n_hf_selected,
-                            plots={**plots, **training.plots})
-    return Response(output=result)
+    return CampaignResult(campaign=context.campaign, ground_states=records, levels=levels,
+                          levels_error=levels_error, rounds=context.history,
+                          model_comparison=[r.model_dump() for r in training.comparison], hf_calls=context.hf_calls,
+                          hf_seconds=context.hf_seconds, hf_cpu_seconds=context.hf_cpu_seconds,
+                          n_hf_selected=context.n_hf_selected, plots={**plots, **training.plots})
 
 
-def build_search_round(context: SearchContext, baselines: list | None, training=None) -> Flow:
-    """train (unless ``training`` given) → one search + verify per (defect, q) → finalize."""
-    jobs = []
+def build_search_round(context: SearchContext, baselines: list | None, training=None, previous=None,
+                       topup=None) -> Flow:
+    """(top-up labels →) train (unless ``training`` given; warm-started from ``previous``) → one search + verify
+    per (defect, q) → finalize. ``topup``: the label_topup job whose HF set this round trains on."""
+    jobs = [] if topup is None else [topup]
+    hf_text = context.hf_extxyz if topup is None else topup.output.extxyz
     if training is None:
-        t = name_job(train_job(context.lf_extxyz, context.hf_extxyz, context.mlip, context.model_plot_dir),
-                     "train", "round", context.round)
+        t = name_job(train_job(context.lf_extxyz, hf_text, context.mlip, context.model_plot_dir,
+                               previous=previous), "train", "round", context.round)
         jobs.append(t)
         training = t.output
+    committee = [training.models[name] for name in committee_names(context.mlip)]
     searches, verifies = [], []
     high = with_potentials(context.fidelities.high, context.levels.correction)  # eFNV/FNV inputs, when usable
     for g in context.groups:
         meta = {"defect": g.defect, "charge": g.charge, "round": context.round}
         s = name_job(surrogate_search(training.models["main"], g.defect, g.charge, g.starts, context.search,
-                                      context.plot_dir, seed=context.seed),
+                                      None, seed=context.seed, committee=committee),
                      "search", g.key, "round", context.round, **meta)
-        v = name_job(verify_ground_state(s.output, high, context.fidelities.low, context.verify),
+        v = name_job(verify_minima(s.output, high, context.fidelities.low, context.verify, known_extxyz=hf_text),
                      "verify", g.key, "round", context.round, **meta)
-        jobs += [s, v]
-        searches.append(s.output)
+        p = name_job(plot_verified(s.output, v.output, g.starts, context.search, context.plot_dir, context.seed,
+                                   context.round), "plot", g.key, "round", context.round, **meta)
+        jobs += [s, v, p]
+        searches.append(p.output)
         verifies.append(v.output)
-    f = name_job(finalize(verifies, searches, baselines or [], training, context), "finalize", "round", context.round)
+    f = name_job(finalize(verifies, searches, baselines or [], training, context,
+                          topup=None if topup is None else topup.output), "finalize", "round", context.round)
     jobs.append(f)
     return Flow(jobs, output=f.output, name=f"search round {context.round}")
+
+
+@job(data=["minima", "landscape", "candidates"])
+def plot_verified(search: SearchResult, verification: GroupVerification, starts: list[SearchStart],
+                  spec: SearchSpec, plot_dir: str, seed: int, round_no: int) -> SearchResult:
+    """The search's landscape drawn again with its HF-verified minima (one PNG per round); returns the search with
+    ``plot`` pointing at it."""
+    if not search.landscape:
+        return search
+    path = plot_landscape(search, search_starts(starts, spec, seed), Path(plot_dir), verification=verification,
+                          suffix=f"_round{round_no}")
+    return search.model_copy(update={"plot": path})
 
 
 @job

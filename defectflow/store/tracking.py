@@ -46,7 +46,7 @@ from defectflow.steps import STEPS
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["tracked", "cache_key"]
+__all__ = ["tracked", "cache_key", "cpu_clock", "link_job_folder"]
 
 
 def _engine_digest(spec: Any) -> Any:
@@ -107,6 +107,12 @@ def _lookup(store, key: str) -> tuple[Any, str] | None:
     except Exception as exc:  # noqa: BLE001 - a store that cannot be searched means: compute
         logger.warning("cache lookup failed (%s); computing", exc)
     return None
+
+
+def cpu_clock() -> float:
+    """CPU seconds (user + system) of this process and its reaped children (engine subprocesses) so far."""
+    me, children = _cpu()
+    return me + children
 
 
 def _cpu() -> tuple[float, float]:
@@ -177,6 +183,9 @@ def tracked(step: str, cache: bool = True, engines: Iterable[str] = (), ignore: 
             meta = {"step": step if step in STEPS else CURRENT_JOB.job.metadata.get("step"),
                     "cost": {"wall_s": round(time.perf_counter() - t0, 4), "cpu_s": round(c1 - c0, 4),
                              "cpu_children_s": round(k1 - k0, 4)}}
+            calls = getattr(out, "hf_calls", None) if source is None else None
+            if isinstance(calls, int):  # jobs making several HF calls (verify, topup) say how many
+                meta["hf_calls"] = calls
             if key is not None:
                 meta["cache_key"] = key
             if source:

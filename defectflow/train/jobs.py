@@ -14,19 +14,41 @@ from defectflow.schemas import ComparisonRow, TrainingResult
 from defectflow.store.tracking import tracked
 from defectflow.train.data import read_frames
 from defectflow.train.metrics import evaluate, plot_pca
-from defectflow.train.surrogate import TrainedModel, train_kind
+from defectflow.train.surrogate import TrainedModel, train_kind, train_warm
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ComparisonRow", "TrainingResult", "train_models", "train_job"]
+__all__ = ["ComparisonRow", "TrainingResult", "train_models", "train_job", "committee_names"]
 
 
 _ABLATION_KIND = {"hf_only": "hf_only", "lf_only": "lf_only"}
 
 
+def _lf_view(model: TrainedModel, name: str) -> TrainedModel:
+    """The LF component of a delta/finetune/replay model as an lf_only model (reused, not retrained)."""
+    return model.model_copy(update={
+        "label": name, "kind": "lf_only", "heads": ["lf"], "prediction_head": "lf",
+        "model_files": {"main": model.model_files["lf"]}, "head_map": {"lf": [["main", "lf"]]},
+        "references": {k: v for k, v in model.references.items() if k == "lf"},
+        "components": [c.model_copy(update={"name": "main"}) for c in model.components if c.name == "lf"],
+        "wall_seconds": sum(c.wall_seconds for c in model.components if c.name == "lf"),
+    })
+
+
+def committee_names(spec: MlipSpec) -> list[str]:
+    """Model keys of the committee: 'main', then 'committee1' … 'committee<n−1>'."""
+    return ["main"] + [f"committee{k}" for k in range(1, spec.committee)]
+
+
 def train_models(lf_extxyz: str, hf_extxyz: str, spec: MlipSpec, workdir: str | Path,
-                 plot_dir: str | Path | None = None) -> TrainingResult:
-    """Train the surrogate (``spec.multi_fidelity``) and each of ``spec.ablations`` on the same split; evaluate all.
+                 plot_dir: str | Path | None = None, previous: TrainingResult | None = None) -> TrainingResult:
+    """Train the surrogate (``spec.multi_fidelity``), its committee and each of ``spec.ablations``; evaluate all.
+
+    Committee (``spec.committee`` models): 'main' and 'committee1' … , the same recipe with seed (and so data
+    split) ``spec.seed + k``; with delta, finetune or replay they share main's LF model, so only their HF part is
+    trained again. ``previous`` (a top-up round): every committee member is fine-tuned from its own previous
+    weights on the HF frames so far (:func:`~defectflow.train.surrogate.train_warm`); the ablations are not
+    retrained (their models and metrics are carried over).
 
     Ablations: ``no_charge`` = the same model without charge embedding; ``hf_only`` = single HF head on the HF
     training frames; ``lf_only`` = single LF head on the LF frames, predicting HF with its LF head (with
@@ -37,27 +59,35 @@ def train_models(lf_extxyz: str, hf_extxyz: str, spec: MlipSpec, workdir: str | 
     """
     t0 = time.perf_counter()
     workdir = Path(workdir)
-    models: dict[str, TrainedModel] = {"main": train_kind(lf_extxyz, hf_extxyz, spec, workdir / "main",
-                                                          kind=spec.multi_fidelity, label="main")}
-    for name in spec.ablations:
+    names = committee_names(spec)
+    models: dict[str, TrainedModel] = {}
+    for k, name in enumerate(names):
+        member = spec if k == 0 else spec.model_copy(update={"seed": spec.seed + k})
+        if previous is not None and name in previous.models:
+            models[name] = train_warm(previous.models[name], lf_extxyz, hf_extxyz, member, workdir / name, name)
+            continue
+        shared = (_lf_view(models["main"], "lf") if k > 0 and spec.multi_fidelity in ("delta", "finetune", "replay")
+                  else None)
+        models[name] = train_kind(lf_extxyz, hf_extxyz, member, workdir / name, kind=spec.multi_fidelity,
+                                  label=name, lf_model=shared)
+    if previous is not None:
+        carried = {n: m for n, m in previous.models.items() if n in spec.ablations}
+        models.update(carried)
+    for name in ([] if previous is not None else spec.ablations):
         if name == "no_charge":
             models[name] = train_kind(lf_extxyz, hf_extxyz, spec, workdir / name, kind=spec.multi_fidelity,
                                       label=name, charge_embedding=False)
         elif name == "lf_only" and spec.multi_fidelity in ("delta", "finetune", "replay"):
-            main = models["main"]  # its LF component is the lf_only model: reused, not retrained
-            models[name] = main.model_copy(update={
-                "label": name, "kind": "lf_only", "heads": ["lf"], "prediction_head": "lf",
-                "model_files": {"main": main.model_files["lf"]}, "head_map": {"lf": [["main", "lf"]]},
-                "references": {k: v for k, v in main.references.items() if k == "lf"},
-                "components": [c for c in main.components if c.name == "lf"],
-                "wall_seconds": sum(c.wall_seconds for c in main.components if c.name == "lf"),
-            })
+            models[name] = _lf_view(models["main"], name)  # its LF component: reused, not retrained
         else:
             models[name] = train_kind(lf_extxyz, hf_extxyz, spec, workdir / name, kind=_ABLATION_KIND[name],
                                       label=name)
     pcas: dict[str, Any] = {}
-    metrics = {name: evaluate(m, plot_dir=plot_dir, descriptor_extxyz=lf_extxyz, _keep_pca=pcas)
-               for name, m in models.items()}
+    evaluated = {n: m for n, m in models.items() if n == "main" or n in spec.ablations}  # members: not compared
+    metrics = {name: (previous.metrics[name] if previous is not None and name in spec.ablations
+                      and name in previous.metrics
+                      else evaluate(m, plot_dir=plot_dir, descriptor_extxyz=lf_extxyz, _keep_pca=pcas))
+               for name, m in evaluated.items()}
     plots = {f"{k}_{name}": v for name, mt in metrics.items() for k, v in mt.plots.items()}
     if plot_dir is not None and "no_charge" in pcas and "main" in pcas:
         plots["pca_charge_embedding"] = plot_pca(
@@ -78,6 +108,7 @@ def train_models(lf_extxyz: str, hf_extxyz: str, spec: MlipSpec, workdir: str | 
         ))
     return TrainingResult(
         spec=spec.model_dump(mode="json"), models=models, metrics=metrics, comparison=rows, plots=plots,
+        committee=names, warm_started=previous is not None,
         n_lf_frames=len(read_frames(lf_extxyz)), n_hf_frames=len(read_frames(hf_extxyz)),
         wall_seconds=time.perf_counter() - t0,
     )
@@ -85,12 +116,14 @@ def train_models(lf_extxyz: str, hf_extxyz: str, spec: MlipSpec, workdir: str | 
 
 @job(data=["model_files", "hf_test_extxyz", "lf_valid_extxyz"])
 @tracked("train", ignore=("plot_dir",))
-def train_job(lf_extxyz: str, hf_extxyz: str, spec: MlipSpec, plot_dir: str | None = None) -> TrainingResult:
+def train_job(lf_extxyz: str, hf_extxyz: str, spec: MlipSpec, plot_dir: str | None = None,
+              previous: TrainingResult | None = None) -> TrainingResult:
     """Train the surrogate and ablations in the job's directory; model bytes and extxyz go to the ``data`` store.
 
     ``lf_extxyz``/``hf_extxyz``: the LF and HF training frames as extxyz text (the harvest's and the HF labels'
     ``extxyz`` fields); for delta learning the HF frames need ``LF_energy``/``LF_forces`` or matching LF frames.
-    ``plot_dir``: where PNGs go (default: ``plots`` in the job directory).
+    ``plot_dir``: where PNGs go (default: ``plots`` in the job directory). ``previous``: the last round's
+    training, to warm-start from (top-up rounds).
     """
     plot_dir = plot_dir or str(Path.cwd() / "plots")
-    return train_models(lf_extxyz, hf_extxyz, spec, Path.cwd() / "train", plot_dir=plot_dir)
+    return train_models(lf_extxyz, hf_extxyz, spec, Path.cwd() / "train", plot_dir=plot_dir, previous=previous)

@@ -91,6 +91,7 @@ __all__ = [
     "ComponentRun",
     "train_surrogate",
     "train_kind",
+    "train_warm",
     "load_calculator",
     "DeltaCalculator",
     "ReferencedCalculator",
@@ -440,6 +441,75 @@ def train_kind(lf_extxyz: str, hf_extxyz: str, spec: MlipSpec, workdir: str | Pa
         head_map=head_map, spec=spec.model_dump(mode="json"), mace_version=_mace_version(),
         wall_seconds=time.perf_counter() - t0,
     )
+
+
+def train_warm(previous: TrainedModel, lf_extxyz: str, hf_extxyz: str, spec: MlipSpec, workdir: str | Path,
+               label: str | None = None) -> TrainedModel:
+    """Continue training ``previous`` on the HF frames so far (a top-up round's warm start): mace fine-tuning of the
+    component that carries its HF prediction, starting from its own weights (``--foundation_model`` = that
+    component, ``--foundation_head`` = its HF head, naive fine-tuning; ``mlip.finetune_lr`` and
+    ``finetune_epochs``; the HF frames repeated up to ``finetune_min_frames``).
+
+    * multihead / finetune / replay / hf_only: the ``hf`` head is fine-tuned; a multi-head model becomes a single
+      ``hf`` model (mace keeps the chosen head only), the separate LF component of finetune/replay is kept;
+    * delta: the Δ model is fine-tuned on E_HF − E_LF (the HF frames must carry their LF labels, as for delta).
+
+    The previous model's reference energies are kept (not refitted): the fine-tuned weights stay on their zero.
+    ``lf_extxyz`` is needed by delta only (LF labels by geometry, when the HF frames lack them)."""
+    _check_spec(spec)
+    if previous.kind == "lf_only" or "hf" not in previous.heads:
+        raise ValueError(f"{previous.label}: a {previous.kind} model has no HF prediction to warm-start")
+    label = label or previous.label
+    device = resolve_device(spec.device)
+    workdir = Path(workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    hf = read_frames(hf_extxyz)
+    if not hf:
+        raise ValueError(f"{label}: warm start needs HF frames; the HF extxyz is empty")
+    head_map = previous.head_map or _default_head_map(previous.kind)
+    component, mace_head = head_map["hf"][-1]
+    if previous.kind == "delta":
+        hf = attach_lf_labels(hf, read_frames(lf_extxyz))
+    split = split_frames([], hf, spec.hf_test_fraction, spec.valid_fraction, spec.seed)
+    hf_train, hf_valid = tagged(hf, split.hf_train, "train"), tagged(hf, split.hf_valid, "valid")
+    hf_test = tagged(hf, split.hf_test, "test")
+    references = {k: EnergyReferences(v) for k, v in previous.references.items()}
+    if previous.kind == "delta" and "lf" in references and "hf" in references:
+        for frames in (hf_train, hf_valid):
+            for a in frames:
+                a.info[LF_ENERGY_KEY] = float(a.info[LF_ENERGY_KEY]) - references["lf"].energy(a)
+    if "hf" in references:
+        hf_train, hf_valid = (subtract_references(x, references["hf"]) for x in (hf_train, hf_valid))
+    if previous.kind == "delta":
+        hf_train, hf_valid = delta_frames(hf_train), delta_frames(hf_valid)
+    for frames in (hf_train, hf_valid):
+        for a, w in zip(frames, frame_weights(frames, spec.energy_weight_scale, spec.energy_weight_floor, 1.0)):
+            a.info[WEIGHT_KEY] = w
+    train = hf_train * -(-spec.finetune_min_frames // len(hf_train)) if hf_train else hf_train
+    foundation = workdir / "previous.model"
+    foundation.write_bytes(previous.model_bytes(component))
+    # residual energies (references kept): zero E0s; without references mace copies the foundation head's E0s
+    e0 = _e0_string({z: 0.0 for z in references["hf"]["e0"]}) if "hf" in references else "average"
+    t0 = time.perf_counter()
+    d = workdir / component
+    d.mkdir(parents=True, exist_ok=True)
+    files = {"train_file": write_frames(d / f"{mace_head}_train.xyz", train, mace_head).name,
+             "valid_file": write_frames(d / f"{mace_head}_valid.xyz", hf_valid, mace_head).name, "E0s": e0}
+    opts = ["--foundation_model", str(foundation), "--foundation_head", mace_head, "--multiheads_finetuning", "False"]
+    run, data = _run_mace(d, component, {mace_head: files}, spec, device, previous.charge_embedding,
+                          previous.embedding_readout, {mace_head: len(train)}, {mace_head: len(hf_valid)},
+                          finetune=opts, e0s=e0)
+    blobs = dict(previous.model_files)
+    blobs[component] = base64.b64encode(data).decode()
+    if previous.kind == "multihead":  # mace kept the hf head only: the LF head is gone from the warm model
+        head_map = {"hf": [[component, mace_head]]}
+    components = [c for c in previous.components if c.name != component] + [run]
+    return previous.model_copy(update={
+        "label": label, "heads": list(head_map), "head_map": head_map, "model_files": blobs,
+        "components": components, "split": split.as_dict(), "hf_test_extxyz": frames_to_text(hf_test),
+        "spec": spec.model_dump(mode="json"), "wall_seconds": time.perf_counter() - t0,
+        "warm_started_from": previous.model_sha256(component),
+    })
 
 
 def train_surrogate(lf_extxyz: str, hf_extxyz: str, spec: MlipSpec, workdir: str | Path) -> TrainedModel:

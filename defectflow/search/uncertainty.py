@@ -1,0 +1,75 @@
+"""Committee uncertainty of the surrogate: how far its prediction at a structure can be trusted.
+
+A committee is the main surrogate plus ``mlip.committee − 1`` members trained the same way with other seeds and
+data splits (:func:`defectflow.train.jobs.train_models`). At a structure, the spread of their predictions is the
+uncertainty: the standard deviation of the total energy (eV) over the members, and the largest over atoms of the
+standard deviation of the force vector (eV/Å, ``sqrt(mean_m |F_m,i − F̄_i|²)``). All members are evaluated on all
+structures in one batched model call each (torch-sim, the search's own model wrapper).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["CommitteePrediction", "committee_predict"]
+
+
+@dataclass
+class CommitteePrediction:
+    """Predictions of every member at every structure (energies with the models' reference constants)."""
+
+    energies: np.ndarray  # [members, structures], eV
+    forces: list[np.ndarray]  # per structure: [members, atoms, 3], eV/Å
+
+    @property
+    def energy(self) -> np.ndarray:
+        """Committee mean energy per structure, eV."""
+        return self.energies.mean(axis=0)
+
+    @property
+    def energy_std(self) -> np.ndarray:
+        """Standard deviation of the total energy over the members, per structure, eV (0 for one member)."""
+        return self.energies.std(axis=0)
+
+    @property
+    def force_std(self) -> np.ndarray:
+        """Largest per-atom standard deviation of the force vector over the members, per structure, eV/Å."""
+        return np.array([float(np.sqrt(((f - f.mean(axis=0)) ** 2).sum(axis=2).mean(axis=0)).max()) if f.size else 0.0
+                         for f in self.forces])
+
+
+def committee_predict(models: list, head: str, structures: list, charge: int, dtype: str = "float64",
+                      device: str = "cpu") -> CommitteePrediction:
+    """Energies and forces of every committee member (TrainedModel, head ``head``) at every structure (pymatgen,
+    charge ``charge``): one batched evaluation per member."""
+    import torch_sim as ts
+    from ase import Atoms
+
+    from defectflow.search.batched import batched_model
+    from defectflow.train.data import CHARGE_KEY, EnergyReferences
+
+    if not models:
+        raise ValueError("committee_predict: no models")
+    n = len(structures)
+    energies = np.zeros((len(models), n))
+    forces = [np.zeros((len(models), len(s), 3)) for s in structures]
+    if n == 0:
+        return CommitteePrediction(energies, forces)
+    for m, trained in enumerate(models):
+        model = batched_model(trained, head, charge, dtype, device)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            state = ts.initialize_state(list(structures), model.device, model.dtype)
+            out = model(state)
+        e = out["energy"].detach().cpu().numpy().astype(float)
+        f = out["forces"].detach().cpu().numpy().astype(float)
+        idx = state.system_idx.cpu().numpy()
+        refs = trained.references.get(head)
+        for i, st in enumerate(structures):
+            energies[m, i] = e[i] + (EnergyReferences(refs).energy(
+                Atoms(numbers=st.atomic_numbers, info={CHARGE_KEY: charge})) if refs else 0.0)
+            forces[i][m] = f[idx == i]
+    return CommitteePrediction(energies, forces)

@@ -1,0 +1,145 @@
+"""Active learning of step 5 (issue #14): which minima are verified, the ground-state rule, the stopping rule, the
+HF budget and the round records; with real GFN2-xTB single points where an engine runs."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import GFN1, GFN2, si_vac15
+
+from defectflow.campaign import MlipSpec, SearchSpec, VerifySpec
+from defectflow.schemas import (
+    GroupVerification,
+    Minimum,
+    PathFrame,
+    RoundRecord,
+    SearchResult,
+    Verification,
+)
+from defectflow.search.jobs import (
+    SearchContext,
+    SearchGroup,
+    known_hf_lowest,
+    minima_to_verify,
+    plan_topup,
+    round_record,
+    verify_minima,
+)
+
+
+def search_with(energies: list[float], stds: list[float | None], q: int = 0) -> SearchResult:
+    minima = [Minimum(energy=e, structure=si_vac15(0.05, 10 + i), labels=[f"m{i}"], energy_std=s)
+              for i, (e, s) in enumerate(zip(energies, stds))]
+    return SearchResult(defect="v_Si", charge=q, model="mace:hf", n_starts=len(minima),
+                        landscape={m.labels[0]: m.energy for m in minima}, minima=minima,
+                        ground_state=minima[0] if minima else None)
+
+
+def test_the_k_lowest_minima_and_the_most_uncertain_low_energy_one_are_verified():
+    s = search_with([-10.0, -9.9, -9.8, -9.7, -9.6, -8.0], [0.01, 0.02, 0.01, 0.05, 0.30, 0.9])
+    # top 3, then among the others within 0.5 eV of the lowest the largest σ (index 4; index 5 is 2 eV up)
+    assert minima_to_verify(s, VerifySpec(top_k=3, uncertain_window=0.5)) == [
+        (0, "rank 1"), (1, "rank 2"), (2, "rank 3"), (4, "most uncertain")]
+    assert minima_to_verify(s, VerifySpec(top_k=2, uncertain_window=0)) == [(0, "rank 1"), (1, "rank 2")]
+    assert minima_to_verify(search_with([-1.0], [None]), VerifySpec(top_k=3)) == [(0, "rank 1")]
+
+
+def context(round_no: int = 0, history=(), **verify) -> SearchContext:
+    return SearchContext(
+        campaign="t", round=round_no, search=SearchSpec(), verify=VerifySpec(**verify), mlip=MlipSpec(),
+        levels={}, fidelities={"low": GFN1, "high": GFN2}, seed=0,
+        groups=[SearchGroup(defect="v_Si", charge=0, starts=[])], bulk_structure=si_vac15(),
+        plot_dir=".", model_plot_dir=".", hf_calls=10, history=list(history))
+
+
+def group(hf: float, error: float | None, q: int = 0, label: str = "m0") -> GroupVerification:
+    v = Verification(defect="v_Si", charge=q, mode="single_point", ground_state_label=label, hf_energy=hf,
+                     surrogate_energy=hf, error_mev_per_atom=error, agrees=error is not None and error <= 5.0,
+                     role="rank 1", hf_seconds=2.0, cpu_seconds=3.0)
+    return GroupVerification(defect="v_Si", charge=q, checks=[v], ground_state=v)
+
+
+def candidates(n: int) -> SearchResult:
+    s = search_with([-10.0], [0.01])
+    s.candidates = [PathFrame(label=f"s{i}", step=10, structure=si_vac15(0.1, i), energy=-9.0, energy_std=0.1 * (i + 1),
+                              force_std=0.2) for i in range(n)]
+    return s
+
+
+def test_round_record_counts_the_rounds_hf_calls_and_spots_a_changed_ground_state():
+    prev = RoundRecord(round=0, errors_mev_per_atom={}, disagreeing=[], retrained=True,
+                       ground_states={"v_Si +0": {"label": "m0", "hf_energy": -10.0, "source": "verified minimum"}})
+    same = round_record(1, [group(-10.0005, 1.0)], context(1, [prev]), None)
+    assert same.changed == [] and same.hf_calls == 1 and same.hf_calls_total == 11
+    assert same.hf_cpu_seconds == pytest.approx(3.0) and same.verified["v_Si +0"][0]["role"] == "rank 1"
+    moved = round_record(1, [group(-10.3, 1.0)], context(1, [prev]), None)
+    assert moved.changed == ["v_Si +0"]
+
+
+def test_the_loop_stops_once_ground_states_are_stable_and_errors_small():
+    prev = RoundRecord(round=0, errors_mev_per_atom={}, disagreeing=[], retrained=True,
+                       ground_states={"v_Si +0": {"label": "m0", "hf_energy": -10.0, "source": "verified minimum"}})
+    ctx = context(1, [prev], max_rounds=5, energy_threshold=5.0)
+    gv = [group(-10.0, 1.0)]
+    rec = round_record(1, gv, ctx, None)
+    added, minima, paths, stop = plan_topup(rec, gv, [candidates(3)], ctx)
+    assert stop and stop.startswith("converged") and not added
+    # the same errors in round 0 (nothing to compare with yet): another round, with the uncertain path frames
+    ctx0 = context(0, max_rounds=5, round_budget=2)
+    rec0 = round_record(0, gv, ctx0, None)
+    added, minima, paths, stop = plan_topup(rec0, gv, [candidates(3)], ctx0)
+    assert stop is None and [p.label for p, _ in paths] == ["s2", "s1"]  # most uncertain first, within budget
+    assert all(t.reason == "uncertain path frame" for t in added)
+    # an error above the threshold keeps the loop going, and that minimum is added at no extra HF call
+    bad = [group(-10.0, 40.0)]
+    bad[0].checks[0].hf_frame = _frame()
+    rec = round_record(1, bad, ctx, None)
+    added, minima, paths, stop = plan_topup(rec, bad, [candidates(0)], ctx)
+    assert stop is None and len(minima) == 1 and minima[0][1].reason.startswith("verified minimum")
+    # no rounds left
+    ctx_last = context(1, [prev], max_rounds=1)
+    assert plan_topup(round_record(1, bad, ctx_last, None), bad, [candidates(3)], ctx_last)[3].startswith(
+        "verify.max_rounds")
+
+
+def _frame():
+    from defectflow.engines import get_engine
+
+    return get_engine(GFN2, fidelity="high").single_point(si_vac15(0.05, 10), 0)
+
+
+def test_the_hf_budget_caps_the_next_round():
+    # 10 spent before, 1 in this round; the next round's verifications may take 1 group × (top_k 2 + 2) = 4: with
+    # a cap of 16 there is room for 16 − 11 − 4 = 1 top-up frame, not the round_budget of 3
+    ctx = context(0, top_k=2, round_budget=3, max_hf_calls=16)
+    gv = [group(-10.0, 1.0)]
+    rec = round_record(0, gv, ctx, None)
+    _, _, paths, stop = plan_topup(rec, gv, [candidates(5)], ctx)
+    assert stop is None and len(paths) == 1
+    assert rec.hf_calls_total + len(paths) + 4 <= 16
+    ctx = context(0, top_k=2, round_budget=3, max_hf_calls=14)
+    _, _, paths, stop = plan_topup(round_record(0, gv, ctx, None), gv, [candidates(5)], ctx)
+    assert paths == [] and stop.startswith("verify.max_hf_calls")
+
+
+def test_a_known_hf_frame_lower_than_every_verified_minimum_becomes_the_ground_state(tmp_path, monkeypatch):
+    """verify_minima with real GFN2-xTB single points: the surrogate's minima are rattled structures; the HF
+    training set holds the unrattled cell, lower in HF energy: it is the ground state, with its own fresh HF
+    single point, and the result says why."""
+    from defectflow.engines import get_engine
+    from defectflow.train.data import hf_extxyz
+
+    monkeypatch.chdir(tmp_path)
+    engine = get_engine(GFN2, fidelity="high")
+    known = engine.single_point(si_vac15(), 0)
+    text = hf_extxyz([(known, None, {"defect": "v_Si", "distortion": "Unperturbed", "step": 0})])
+    assert known_hf_lowest(text, "v_Si", 0)[0] == "Unperturbed step 0"
+    assert known_hf_lowest(text, "v_Si", 1) is None
+    s = search_with([-10.0, -9.9], [0.01, 0.02])
+    gv = verify_minima.original(s, GFN2, GFN1, VerifySpec(top_k=2, uncertain_window=0), known_extxyz=text)
+    assert [c.role for c in gv.checks] == ["rank 1", "rank 2", "known HF frame"] and gv.hf_calls == 3
+    assert gv.source == "known HF frame" and "Unperturbed step 0" in gv.reason
+    assert gv.ground_state.hf_energy == pytest.approx(known.energy, abs=1e-6)
+    assert gv.ground_state.hf_energy < min(c.hf_energy for c in gv.checks[:2])
+    # without it, the lowest verified minimum
+    gv = verify_minima.original(s, GFN2, GFN1, VerifySpec(top_k=2, uncertain_window=0))
+    assert gv.source == "verified minimum" and gv.ground_state.hf_energy == min(c.hf_energy for c in gv.checks)
