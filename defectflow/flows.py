@@ -184,7 +184,7 @@ class DefectCampaignMaker(Maker):
             model_plot_dir=str(plots / "model"), hf_calls=1,  # the bulk HF single point
         )
         st = name_job(start_search(train.output, lab.output, harvest.output.extxyz, bulk_ref.output, baselines,
-                                   context, bulk_hf=bulk_hf), "start_search")
+                                   context, bulk_hf=bulk_hf, training_uuid=train.uuid), "start_search")
         jobs.append(st)
         return {"selection": sel.output, "hf_labels": lab.output, "training": train.output, "result": st.output}
 

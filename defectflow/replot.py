@@ -92,7 +92,10 @@ def _replot_landscapes(results, final: dict, out: Path) -> list[str]:
         else:
             res = SearchResult(defect=g["defect"], charge=g["charge"], model="mace:hf", n_starts=len(g["landscape"]),
                                landscape=g["landscape"], minima=[])
-        gv = GroupVerification.model_validate(verify[-1]["output"]) if verify else None
+        try:
+            gv = GroupVerification.model_validate(verify[-1]["output"]) if verify else None
+        except ValueError:  # a store written before issue #14 (one Verification per job): no verified markers
+            gv = None
         paths.append(plot_landscape(res, {k: _bond_distortion(k) for k in res.landscape}, out, verification=gv))
     for d in results.query(step="baseline", load=True, properties=["output"]):
         o = d.get("output") or {}

@@ -130,10 +130,14 @@ def print_run(run: CampaignRun) -> None:
     if run.result is None:
         print("no final result (see failures.log in the work directory)")
         return
-    print("ground states (surrogate minimum, verified with the HF engine):")
+    print("ground states (lowest HF energy among the verified surrogate minima and the known HF frames):")
     for g in run.result.ground_states:
+        error = g.verification_error_mev_per_atom
         print(f"  {g.defect} q={g.charge:+d}: start {g.ground_state_label}, E_HF = {g.hf_energy:.4f} eV, "
-              f"|E_HF - E_surrogate| = {g.verification_error_mev_per_atom:.1f} meV/atom")
+              + (f"|E_HF - E_surrogate| = {error:.1f} meV/atom" if error is not None else f"{g.source}: {g.reason}"))
+    for r in run.result.rounds:
+        print(f"  round {r.round}: {r.hf_calls} HF calls, {len(r.added)} frames added before it"
+              + (f"; stopped: {r.stop_reason}" if r.stop_reason else ""))
     levels = run.result.levels
     if levels is None:
         print(f"no transition levels: {run.result.levels_error}")

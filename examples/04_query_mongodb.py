@@ -85,12 +85,14 @@ def with_pymongo(uri: str, name: str) -> dict[tuple[str, int], float]:
         run = final["hosts"][-1]  # the run's flow uuid: every job of the run lists it in 'hosts'
         docs = list(outputs.find({"hosts": run, "metadata.step": "verify"},
                                  projection=["name", "metadata.defect", "metadata.charge", "metadata.round",
-                                             "output.hf_energy", "output.error_mev_per_atom"]))
+                                             "output.ground_state.hf_energy",
+                                             "output.ground_state.error_mev_per_atom"]))
     print(f"pymongo: run {run}, {len(docs)} verify documents")
     lowest: dict[tuple[str, int], float] = {}
     for d in sorted(docs, key=lambda d: (d["metadata"]["defect"], d["metadata"]["charge"], d["metadata"]["round"])):
-        meta, out = d["metadata"], d["output"]
-        energy = out["hf_energy"] if out.get("hf_energy") is not None else math.inf  # a failed HF calculation
+        # one verify job per (defect, q) and round; its ground_state is the lowest-HF-energy structure it checked
+        meta, out = d["metadata"], (d["output"].get("ground_state") or {})
+        energy = out["hf_energy"] if out.get("hf_energy") is not None else math.inf  # nothing verified / failed
         error = out.get("error_mev_per_atom")
         print(f"    {d['name']}: E_HF = {energy:.4f} eV"
               + (f", |E_HF - E_surrogate| = {error:.1f} meV/atom" if error is not None else ""))

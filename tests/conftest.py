@@ -256,8 +256,9 @@ def pipeline_run(tmp_path_factory):
         relax={"fmax": 0.3, "max_steps": 6},
         selection={"strategy": "minima", "budget": 6},
         mlip=TINY_MLIP,
-        search={"extra_starts": 1, "fmax": 0.1, "max_steps": 60},
-        # a threshold no tiny model meets: forces the top-up round (retrain with the verified frames) to run
+        # path frames every 2 FIRE steps: top-up candidates even from short relaxations
+        search={"extra_starts": 1, "fmax": 0.1, "max_steps": 60, "path_every": 2},
+        # a threshold no tiny model meets: forces the top-up round (warm-started retraining) to run
         verify={"energy_threshold": 0.001, "max_rounds": 1},
         levels={"dielectric": 11.7},
     ))

@@ -216,5 +216,7 @@ def test_killed_after_hf_and_after_training_resumes_from_there(tmp_path):
     assert m3.model_bytes() == m2.model_bytes()  # the very model trained by the killed run
     # what had never finished is computed: the search and verification of round 0
     assert cost["search"]["jobs"] == 2 and cost["search"]["reused"] == 0
-    assert cost["verify"]["jobs"] == 2 and cost["verify"]["reused"] == 0 and cost["verify"]["hf_calls"] == 2
-    assert run3.result.hf_calls == 1 + len(hf1) + 2  # the campaign's HF count still covers every HF result it used
+    checks = sum(len(d["output"]["checks"]) for d in r3.query(step="verify", load=True))
+    assert cost["verify"]["jobs"] == 2 and cost["verify"]["reused"] == 0 and cost["verify"]["hf_calls"] == checks >= 2
+    # the campaign's HF count still covers every HF result it used
+    assert run3.result.hf_calls == 1 + len(hf1) + checks

@@ -369,7 +369,7 @@ def _report_run(campaign, result) -> int:
     out.print(table)
     res = result.result
     if res is not None:
-        rows = [g.model_dump() for g in res.ground_states]
+        rows = [{**g.model_dump(), "ground_state_source": g.source} for g in res.ground_states]
         out.print(_ground_state_table(rows, f"Ground states (surrogate search, verified with "
                                             f"{campaign.fidelities.high.engine} {campaign.fidelities.high.xc})"))
         if res.levels is not None:

@@ -113,10 +113,12 @@ class GroupVerification(BaseModel):
                         "round) is lower in HF energy than every verified minimum")
     reason: str | None = Field(None, description="Why the ground state is what it is, when not simply the "
                                "lowest verified minimum")
+    relaxations: int = Field(0, description="HF relaxations made (verify.mode relax), each counted as one HF call")
 
     @property
     def hf_calls(self) -> int:
-        return len(self.checks)
+        """HF calculations made: one single point per check, plus the relaxation of verify.mode relax."""
+        return len(self.checks) + self.relaxations
 
     @property
     def hf_seconds(self) -> float:
@@ -165,8 +167,8 @@ class RoundRecord(BaseModel):
         default_factory=dict, description="'defect q' → the round's ground state: label, HF energy (eV), source")
     changed: list[str] = Field(default_factory=list, description="'defect q' whose ground state differs from the "
                                "previous round's")
-    added: list[TopUpFrame] = Field(default_factory=list, description="Frames added to the HF training set after "
-                                    "this round (empty when it was the last)")
+    added: list[TopUpFrame] = Field(default_factory=list, description="Frames added to the HF training set before "
+                                    "this round, whose model they trained, and why (empty for round 0)")
     hf_calls: int = Field(0, description="HF calculations of this round: verifications + top-up single points")
     hf_seconds: float = Field(0.0, description="Their wall seconds")
     hf_cpu_seconds: float = Field(0.0, description="Their CPU seconds (this process and engine subprocesses)")

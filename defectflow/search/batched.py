@@ -125,7 +125,10 @@ def batched_relax(trained, head: str, structures: list, charge: int, fmax: float
     with warnings.catch_warnings(), tempfile.TemporaryDirectory(prefix="defectflow-paths-") as tmp:
         warnings.simplefilter("ignore")  # torch-sim warns once the step limit is reached; reported per structure
         files = [Path(tmp) / f"path{i}.h5" for i in range(len(structures))]
-        reporter = ts.TrajectoryReporter(files, state_frequency=path_every) if path_every > 0 else None
+        # mode "a": torch-sim reopens the files of the systems still moving each time one converges; its default
+        # "w" would truncate their paths so far
+        reporter = (ts.TrajectoryReporter(files, state_frequency=path_every, trajectory_kwargs={"mode": "a"})
+                    if path_every > 0 else None)
         state = ts.optimize(system=list(structures), model=model, optimizer=ts.optimizers.fire,
                             convergence_fn=ts.generate_force_convergence_fn(fmax, include_cell_forces=False),
                             max_steps=max_steps, autobatcher=False, md_flavor="ase_fire",

@@ -14,7 +14,7 @@ import logging
 import time
 from pathlib import Path
 
-from jobflow import Flow, Response, job
+from jobflow import Flow, OutputReference, Response, job
 from pydantic import BaseModel, Field
 
 from defectflow.campaign import FidelitiesSpec, LevelsSpec, MlipSpec, SearchSpec, VerifySpec
@@ -119,6 +119,7 @@ class SearchContext(BaseModel):
     history: list[RoundRecord] = Field(default_factory=list, description="Every finished round")
     best_verified: dict[str, KeptGroundState] = Field(
         default_factory=dict, description="'defect q' → the verified minimum with the lowest HF energy so far")
+    training_uuid: str | None = Field(None, description="uuid of the train job of this round (warm starts)")
     pending: list[TopUpFrame] = Field(
         default_factory=list, description="Frames the last round added to the training set (recorded in the next "
         "round's record, whose model they trained)")
@@ -233,64 +234,76 @@ def known_hf_lowest(hf_extxyz: str, defect: str, charge: int):
 
 @job(data=["checks"])
 @tracked("verify", engines=("high", "low"))
-def verify_minima(search: SearchResult, high, low, spec: VerifySpec, known_extxyz: str = "") -> GroupVerification:
+def verify_minima(search: SearchResult, high, low, spec: VerifySpec, known_extxyz: str = "", need_lf: bool = False,
+                  max_calls: int | None = None) -> GroupVerification:
     """HF single points at the surrogate minima :func:`minima_to_verify` picks; the ground state is the lowest in
     HF energy, unless a structure of this (defect, q) whose HF energy is already known (``known_extxyz``: the HF
     training frames so far) is lower: then that structure gets an HF single point of its own (the levels need the
     verify engine's outputs, e.g. its electrostatic potential) and is the ground state, and ``reason`` says why.
-    ``spec.mode: relax`` relaxes the lowest verified minimum with the HF engine. An LF single point is added where
-    a minimum disagrees (top-up data). ``high``/``low``: the campaign's fidelity settings."""
+    ``spec.mode: relax`` relaxes the lowest verified minimum with the HF engine (one more HF call). With
+    ``need_lf`` (Δ-learning) an LF single point is added where a minimum disagrees (the Δ target needs it).
+    ``max_calls``: HF calculations this job may make (the campaign's ``verify.max_hf_calls`` left, shared between
+    the (defect, q)); at least the lowest minimum is always verified. ``high``/``low``: the fidelity settings."""
     gv = GroupVerification(defect=search.defect, charge=search.charge, checks=[])
     if not search.minima:
         gv.reason = ("the surrogate search produced no physical minimum"
                      + (f" ({len(search.rejected)} rejected: atoms too close)" if search.rejected else ""))
         return gv
     engine = get_engine(high, fidelity="high")
+    lf = get_engine(low, fidelity="low") if need_lf else None
     tag = f"{search.defect}_{search.charge:+d}_verify"
-    for k, (i, role) in enumerate(minima_to_verify(search, spec)):
+    limit = max(1, max_calls) if max_calls is not None else None
+    for k, (i, role) in enumerate(minima_to_verify(search, spec)[:limit]):
         m = search.minima[i]
-        gv.checks.append(_check(engine, low, m.structure, search, spec, f"{tag}_{k}", role=role,
+        gv.checks.append(_check(engine, lf, m.structure, search, spec, f"{tag}_{k}", role=role,
                                 ground_state_label=m.labels[0], surrogate_energy=m.energy, energy_std=m.energy_std,
                                 force_std=m.force_std))
     done = [c for c in gv.checks if c.hf_energy is not None]
     gv.ground_state = min(done, key=lambda c: c.hf_energy) if done else None
     known = known_hf_lowest(known_extxyz, search.defect, search.charge) if known_extxyz else None
     if known is not None and (gv.ground_state is None or known[1] < gv.ground_state.hf_energy - 1e-6):
-        label, _, structure = known
-        c = _check(engine, low, structure, search, spec, f"{tag}_known", role="known HF frame",
-                   ground_state_label=label, surrogate_energy=None)
-        gv.checks.append(c)
-        if c.hf_energy is not None and (gv.ground_state is None or c.hf_energy < gv.ground_state.hf_energy):
-            below = ("no verified minimum has an HF energy" if gv.ground_state is None else
-                     f"{1000 * (gv.ground_state.hf_energy - c.hf_energy):.0f} meV below the lowest verified surrogate "
-                     f"minimum ({gv.ground_state.ground_state_label})")
-            gv.ground_state, gv.source = c, "known HF frame"
-            gv.reason = (f"the HF training frame {label} (a single point of the selection or of an earlier round) "
-                         f"is lower in HF energy than every verified surrogate minimum: {below}")
-    if spec.mode == "relax" and gv.ground_state is not None:
+        label, energy, structure = known
+        below = ("no verified minimum has an HF energy" if gv.ground_state is None else
+                 f"{1000 * (gv.ground_state.hf_energy - energy):.0f} meV below the lowest verified surrogate minimum "
+                 f"({gv.ground_state.ground_state_label})")
+        gv.source = "known HF frame"
+        gv.reason = (f"the HF training frame {label} (a single point of the selection or of an earlier round) is "
+                     f"lower in HF energy than every verified surrogate minimum: {below}")
+        if limit is None or len(gv.checks) < limit:  # a fresh single point: the levels need this engine's outputs
+            c = _check(engine, None, structure, search, spec, f"{tag}_known", role="known HF frame",
+                       ground_state_label=label, surrogate_energy=None)
+            gv.checks.append(c)
+            gv.ground_state = c if c.hf_energy is not None else gv.ground_state
+        else:  # no HF call left: its training-set energy (without the verify engine's extra outputs)
+            gv.ground_state = Verification(defect=search.defect, charge=search.charge, mode=spec.mode,
+                                           structure=structure, hf_energy=energy, ground_state_label=label,
+                                           role="known HF frame")
+            gv.reason += " (no HF call left under verify.max_hf_calls for a fresh single point)"
+    if spec.mode == "relax" and gv.ground_state is not None and gv.ground_state.structure is not None:
         _relax_check(engine, gv.ground_state, search.charge, spec, Path.cwd() / f"{tag}_relax")
+        gv.relaxations = 1
     return gv
 
 
-def _check(engine, low, structure, search: SearchResult, spec: VerifySpec, tag: str, **fields) -> Verification:
-    """One HF single point at ``structure`` (+ an LF one where it disagrees with the surrogate)."""
+def _check(engine, lf_engine, structure, search: SearchResult, spec: VerifySpec, tag: str, **fields) -> Verification:
+    """One HF single point at ``structure`` (+ an LF one with ``lf_engine`` where it disagrees with the
+    surrogate). ``hf_seconds`` and ``cpu_seconds`` are the HF calculation's alone."""
     from defectflow.store.tracking import cpu_clock
 
     v = Verification(defect=search.defect, charge=search.charge, mode=spec.mode, structure=structure, **fields)
     t0, c0 = time.perf_counter(), cpu_clock()
     hf = engine.single_point(structure, search.charge, workdir=Path.cwd() / tag)
+    v.hf_seconds, v.cpu_seconds = time.perf_counter() - t0, cpu_clock() - c0
     v.hf_frame = hf
     if hf.energy is None:
         v.error = hf.error or "HF single point failed"
-    else:
-        v.hf_energy = hf.energy
-        if v.surrogate_energy is not None:
-            v.error_mev_per_atom = 1000 * abs(hf.energy - v.surrogate_energy) / len(structure)
-            v.agrees = v.error_mev_per_atom <= spec.energy_threshold
-        if not v.agrees:
-            v.lf_frame = get_engine(low, fidelity="low").single_point(structure, search.charge,
-                                                                       workdir=Path.cwd() / (tag + "_lf"))
-    v.hf_seconds, v.cpu_seconds = time.perf_counter() - t0, cpu_clock() - c0
+        return v
+    v.hf_energy = hf.energy
+    if v.surrogate_energy is not None:
+        v.error_mev_per_atom = 1000 * abs(hf.energy - v.surrogate_energy) / len(structure)
+        v.agrees = v.error_mev_per_atom <= spec.energy_threshold
+        if not v.agrees and lf_engine is not None:
+            v.lf_frame = lf_engine.single_point(structure, search.charge, workdir=Path.cwd() / (tag + "_lf"))
     return v
 
 
@@ -363,16 +376,20 @@ def round_record(round_no: int, verifications: list[GroupVerification], context:
     checks = [c for gv in verifications for c in gv.checks]
     lowest = {group_key(gv.defect, gv.charge): gv.ground_state for gv in verifications}
     n_topup = topup.n_requested if topup is not None else 0
+    failed = {(f"{f['defect']} {f['charge']:+d}", f"{f['distortion']} step {f['step']}")
+              for f in (topup.failed if topup is not None else [])}
+    added = [t for t in context.pending if (t.group, t.label) not in failed]
+    n_calls = sum(gv.hf_calls for gv in verifications)
     return RoundRecord(
         round=round_no,
         errors_mev_per_atom={k: (v.error_mev_per_atom if v is not None else None) for k, v in lowest.items()},
         disagreeing=sorted({group_key(c.defect, c.charge) for c in checks if c.hf_energy is not None
                             and c.error_mev_per_atom is not None and not c.agrees}),
-        retrained=False, verified=verified, ground_states=ground_states, changed=changed, added=context.pending,
-        hf_calls=len(checks) + n_topup,
+        retrained=False, verified=verified, ground_states=ground_states, changed=changed, added=added,
+        hf_calls=n_calls + n_topup,
         hf_seconds=sum(c.hf_seconds for c in checks) + (topup.hf_seconds if topup is not None else 0.0),
         hf_cpu_seconds=sum(c.cpu_seconds for c in checks) + (topup.cpu_seconds if topup is not None else 0.0),
-        hf_calls_total=context.hf_calls + len(checks) + n_topup,
+        hf_calls_total=context.hf_calls + n_calls + n_topup,
     )
 
 
@@ -394,16 +411,18 @@ def plan_topup(record: RoundRecord, verifications: list[GroupVerification], sear
                             f"≤ {spec.energy_threshold:g} meV/atom")
     if context.round >= spec.max_rounds:
         return [], [], [], f"verify.max_rounds = {spec.max_rounds} reached"
-    n_verify = len(verifications) * (spec.top_k + 2)
+    n_verify = len(verifications) * (spec.top_k + 2 + (spec.mode == "relax"))
     room = None if spec.max_hf_calls is None else spec.max_hf_calls - record.hf_calls_total - n_verify
     if room is not None and room < 0:
         return [], [], [], (f"verify.max_hf_calls = {spec.max_hf_calls}: {record.hf_calls_total} spent, the next "
                             f"round's verifications alone may take {n_verify}")
     minima = []
+    delta = context.mlip.multi_fidelity == "delta"  # its targets need the LF labels of the same geometry
     for gv in verifications:
         for c in gv.checks:
             if (c.hf_frame is not None and c.hf_energy is not None and not c.agrees and c.surrogate_energy is not None
-                    and c.hf_frame.forces is not None):
+                    and c.hf_frame.forces is not None
+                    and (not delta or (c.lf_frame is not None and c.lf_frame.energy is not None))):
                 minima.append((c, TopUpFrame(group=group_key(c.defect, c.charge), label=c.ground_state_label or "?",
                                              reason="verified minimum, |ΔE| above threshold",
                                              energy_std=c.energy_std, force_std=c.force_std,
@@ -445,7 +464,9 @@ def finalize(verifications: list[GroupVerification], searches: list[SearchResult
                                      context.fidelities.high, context.fidelities.low,
                                      need_lf=context.mlip.multi_fidelity == "delta"),
                          "topup", "round", round_no + 1)
-        return Response(replace=build_search_round(new_context, baselines, previous=training, topup=label))
+        # the previous training as a reference, not its resolved document (every model's bytes)
+        previous = OutputReference(context.training_uuid) if context.training_uuid else training
+        return Response(replace=build_search_round(new_context, baselines, previous=previous, topup=label))
     context = context.model_copy(update={"history": history, **counts})
     return Response(output=campaign_result(verifications, best, baselines, training, context))
 
@@ -460,21 +481,25 @@ def label_topup(frames: list[PathFrame], groups: list[str], hf_extxyz_so_far: st
 
     engine = get_engine(high, fidelity="high")
     lf_engine = get_engine(low, fidelity="low") if need_lf else None
-    t0, c0 = time.perf_counter(), cpu_clock()
+    wall = cpu = 0.0
     pairs, failed = [], []
     for k, (p, key) in enumerate(zip(frames, groups, strict=True)):
         defect, q = key.rsplit(" ", 1)
         charge = int(q)
+        t0, c0 = time.perf_counter(), cpu_clock()
         hf = engine.single_point(p.structure, charge, workdir=Path.cwd() / f"topup_{k}")
-        if hf.energy is None:
-            failed.append({"defect": defect, "charge": charge, "distortion": p.label, "step": p.step,
-                           "error": hf.error})
+        wall, cpu = wall + time.perf_counter() - t0, cpu + cpu_clock() - c0
+        lf = lf_engine.single_point(p.structure, charge, workdir=Path.cwd() / f"topup_{k}_lf") \
+            if lf_engine is not None and hf.energy is not None else None
+        error = hf.error or "HF single point failed" if hf.energy is None else (
+            (lf.error or "LF single point failed") if lf_engine is not None and (lf is None or lf.energy is None)
+            else None)
+        if error:
+            failed.append({"defect": defect, "charge": charge, "distortion": p.label, "step": p.step, "error": error})
             continue
-        lf = lf_engine.single_point(p.structure, charge, workdir=Path.cwd() / f"topup_{k}_lf") if lf_engine else None
         pairs.append((hf, lf, {"defect": defect, "distortion": f"topup_{p.label}", "step": p.step}))
-    return LabelledSet(n_requested=len(frames), n_labelled=len(pairs), failed=failed,
-                       hf_seconds=time.perf_counter() - t0, cpu_seconds=cpu_clock() - c0,
-                       frames=[h for h, _, _ in pairs], extxyz=hf_extxyz_so_far + hf_extxyz(pairs))
+    return LabelledSet(n_requested=len(frames), n_labelled=len(pairs), failed=failed, hf_seconds=wall,
+                       cpu_seconds=cpu, frames=[h for h, _, _ in pairs], extxyz=hf_extxyz_so_far + hf_extxyz(pairs))
 
 
 def campaign_result(verifications: list[GroupVerification], best: dict[str, KeptGroundState],
@@ -541,6 +566,10 @@ def build_search_round(context: SearchContext, baselines: list | None, training=
                                previous=previous), "train", "round", context.round)
         jobs.append(t)
         training = t.output
+        context = context.model_copy(update={"training_uuid": t.uuid})
+    cap = context.verify.max_hf_calls
+    max_calls = None if cap is None else max(1, (cap - context.hf_calls) // max(1, len(context.groups)))
+    need_lf = context.mlip.multi_fidelity == "delta"
     committee = [training.models[name] for name in committee_names(context.mlip)]
     searches, verifies = [], []
     high = with_potentials(context.fidelities.high, context.levels.correction)  # eFNV/FNV inputs, when usable
@@ -549,7 +578,8 @@ def build_search_round(context: SearchContext, baselines: list | None, training=
         s = name_job(surrogate_search(training.models["main"], g.defect, g.charge, g.starts, context.search,
                                       None, seed=context.seed, committee=committee),
                      "search", g.key, "round", context.round, **meta)
-        v = name_job(verify_minima(s.output, high, context.fidelities.low, context.verify, known_extxyz=hf_text),
+        v = name_job(verify_minima(s.output, high, context.fidelities.low, context.verify, known_extxyz=hf_text,
+                                   need_lf=need_lf, max_calls=max_calls),
                      "verify", g.key, "round", context.round, **meta)
         p = name_job(plot_verified(s.output, v.output, g.starts, context.search, context.plot_dir, context.seed,
                                    context.round), "plot", g.key, "round", context.round, **meta)
@@ -577,10 +607,13 @@ def plot_verified(search: SearchResult, verification: GroupVerification, starts:
 @job
 @tracked("start_search", cache=False)
 def start_search(training: TrainingResult, labelled: LabelledSet, lf_extxyz: str, bulk: BulkReference,
-                 baselines: list[SearchResult], context: SearchContext, bulk_hf: Frame | None = None) -> Response:
+                 baselines: list[SearchResult], context: SearchContext, bulk_hf: Frame | None = None,
+                 training_uuid: str | None = None) -> Response:
     """Join point after training: fill the runtime context (LF/HF data, bulk reference and, for eFNV/FNV, the
-    electrostatic potential of ``bulk_hf``, the bulk HF single point) and start round 0."""
+    electrostatic potential of ``bulk_hf``, the bulk HF single point) and start round 0. ``training_uuid``: the
+    train job's uuid (the top-up rounds warm-start from its output by reference)."""
     context = context.model_copy(update={
+        "training_uuid": training_uuid,
         "lf_extxyz": lf_extxyz, "hf_extxyz": labelled.extxyz, "bulk": bulk,
         "bulk_potential": None if bulk_hf is None else bulk_hf.potential,
         "hf_calls": context.hf_calls + labelled.n_requested, "n_hf_selected": labelled.n_requested,

@@ -42,9 +42,9 @@ class CommitteePrediction:
 
 
 def committee_predict(models: list, head: str, structures: list, charge: int, dtype: str = "float64",
-                      device: str = "cpu") -> CommitteePrediction:
+                      device: str = "cpu", chunk: int = 64) -> CommitteePrediction:
     """Energies and forces of every committee member (TrainedModel, head ``head``) at every structure (pymatgen,
-    charge ``charge``): one batched evaluation per member."""
+    charge ``charge``): batched evaluations of ``chunk`` structures per member."""
     import torch_sim as ts
     from ase import Atoms
 
@@ -60,16 +60,18 @@ def committee_predict(models: list, head: str, structures: list, charge: int, dt
         return CommitteePrediction(energies, forces)
     for m, trained in enumerate(models):
         model = batched_model(trained, head, charge, dtype, device)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            state = ts.initialize_state(list(structures), model.device, model.dtype)
-            out = model(state)
-        e = out["energy"].detach().cpu().numpy().astype(float)
-        f = out["forces"].detach().cpu().numpy().astype(float)
-        idx = state.system_idx.cpu().numpy()
         refs = trained.references.get(head)
-        for i, st in enumerate(structures):
-            energies[m, i] = e[i] + (EnergyReferences(refs).energy(
-                Atoms(numbers=st.atomic_numbers, info={CHARGE_KEY: charge})) if refs else 0.0)
-            forces[i][m] = f[idx == i]
+        for lo in range(0, n, chunk):  # bounded memory: a search's path frames can be thousands of structures
+            part = list(structures[lo:lo + chunk])
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                state = ts.initialize_state(part, model.device, model.dtype)
+                out = model(state)
+            e = out["energy"].detach().cpu().numpy().astype(float)
+            f = out["forces"].detach().cpu().numpy().astype(float)
+            idx = state.system_idx.cpu().numpy()
+            for j, st in enumerate(part):
+                energies[m, lo + j] = e[j] + (EnergyReferences(refs).energy(
+                    Atoms(numbers=st.atomic_numbers, info={CHARGE_KEY: charge})) if refs else 0.0)
+                forces[lo + j][m] = f[idx == j]
     return CommitteePrediction(energies, forces)

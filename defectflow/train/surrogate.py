@@ -70,6 +70,7 @@ from defectflow.train.data import (
     LF_ENERGY_KEY,
     WEIGHT_KEY,
     EnergyReferences,
+    Split,
     attach_lf_labels,
     delta_frames,
     fill_references,
@@ -470,7 +471,12 @@ def train_warm(previous: TrainedModel, lf_extxyz: str, hf_extxyz: str, spec: Mli
     component, mace_head = head_map["hf"][-1]
     if previous.kind == "delta":
         hf = attach_lf_labels(hf, read_frames(lf_extxyz))
-    split = split_frames([], hf, spec.hf_test_fraction, spec.valid_fraction, spec.seed)
+    # the previous split for the frames it saw (its test frames stay untrained), every new frame trains
+    old = {k: list(previous.split.get(k, [])) for k in ("hf_train", "hf_valid", "hf_test")}
+    n_old = sum(len(v) for v in old.values())
+    if n_old > len(hf):
+        raise ValueError(f"{label}: {len(hf)} HF frames, fewer than the {n_old} the previous model was split over")
+    split = Split([], [], old["hf_train"] + list(range(n_old, len(hf))), old["hf_valid"], old["hf_test"])
     hf_train, hf_valid = tagged(hf, split.hf_train, "train"), tagged(hf, split.hf_valid, "valid")
     hf_test = tagged(hf, split.hf_test, "test")
     references = {k: EnergyReferences(v) for k, v in previous.references.items()}
@@ -501,8 +507,9 @@ def train_warm(previous: TrainedModel, lf_extxyz: str, hf_extxyz: str, spec: Mli
                           finetune=opts, e0s=e0)
     blobs = dict(previous.model_files)
     blobs[component] = base64.b64encode(data).decode()
-    if previous.kind == "multihead":  # mace kept the hf head only: the LF head is gone from the warm model
-        head_map = {"hf": [[component, mace_head]]}
+    if any(part[0] == component for part in head_map.get("lf", [])):
+        # multihead / replay: mace kept the hf head only, the LF head of that file is gone from the warm model
+        head_map = {k: v for k, v in head_map.items() if k != "lf"}
     components = [c for c in previous.components if c.name != component] + [run]
     return previous.model_copy(update={
         "label": label, "heads": list(head_map), "head_map": head_map, "model_files": blobs,
