@@ -301,7 +301,7 @@ def train_lf_model(preset: str, refs: bool, base: dict[str, Any]) -> dict[str, A
     spec = MlipSpec(**{**base, **STUDY_SPEC, "charge_references": refs})
     if path.is_file():
         doc = json.loads(path.read_text())
-        if doc.get("spec") == spec.model_dump(mode="json"):
+        if _same_settings(doc.get("spec"), spec.model_dump(mode="json")):
             return doc
         print(f"  {d}: trained with other settings (BASE changed): retrained", flush=True)
     records = lf_records(preset)
@@ -326,7 +326,7 @@ def run_cell(preset: str, strategy: str, n: int, base: dict[str, Any]) -> dict[s
     spec = make_spec(strategy, base)
     if out.is_file():
         record = json.loads(out.read_text())
-        if record.get("spec") == _spec_key(spec):
+        if _same_settings(record.get("spec"), _spec_key(spec)):
             return record
         print(f"  {d}: trained with other settings (BASE or the strategy changed): retrained", flush=True)
     d.mkdir(parents=True, exist_ok=True)
@@ -382,6 +382,15 @@ def evaluate_cell(preset, strategy, n, model, train_seconds, lf_seconds, harvest
     return record
 
 
+def _same_settings(old: dict[str, Any] | None, new: dict[str, Any]) -> bool:
+    """Whether a cached model was trained with today's settings: every setting both know agrees (a setting the
+    library added since, e.g. ``committee``, which a study cell does not use, does not invalidate it)."""
+    if old is None:
+        return False
+    old, new = rounded(old, 5), rounded(new, 5)
+    return all(old[k] == new[k] for k in old.keys() & new.keys())
+
+
 def _spec_key(spec) -> dict[str, Any]:
     """What a cached cell was trained with (its record's ``spec``): a changed BASE or strategy retrains it."""
     return rounded({k: v for k, v in spec.model_dump(mode="json").items() if k not in ("ablations",)}, 5)
@@ -394,7 +403,7 @@ def reevaluate_cell(preset: str, strategy: str, n: int, base: dict[str, Any]) ->
     d = cell_dir(preset, strategy, n)
     cached = frozen.read_json(d / "model.json.gz")
     record = frozen.read_json(d / "record.json")
-    if cached is None or record is None or record.get("spec") != _spec_key(make_spec(strategy, base)):
+    if cached is None or record is None or not _same_settings(record.get("spec"), _spec_key(make_spec(strategy, base))):
         return None  # not trained yet, or with other settings: run_cell trains it
     records = lf_records(preset)
     _, harvest = lf_training_extxyz(preset, records)
