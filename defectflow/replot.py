@@ -96,7 +96,8 @@ def _replot_landscapes(results, final: dict, out: Path) -> list[str]:
             gv = GroupVerification.model_validate(verify[-1]["output"]) if verify else None
         except ValueError:  # a store written before issue #14 (one Verification per job): no verified markers
             gv = None
-        paths.append(plot_landscape(res, {k: _bond_distortion(k) for k in res.landscape}, out, verification=gv))
+        paths.append(plot_landscape(res, {k: _bond_distortion(k) for k in res.landscape}, out, verification=gv,
+                                    suffix="" if rnd is None else f"_round{rnd}"))  # the pipeline's file name
     for d in results.query(step="baseline", load=True, properties=["output"]):
         o = d.get("output") or {}
         if o.get("landscape"):

@@ -227,12 +227,9 @@ def _landscapes(results: Results, final: dict | None, figures: _Figures) -> str:
                       [[g["defect"], f"{g['charge']:+d}", _num(g.get("round"), "d"), str(len(g.get("landscape") or {})),
                         str(g.get("n_minima", "–")),
                         _num(min(g["landscape"].values()) if g.get("landscape") else None, ".4f")] for g in gs]))
-    # every round's search writes its landscape to the same file: a ground state kept from an earlier round needs
-    # its own round's landscape drawn again (from the record)
-    last = max((r["round"] for r in final.get("rounds") or []), default=None)
+    # one landscape file per round (…_round<N>.png, with that round's HF-verified minima): the ground state's own
     out.append(figures.block([_Fig(f"{g['defect']} q = {g['charge']:+d}: surrogate (HF head) energy vs starting "
-                                   f"distortion, round {g.get('round')}", g.get("landscape_plot"), "landscapes",
-                                   redraw=g.get("round") != last)
+                                   f"distortion, round {g.get('round')}", g.get("landscape_plot"), "landscapes")
                               for g in gs if g.get("landscape")]))
     baselines = [d["output"] for d in results.query(step="baseline", properties=[
         "output.defect", "output.charge", "output.model", "output.plot", "completed_at"])]

@@ -51,7 +51,7 @@ GFN2 = {**GFN1, "xc": "GFN2-xTB", "kwargs": {"method": "GFN2-xTB", "verbosity": 
 
 #: a MACE model small enough to train in seconds on 2 cores
 TINY_MLIP = {"hidden_irreps": "8x0e", "max_L": 0, "num_interactions": 2, "correlation": 2, "r_max": 4.0,
-             "max_epochs": 20, "batch_size": 4, "committee": 2}
+             "max_epochs": 20, "batch_size": 4, "committee": 2, "finetune_epochs": 8, "finetune_min_frames": 32}
 
 
 def si_vacancy_campaign(name: str, work, **sections) -> dict:

@@ -143,3 +143,4 @@ def test_a_known_hf_frame_lower_than_every_verified_minimum_becomes_the_ground_s
     # without it, the lowest verified minimum
     gv = verify_minima.original(s, GFN2, GFN1, VerifySpec(top_k=2, uncertain_window=0))
     assert gv.source == "verified minimum" and gv.ground_state.hf_energy == min(c.hf_energy for c in gv.checks)
+

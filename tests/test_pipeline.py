@@ -142,7 +142,10 @@ def test_figures_are_drawn_again_from_the_store_alone(run, tmp_path):
     campaign, _ = run
     written = replot(Results.for_campaign(campaign), tmp_path)
     assert sorted(Path(p).name for p in written["lf"]) == ["v_Si_+1.png", "v_Si_0.png"]
-    assert sorted(Path(p).name for p in written["landscapes"]) == ["v_Si_+0_mace-hf.png", "v_Si_+1_mace-hf.png"]
+    # the landscape of the round each ground state comes from, with that round's verified minima
+    rounds = {g.charge: g.round for g in run[1].result.ground_states}
+    assert sorted(Path(p).name for p in written["landscapes"]) == [
+        f"v_Si_{q:+d}_mace-hf_round{rounds[q]}.png" for q in (0, 1)]
     assert [Path(p).name for p in written["levels"]] == ["formation_energies.png"]
     for paths in written.values():
         assert all(Path(p).read_bytes()[:4] == b"\x89PNG" and Path(p).stat().st_size > 5000 for p in paths)

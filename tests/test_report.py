@@ -201,24 +201,22 @@ def test_missing_figures_are_drawn_again_from_the_store(run, tmp_path):
     assert "Campaign file not given" in text
 
 
-def test_a_ground_state_kept_from_an_earlier_round_gets_its_own_landscape(run, tmp_path):
-    """Every round's search writes its landscape to the same file; a ground state kept from round 0 must not show
-    round 1's file: its landscape is drawn again from its record."""
-    campaign, _ = run
-
-    class KeptFromRound0(Results):
-        def result(self):
-            final = super().result()
-            final["ground_states"][0]["round"] = 0
-            return final
-
-    results = KeptFromRound0.for_campaign(campaign)
-    g0 = results.result()["ground_states"][0]
-    assert Path(g0["landscape_plot"]).is_file()  # the file is there, yet not used
+def test_each_ground_state_shows_the_landscape_of_its_own_round(run, tmp_path):
+    """Every round draws its own landscape file (…_round<N>.png, with that round's HF-verified minima): a ground
+    state kept from an earlier round shows that round's, and nothing needs drawing again."""
+    campaign, r = run
+    results = Results.for_campaign(campaign)
+    ground_states = results.result()["ground_states"]
+    for g in ground_states:
+        assert Path(g["landscape_plot"]).name.endswith(f"_round{g['round']}.png") and Path(g["landscape_plot"]).is_file()
+    rounds = {rec.round for rec in r.result.rounds}
+    files = {p.name for p in (campaign.work_dir() / "plots" / "search").glob("v_Si_*_mace-hf_round*.png")}
+    assert files == {f"v_Si_{q:+d}_mace-hf_round{n}.png" for q in (0, 1) for n in rounds}
     captions = _Page(write_report(results, None, tmp_path / "r.html").read_text(encoding="utf-8")).captions
-    assert (f"{g0['defect']} q = {g0['charge']:+d}: surrogate (HF head) energy vs starting distortion, round 0 "
-            "(drawn again from the store)") in captions
-    assert sum(c.endswith("(drawn again from the store)") for c in captions) == 1
+    assert not any(c.endswith("(drawn again from the store)") for c in captions)
+    for g in ground_states:
+        assert (f"{g['defect']} q = {g['charge']:+d}: surrogate (HF head) energy vs starting distortion, round "
+                f"{g['round']}") in captions
 
 
 class _NothingYet:

@@ -248,14 +248,15 @@ def test_best_verified_keeps_the_lowest_hf_energy_over_rounds():
     HF energy of any round, and a failed verification never replaces one that worked."""
     from defectflow.schemas import KeptGroundState
     from defectflow.search import SearchResult
-    from defectflow.search.jobs import Verification, best_verified
+    from defectflow.search.jobs import GroupVerification, Verification, best_verified
 
     def round_of(energy, shift):
         st = cell(shift)
         v = Verification(defect="v_Si", charge=0, mode="single_point", ground_state_label=f"L{shift}",
                          structure=st, surrogate_energy=-1.0, hf_energy=energy)
+        gv = GroupVerification(defect="v_Si", charge=0, checks=[v], ground_state=v if energy is not None else None)
         s = SearchResult(defect="v_Si", charge=0, model="m", n_starts=1, landscape={f"L{shift}": -1.0}, minima=[])
-        return [v], [s]
+        return [gv], [s]
 
     b0 = best_verified({}, *round_of(-10.0, 0.1), 0)
     # it travels as JSON in the next round's context
