@@ -133,6 +133,9 @@ def print_run(run: CampaignRun) -> None:
     print("ground states (lowest HF energy among the verified surrogate minima and the known HF frames):")
     for g in run.result.ground_states:
         error = g.verification_error_mev_per_atom
+        if g.hf_energy is None:  # nothing could be verified (e.g. every surrogate minimum rejected)
+            print(f"  {g.defect} q={g.charge:+d}: no HF-verified ground state ({g.reason or 'see the verify job'})")
+            continue
         print(f"  {g.defect} q={g.charge:+d}: start {g.ground_state_label}, E_HF = {g.hf_energy:.4f} eV, "
               + (f"|E_HF - E_surrogate| = {error:.1f} meV/atom" if error is not None else f"{g.source}: {g.reason}"))
     for r in run.result.rounds:

@@ -97,7 +97,7 @@ def test_single_hf_jobs_run_at_the_selected_charge(tmp_path, engine):
 @pytest.mark.dft
 def test_verification_runs_hf_and_lf_at_the_searched_charge(tmp_path):
     """verify at q = +1 with a threshold no surrogate meets: the QE single point (pw.in tot_charge = 1) and the LF
-    top-up single point (GFN1-xTB at q = +1) are both at the search's charge."""
+    single point a Δ-learning top-up needs (GFN1-xTB at q = +1) are both at the search's charge."""
     from defectflow.campaign import VerifySpec
     from defectflow.search.jobs import verify_minima
 
@@ -107,7 +107,7 @@ def test_verification_runs_hf_and_lf_at_the_searched_charge(tmp_path):
     search = SearchResult(defect="v_Si", charge=q, model="test", n_starts=1, landscape={"start": 0.0},
                           minima=[Minimum(energy=0.0, structure=gs, labels=["start"])],
                           ground_state=Minimum(energy=0.0, structure=gs, labels=["start"]), ground_state_label="start")
-    job = verify_minima(search, QE, GFN1, VerifySpec(energy_threshold=1e-6))
+    job = verify_minima(search, QE, GFN1, VerifySpec(energy_threshold=1e-6), need_lf=True)  # Δ-learning's LF point
     store = _run(job, tmp_path)
     gv = store.query_one({"uuid": job.uuid}, load=True)["output"]
     assert len(gv["checks"]) == 1 and gv["ground_state"]["role"] == "rank 1"

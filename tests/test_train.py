@@ -537,3 +537,12 @@ def test_batched_fire_takes_ases_fire_steps_and_finds_the_same_minima(trained):
             assert batch.landscape[label] == pytest.approx(e, abs=tol), (dtype, label)
     with pytest.raises(ValueError, match="exactly one"):
         search_ground_state("v_Si", 1, starts, fmax=0.02)
+    # the paths kept for the top-up: every 3rd FIRE step of each relaxation, in order, until it converged; a
+    # relaxation that converges before its first path frame has an empty path
+    out = batched_relax(model, "hf", [s.structure for s in starts], 1, fmax=0.02, max_steps=300, path_every=3)
+    for r in out:
+        steps = [k for k, _ in r.path]
+        assert steps and steps == sorted(steps) and all(k % 3 == 0 for k in steps) and steps[0] == 3
+        assert all(len(st) == 15 and st.charge == 1 for _, st in r.path)
+    assert all(r.path == [] for r in batched_relax(model, "hf", [s.structure for s in starts], 1, fmax=0.02,
+                                                   max_steps=300, path_every=10_000))

@@ -134,7 +134,7 @@ def batched_relax(trained, head: str, structures: list, charge: int, fmax: float
                             max_steps=max_steps, autobatcher=False, md_flavor="ase_fire",
                             trajectory_reporter=reporter)
         out = model(state)
-        paths = [_read_path(f, st) for f, st in zip(files, structures, strict=True)] if reporter else None
+        paths = [_read_path(f, st, charge) for f, st in zip(files, structures, strict=True)] if reporter else None
     energies = out["energy"].detach().cpu().numpy().astype(float)
     forces = out["forces"].detach().cpu().numpy().astype(float)
     finals = state.to_structures()
@@ -153,15 +153,18 @@ def batched_relax(trained, head: str, structures: list, charge: int, fmax: float
     return results
 
 
-def _read_path(path: Path, start) -> list:
-    """(step, Structure) of every frame torch-sim's reporter wrote for one structure (fixed cell: the start's)."""
+def _read_path(path: Path, start, charge: int) -> list:
+    """(step, Structure at ``charge``) of every frame torch-sim's reporter wrote for one structure (fixed cell: the
+    start's)."""
     from pymatgen.core import Structure
     from torch_sim.trajectory import TorchSimTrajectory
 
     if not path.is_file():
         return []
     with TorchSimTrajectory(path, mode="r") as traj:
+        if "positions" not in traj.array_registry:  # converged before its first path frame
+            return []
         positions = traj.get_array("positions")
         steps = traj.get_steps("positions")
     return [(int(k), Structure(start.lattice, start.species, np.asarray(x, dtype=float), coords_are_cartesian=True,
-                                charge=start.charge)) for k, x in zip(steps, positions, strict=True)]
+                                charge=charge)) for k, x in zip(steps, positions, strict=True)]
