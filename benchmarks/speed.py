@@ -417,7 +417,10 @@ def run_step(step: str, work: Path, quick: bool) -> dict:
 def render_search(r: dict[str, Any]) -> list[str]:
     """The search table (one charge state: loop vs batched, float64 vs float32) and the DFT-relaxation ratio."""
     s = r["steps"]
-    se, dft = s["search"], s["dft_relax"]
+    se, dft = s["search"], s.get("dft_relax")
+    if dft is None or "15" not in se:  # a JSON written before the batched search (issue #17): its one figure
+        return [f"Surrogate search (one charge state, {se.get('starts')} starts, one at a time): "
+                f"{se.get('structures_per_second', 0):.2f} structures/s."]
     title = (f"### Surrogate search, one charge state ({se['model']}, {se['hidden_irreps']}, head {se['head']}, "
              f"fmax {se['fmax']} eV/Å, {se['torch_threads']} torch thread(s))")
     out = [title, ""]
