@@ -231,7 +231,7 @@ def plot_landscape(result: SearchResult, starts: list[SearchStart] | dict[str, f
     from matplotlib.lines import Line2D
 
     e0 = min(result.landscape.values())
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    fig, ax = plt.subplots(figsize=(8.6, 4.4))
     distortion = starts if isinstance(starts, dict) else {s.label: s.bond_distortion for s in starts}
     special = {"Unperturbed": 0.0}
 
@@ -260,7 +260,8 @@ def plot_landscape(result: SearchResult, starts: list[SearchStart] | dict[str, f
             handles.append(Line2D([], [], ls="", marker=marker, color=color, markersize=6 if size > 20 else 4,
                                   label=name))
     if result.landscape_std:
-        handles.append(Line2D([], [], color="0.3", lw=0.8, label=f"committee ±1σ ({result.committee_size} models)"))
+        handles.append(Line2D([], [], color="0.3", lw=0.8,
+                              label=rf"committee $\pm1\sigma$ ({result.committee_size} models)"))
     checks = [c for c in (verification.checks if verification is not None else [])
               if c.hf_energy is not None and c.ground_state_label in result.landscape]
     for c in checks:
@@ -290,7 +291,7 @@ def plot_landscape(result: SearchResult, starts: list[SearchStart] | dict[str, f
         title += "\n(ground state: a known HF frame, not a verified minimum)"
     ax.set_title(title, fontsize=10)
     ax.axhline(0, color="k", lw=0.5)
-    ax.legend(handles=handles, fontsize=7, loc="best", framealpha=0.85)
+    ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
     name = f"{result.defect}_{result.charge:+d}_{result.model.replace(':', '-')}{suffix}.png"
     return save_figure(fig, plot_dir / name, dpi=150)
