@@ -88,12 +88,15 @@ def lf_records(preset: str) -> dict[str, Any]:
     return {name: frozen.relaxation_record(preset, name) for name in sorted(frozen.relaxation_index(preset))}
 
 
-def lf_training_extxyz(preset: str, records: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """The LF training set as step 4 harvests it: defectflow's HarvestFilter with the preset's keep_every."""
+def lf_training_extxyz(preset: str, records: dict[str, Any],
+                       keep_every: int | None = None) -> tuple[str, dict[str, Any]]:
+    """The LF training set as step 4 harvests it: defectflow's HarvestFilter with the preset's keep_every (or
+    ``keep_every``, the ``+ke<n>`` modifier: fewer LF frames, shorter epochs)."""
     from defectflow.relax import harvest_training_set
 
     camp = frozen.load_campaign(preset)
-    ts = harvest_training_set.original(list(records.values()), harvest_filter={"keep_every": camp.relax.keep_every})
+    ts = harvest_training_set.original(list(records.values()),
+                                       harvest_filter={"keep_every": keep_every or camp.relax.keep_every})
     return ts.extxyz, {"n_frames": ts.n_frames, "n_candidates": ts.n_candidates, "dropped": ts.dropped,
                        "per_group": ts.per_group}
 
@@ -243,10 +246,11 @@ DEFAULT_STRATEGIES = ("multihead", "multihead+w10", "finetune", "replay", "delta
 
 
 def strategy_spec(name: str) -> dict[str, Any]:
-    """A strategy name → MlipSpec overrides: ``<kind>[+refs][+w<hf weight>][+ew<eV/atom>][+all]``, e.g.
+    """A strategy name → MlipSpec overrides: ``<kind>[+refs][+w<hf weight>][+ew<eV/atom>][+ke<n>][+all]``, e.g.
     ``multihead+refs+w10+ew0.05`` = multi-head, per-(fidelity, q) references removed, HF frames weighted 10×,
-    frame weights exp(−ΔE/0.05 eV/atom); ``+all``: HF frames chosen among every pool frame, without the
-    harvest's window (``HF_SELECTION``)."""
+    frame weights exp(−ΔE/0.05 eV/atom); ``+ke<n>``: every n-th LF ionic step harvested (``relax.keep_every``;
+    the presets keep every 3rd); ``+all``: HF frames chosen among every pool frame, without the harvest's window
+    (``HF_SELECTION``)."""
     kind, *mods = name.split("+")
     if kind not in KINDS:
         raise SystemExit(f"--strategies: unknown model kind {kind!r} in {name!r}; expected one of {', '.join(KINDS)}")
@@ -258,15 +262,22 @@ def strategy_spec(name: str) -> dict[str, Any]:
             out["selection"] = {"max_energy_above_min": None, "max_force": None}
         elif m.startswith("ew"):
             out["energy_weight_scale"] = float(m[2:])
+        elif m.startswith("ke"):
+            out["keep_every"] = int(m[2:])
         elif m.startswith("w"):
             out["hf_weight"] = float(m[1:])
         else:
-            raise SystemExit(f"--strategies: unknown modifier {m!r} in {name!r} (refs, w<number>, ew<number>)")
+            raise SystemExit(f"--strategies: unknown modifier {m!r} in {name!r} "
+                             "(refs, w<number>, ew<number>, ke<integer>, all)")
     return out
 
 
 def needs_lf_model(name: str) -> bool:
     return strategy_spec(name)["kind"] in ("delta", "finetune", "replay", "lf_only")
+
+
+def keep_every(name: str) -> int | None:
+    return strategy_spec(name).get("keep_every")
 
 
 def uses_refs(name: str) -> bool:
@@ -280,6 +291,7 @@ def make_spec(name: str, base: dict[str, Any]):
     s = dict(strategy_spec(name))
     s.pop("kind")
     s.pop("selection", None)
+    s.pop("keep_every", None)
     return MlipSpec(**{**base, **STUDY_SPEC, **s})
 
 
@@ -287,16 +299,16 @@ def cell_dir(preset: str, strategy: str, n: int | None) -> Path:
     return WORK / preset / strategy / ("lf_model" if n is None else f"n{n}")
 
 
-def lf_model_dir(preset: str, refs: bool) -> Path:
-    return WORK / preset / ("lf_model_refs" if refs else "lf_model")
+def lf_model_dir(preset: str, refs: bool, ke: int | None = None) -> Path:
+    return WORK / preset / (("lf_model_refs" if refs else "lf_model") + (f"_ke{ke}" if ke else ""))
 
 
-def train_lf_model(preset: str, refs: bool, base: dict[str, Any]) -> dict[str, Any]:
+def train_lf_model(preset: str, refs: bool, base: dict[str, Any], ke: int | None = None) -> dict[str, Any]:
     """The preset's LF model (one per preset and reference choice), shared by delta/finetune/replay/lf_only."""
     from defectflow.campaign import MlipSpec
     from defectflow.train.surrogate import train_kind
 
-    d = lf_model_dir(preset, refs)
+    d = lf_model_dir(preset, refs, ke)
     path = d / "model.json"
     spec = MlipSpec(**{**base, **STUDY_SPEC, "charge_references": refs})
     if path.is_file():
@@ -305,7 +317,7 @@ def train_lf_model(preset: str, refs: bool, base: dict[str, Any]) -> dict[str, A
             return doc
         print(f"  {d}: trained with other settings (BASE changed): retrained", flush=True)
     records = lf_records(preset)
-    lf_text, _ = lf_training_extxyz(preset, records)
+    lf_text, _ = lf_training_extxyz(preset, records, ke)
     t0 = time.perf_counter()
     # lf_only ignores the HF frames: any non-empty HF text keeps the split happy
     model = train_kind(lf_text, "", spec, d / "train", kind="lf_only", label="lf_model")
@@ -332,12 +344,12 @@ def run_cell(preset: str, strategy: str, n: int, base: dict[str, Any]) -> dict[s
     d.mkdir(parents=True, exist_ok=True)
     kind = strategy_spec(strategy)["kind"]
     records = lf_records(preset)
-    lf_text, harvest = lf_training_extxyz(preset, records)
+    lf_text, harvest = lf_training_extxyz(preset, records, keep_every(strategy))
     hf_atoms, hf_keys = hf_training_frames(preset, records, n, strategy_spec(strategy).get("selection"))
     lf_seconds = 0.0
     lf_model = None
     if needs_lf_model(strategy):
-        doc = train_lf_model(preset, uses_refs(strategy), base)
+        doc = train_lf_model(preset, uses_refs(strategy), base, keep_every(strategy))
         lf_seconds = doc.pop("_train_seconds")
         lf_model = TrainedModel.model_validate(doc)
     t0 = time.perf_counter()
@@ -406,7 +418,7 @@ def reevaluate_cell(preset: str, strategy: str, n: int, base: dict[str, Any]) ->
     if cached is None or record is None or not _same_settings(record.get("spec"), _spec_key(make_spec(strategy, base))):
         return None  # not trained yet, or with other settings: run_cell trains it
     records = lf_records(preset)
-    _, harvest = lf_training_extxyz(preset, records)
+    _, harvest = lf_training_extxyz(preset, records, keep_every(strategy))
     _, hf_keys = hf_training_frames(preset, records, n, strategy_spec(strategy).get("selection"))
     model = TrainedModel.model_validate(cached["model"])
     return evaluate_cell(preset, strategy, n, model, cached["train_seconds"], cached["lf_seconds"], harvest,
@@ -548,7 +560,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--presets", nargs="+", choices=frozen.LF_PRESETS, default=list(frozen.LF_PRESETS))
     p.add_argument("--strategies", nargs="+", default=list(DEFAULT_STRATEGIES),
-                   help="<kind>[+refs][+w<HF weight>][+ew<eV/atom>], kinds: " + ", ".join(KINDS))
+                   help="<kind>[+refs][+w<HF weight>][+ew<eV/atom>][+ke<n>][+all], kinds: " + ", ".join(KINDS))
     p.add_argument("--budgets", nargs="+", type=int, default=list(BUDGETS), help="HF training frames N")
     p.add_argument("--jobs", type=int, default=2, help="cells trained at once (one torch thread each)")
     p.add_argument("--json", type=Path, default=RESULTS / "training.json")
@@ -557,7 +569,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--reevaluate", action="store_true",
                    help="evaluate the cached models of finished cells again (after the frozen HF set grew)")
     p.add_argument("--cell", nargs=3, metavar=("PRESET", "STRATEGY", "N"), help=argparse.SUPPRESS)
-    p.add_argument("--lf-model", nargs=2, metavar=("PRESET", "REFS"), help=argparse.SUPPRESS)
+    p.add_argument("--lf-model", nargs=3, metavar=("PRESET", "REFS", "KEEP_EVERY"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     for s in args.strategies:
         strategy_spec(s)
@@ -574,7 +586,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     install_signal_handlers()  # SIGTERM/Ctrl-C end the children (cells, mace_run_train) before this exits
     if args.lf_model:
-        train_lf_model(args.lf_model[0], args.lf_model[1] == "refs", BASE)
+        train_lf_model(args.lf_model[0], args.lf_model[1] == "refs", BASE, int(args.lf_model[2]) or None)
         return {}
     if args.cell and args.reevaluate:
         return reevaluate_cell(args.cell[0], args.cell[1], int(args.cell[2]), BASE) or {}
@@ -588,7 +600,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"--presets: no frozen HF pool yet for {', '.join(missing)} "
                          "(benchmarks/reference.py status; compute --only pools)")
     # LF models first (shared), then the cells, --jobs at a time
-    lf_jobs = sorted({(pr, uses_refs(s)) for pr in args.presets for s in args.strategies if needs_lf_model(s)})
+    lf_jobs = sorted({(pr, uses_refs(s), keep_every(s) or 0) for pr in args.presets for s in args.strategies
+                      if needs_lf_model(s)})
     if args.reevaluate:
         cells = [(pr, s, n) for pr in args.presets for s in args.strategies for n in args.budgets
                  if (cell_dir(pr, s, n) / "model.json.gz").is_file()]
@@ -618,12 +631,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # cells that need no LF model start at once, beside the LF models; the others once their LF model is there
     with ThreadPoolExecutor(args.jobs) as pool:
-        lf_futs = {(pr, r): pool.submit(_subprocess, ["--lf-model", pr, "refs" if r else "plain"],
-                                        lf_model_dir(pr, r) / "log.txt")
-                   for pr, r in lf_jobs if not (lf_model_dir(pr, r) / "model.json").is_file()}
+        lf_futs = {(pr, r, ke): pool.submit(_subprocess, ["--lf-model", pr, "refs" if r else "plain", str(ke)],
+                                            lf_model_dir(pr, r, ke or None) / "log.txt")
+                   for pr, r, ke in lf_jobs if not (lf_model_dir(pr, r, ke or None) / "model.json").is_file()}
         futs = {}
         for pr, s, n in sorted(cells, key=lambda c: needs_lf_model(c[1])):
-            dep = lf_futs.get((pr, uses_refs(s))) if needs_lf_model(s) and not args.reevaluate else None
+            dep = (lf_futs.get((pr, uses_refs(s), keep_every(s) or 0))
+                   if needs_lf_model(s) and not args.reevaluate else None)
             if dep is not None:
                 dep.result()  # blocks the submitting loop only: cells already submitted keep running
             futs[pool.submit(_subprocess, ["--cell", pr, s, str(n), *extra], cell_dir(pr, s, n) / "log.txt")] = \
