@@ -214,7 +214,7 @@ def _big_starts(n_extra: int, seed: int) -> list:
 
     from defectflow.search import SearchStart, rattled_starts
 
-    big = _big_cell()  # vacancy at fractional (0, 0, 0): site 0 of the conventional supercell was removed
+    big = _big_cell()  # vacancy at fractional (0, 0, 0)
     starts = [SearchStart(label="Unperturbed", bond_distortion=None, structure=big)]
     for bd in np.round(np.arange(-0.6, 0.61, 0.1), 1):
         d = distort(big, num_nearest_neighbours=4, distortion_factor=1 + bd, frac_coords=np.zeros(3))
@@ -262,11 +262,12 @@ def step_search(work: Path, cfg: dict) -> dict:
                          "ground_state_energy": res.ground_state.energy if res.ground_state else None,
                          "ground_state_label": res.ground_state_label,
                          "energies": [res.landscape.get(s.label) for s in starts]}
-        ref = rows.get("batched_float64")
-        for way, r in rows.items():  # same minimum per start as batched float64? (|ΔE| per start, meV)
-            e, e0 = np.array(r["energies"], dtype=float), np.array(ref["energies"], dtype=float)
+        e0 = np.array(rows["batched_float64"]["energies"], dtype=float)
+        for r in rows.values():  # same minimum per start as batched float64? (|ΔE| per start, meV)
+            e = np.array(r["energies"], dtype=float)
             ok = np.isfinite(e) & np.isfinite(e0)
             r["max_abs_energy_difference_meV_vs_batched_float64"] = float(1000 * np.max(np.abs(e - e0)[ok]))
+        for r in rows.values():
             r.pop("energies")
         out[size] = {"natoms": len(starts[0].structure), **rows}
     return out
@@ -321,11 +322,13 @@ def _relax(calc, structure, charge: int, fmax: float, steps: int) -> dict:
 
 
 def _big_cell():
+    import numpy as np
     from pymatgen.core import Lattice, Structure
 
     s = Structure.from_spacegroup("Fd-3m", Lattice.cubic(5.431), ["Si"], [[0, 0, 0]])
     s.make_supercell(2)
-    s.remove_sites([0])
+    # the vacancy at the origin (_big_starts distorts around it); site 0 of this supercell is at (¼, 0, ¼)
+    s.remove_sites([next(i for i, site in enumerate(s) if np.allclose(site.frac_coords % 1.0, 0.0))])
     return s
 
 
@@ -419,8 +422,8 @@ def render_search(r: dict[str, Any]) -> list[str]:
     s = r["steps"]
     se, dft = s["search"], s.get("dft_relax")
     if dft is None or "15" not in se:  # a JSON written before the batched search (issue #17): its one figure
-        return [f"Surrogate search (one charge state, {se.get('starts')} starts, one at a time): "
-                f"{se.get('structures_per_second', 0):.2f} structures/s."]
+        return [(f"Surrogate search (one charge state, {se.get('starts')} starts, one at a time): "
+                 f"{se.get('structures_per_second', 0):.2f} structures/s.")]
     title = (f"### Surrogate search, one charge state ({se['model']}, {se['hidden_irreps']}, head {se['head']}, "
              f"fmax {se['fmax']} eV/Å, {se['torch_threads']} torch thread(s))")
     out = [title, ""]
@@ -526,7 +529,8 @@ def main(argv=None) -> dict[str, Any]:
                    help="TrainedModel JSON(.gz) the searches use (e.g. a cached training-study cell: "
                         "runs/benchmarks/training/far/lf_only/n0/model.json.gz); default: the train step's model")
     p.add_argument("--steps", nargs="+", choices=STEPS, default=None,
-                   help="run only these steps; the others are kept from the existing JSON")
+                   help="run only these steps; the others are kept from the work directory's finished steps "
+                        "(steps_done.json) or else from the existing JSON")
     p.add_argument("--_step", choices=STEPS, help=argparse.SUPPRESS)
     p.add_argument("--_work", type=Path, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -548,9 +552,20 @@ def main(argv=None) -> dict[str, Any]:
     t0 = time.perf_counter()
     old = json.loads(out_json.read_text()) if a.steps and out_json.is_file() else {}
     steps = dict(old.get("steps", {}))
+    done_path = work / "steps_done.json"  # this work dir's finished steps: a failed step loses none of them
+    if a.steps and done_path.is_file():
+        steps.update(json.loads(done_path.read_text()))
+    done = {}
     for step in a.steps or STEPS:
         print(f"  {step} ...", flush=True)
-        steps[step] = run_step(step, work, a.quick)
+        try:
+            steps[step] = done[step] = run_step(step, work, a.quick)
+        except SystemExit as err:
+            rest = [st for st in (a.steps or STEPS) if st not in done]
+            raise SystemExit(f"{err}\nfinished steps kept in {done_path}; run the rest with "
+                             f"--steps {' '.join(rest)}") from None
+        done_path.write_text(json.dumps({**(json.loads(done_path.read_text()) if a.steps and done_path.is_file()
+                                            else {}), **done}))
     missing = [st for st in STEPS if st not in steps]
     if missing:
         raise SystemExit(f"steps {', '.join(missing)} have no results yet: run them (--steps) or run all steps")
