@@ -57,6 +57,20 @@ def test_relaxation_keeps_every_step_and_lowers_the_energy(tmp_path):
         assert traj.final.fmax < 0.3
 
 
+def test_a_relaxation_can_keep_every_nth_step_and_the_last(tmp_path):
+    """``keep=n`` (the surrogate search's paths): the frames of ``keep='all'`` at steps 0, n, 2n … and the final
+    one, each with its optimizer step."""
+    engine = get_engine(GFN1)
+    start = si_vac15(rattle=0.08)
+    full = engine.relax(start, 0, None, fmax=0.2, max_steps=9, keep="all")
+    thin = engine.relax(start, 0, None, fmax=0.2, max_steps=9, keep=4)
+    last = full.frames[-1].step
+    assert [f.step for f in thin.frames] == sorted({*range(0, last + 1, 4), last})
+    by_step = {f.step: f.energy for f in full.frames}
+    assert all(f.energy == pytest.approx(by_step[f.step], abs=1e-8) for f in thin.frames)
+    assert thin.status == full.status
+
+
 def test_step_limit_is_recorded_as_unconverged(tmp_path):
     traj = get_engine(GFN1).relax(si_vac15(rattle=0.05), 0, tmp_path, fmax=1e-4, max_steps=2)
     assert traj.status == "unconverged"

@@ -55,7 +55,9 @@ def test_top_up_round_was_recorded_and_run(run):
     for rec in rounds:  # every verified minimum is recorded with its role and errors
         for group, checks in rec.verified.items():
             if checks:  # empty only when every minimum of the group was rejected
-                assert checks[0]["role"] == "rank 1" and all(c["hf_energy"] is not None for c in checks), group
+                assert checks[0]["role"] == "rank 1" and checks[0]["hf_energy"] is not None, group
+                # an HF single point may fail (GFN2's SCF at a tiny model's odd minimum): then it says why
+                assert all(c["hf_energy"] is not None or c["error"] for c in checks), group
 
 
 def test_final_ground_state_is_the_lowest_verified_hf_energy_of_any_round(run):

@@ -36,6 +36,7 @@ from defectflow.train import (  # noqa: E402
 )
 from defectflow.train.data import (
     frames_to_extxyz,  # noqa: E402
+    frames_to_text,  # noqa: E402
     read_frames,  # noqa: E402
 )
 
@@ -124,6 +125,14 @@ def test_inconsistent_max_L_is_refused(dataset, tmp_path):
     spec = MlipSpec(**{**TINY, "max_L": 1})
     with pytest.raises(ValueError, match="mlip.max_L: 1 does not match mlip.hidden_irreps '8x0e'"):
         train_surrogate(*dataset, spec, tmp_path)
+
+
+def test_a_frame_without_total_charge_is_refused_not_trained_as_neutral(dataset, tmp_path):
+    hf = read_frames(dataset[1])
+    del hf[2].info["total_charge"]  # mace-torch would read it as q = 0
+    with pytest.raises(ValueError, match=r"frame 2: extxyz lacks the total charge 'total_charge' \(info\): expected"):
+        train_surrogate(dataset[0], frames_to_text(hf), MlipSpec(**TINY), tmp_path)
+    assert not list(tmp_path.glob("**/*.model"))  # refused before mace ran
 
 
 def test_mace_failure_raises_with_log_tail(dataset, tmp_path):

@@ -271,9 +271,12 @@ class AseDrivenEngine(Engine):
         finally:
             self.close_calculator(calc)
 
-    def relax(self, structure, charge, workdir=".", fmax=0.05, max_steps=100, keep: Literal["all", "last"] = "all"):
+    def relax(self, structure, charge, workdir=".", fmax=0.05, max_steps=100,
+              keep: Literal["all", "last"] | int = "all"):
         """Relax with the ASE optimizer :attr:`optimizer`; ``keep='last'`` records only the final frame (the
-        surrogate search, where the path is not training data); ``workdir=None`` writes no optimizer log."""
+        surrogate search, where the path is not training data), ``keep=n`` every n-th step and the final one (the
+        surrogate search's top-up candidates; ``Frame.step`` is the optimizer step); ``workdir=None`` writes no
+        optimizer log."""
         from ase import optimize
 
         if workdir is not None:
@@ -295,12 +298,19 @@ class AseDrivenEngine(Engine):
         try:  # close_calculator runs whatever happens, KeyboardInterrupt and SystemExit included
             atoms.calc = calc
             opt = opt_cls(atoms, logfile=None if workdir is None else str(workdir / "opt.log"))
-            if keep == "all":
-                opt.attach(record, interval=1)
-            converged = opt.run(fmax=fmax, steps=max_steps)
-            if keep == "last":
+            every = keep if isinstance(keep, int) and not isinstance(keep, bool) else None
+
+            def record_step():
                 record()
                 frames[-1].step = opt.nsteps
+
+            if keep == "all":
+                opt.attach(record, interval=1)
+            elif every:
+                opt.attach(record_step, interval=every)
+            converged = opt.run(fmax=fmax, steps=max_steps)
+            if keep == "last" or (every and (not frames or frames[-1].step != opt.nsteps)):
+                record_step()
             status = "converged" if converged else "unconverged"
             if not converged:
                 error = f"not converged to fmax={fmax} eV/Å within {max_steps} steps"

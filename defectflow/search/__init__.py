@@ -117,6 +117,7 @@ def search_ground_state(
     relax_batch: Callable[[list], list] | None = None,
     committee: Callable[[list], tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None,
     n_candidates: int = 0,
+    path_every: int = 0,
 ) -> SearchResult:
     """Relax every start with the surrogate at charge ``charge`` and return the ranked distinct minima.
 
@@ -128,14 +129,15 @@ def search_ground_state(
 
     ``committee``: structures → (energy, energy std in eV, force std in eV/Å) per structure (a
     :func:`~defectflow.search.uncertainty.committee_predict` of the committee); it gives the uncertainty at every
-    minimum and, with ``n_candidates`` > 0 and a batched relaxation that kept its paths, the ``n_candidates`` most
-    uncertain path frames (at most one per start) as top-up candidates."""
+    minimum and, with ``n_candidates`` > 0 and relaxation paths kept, the ``n_candidates`` most
+    uncertain path frames (at most one per start) as top-up candidates. The paths are kept by ``relax_batch`` (its
+    own setting) or, one start at a time, every ``path_every`` FIRE steps (0: none)."""
     if (calculator_factory is None) == (relax_batch is None):
         raise ValueError("search_ground_state: give exactly one of calculator_factory and relax_batch")
     t0 = time.perf_counter()
     finals, landscape, unconverged, failed, rejected, paths = [], {}, [], 0, {}, {}
     for s, status, energy, final, error, path in _relaxed(starts, charge, calculator_factory, relax_batch, model,
-                                                          fmax, max_steps):
+                                                          fmax, max_steps, path_every):
         if path:
             paths[s.label] = path
         if status == "failed" or final is None or not np.isfinite(energy):
@@ -192,9 +194,10 @@ def _add_uncertainty(result: SearchResult, finals, paths, committee, n_candidate
     result.candidates = sorted(best.values(), key=lambda p: -p.energy_std)[:n_candidates]
 
 
-def _relaxed(starts, charge, calculator_factory, relax_batch, model, fmax, max_steps):
+def _relaxed(starts, charge, calculator_factory, relax_batch, model, fmax, max_steps, path_every=0):
     """(start, status, energy eV, final structure, error, path) per start, one at a time or batched; ``path``:
-    (step, structure) along the relaxation (batched relaxations that keep it; else empty)."""
+    (step, structure) along the relaxation (batched relaxations that keep it, or every ``path_every`` steps of one
+    at a time; else empty)."""
     if relax_batch is not None:
         try:
             out = relax_batch([s.structure for s in starts])
@@ -208,12 +211,14 @@ def _relaxed(starts, charge, calculator_factory, relax_batch, model, fmax, max_s
     engine = CalculatorEngine(calculator_factory(), xc=model, optimizer="FIRE")
     for s in starts:
         # the one relaxation driver (engines.base.AseDrivenEngine.relax): FIRE, final frame only
-        traj = engine.relax(s.structure, charge, workdir=None, fmax=fmax, max_steps=max_steps, keep="last")
+        traj = engine.relax(s.structure, charge, workdir=None, fmax=fmax, max_steps=max_steps,
+                            keep=path_every if path_every > 0 else "last")
         last = traj.final
+        path = [(f.step, f.structure) for f in traj.frames[:-1]] if path_every > 0 else []
         if last is None:
-            yield s, "failed", float("nan"), None, traj.error, []
+            yield s, "failed", float("nan"), None, traj.error, path
         else:
-            yield s, traj.status, float(last.energy), last.structure, traj.error, []
+            yield s, traj.status, float(last.energy), last.structure, traj.error, path
 
 
 def plot_landscape(result: SearchResult, starts: list[SearchStart] | dict[str, float | None], plot_dir: Path,

@@ -49,7 +49,7 @@ from defectflow.steps import name_job
 from defectflow.store.tracking import tracked
 from defectflow.train.data import hf_extxyz
 from defectflow.train.jobs import committee_names, train_job
-from defectflow.train.surrogate import load_calculator, torch_threads
+from defectflow.train.surrogate import load_calculator, resolve_device, torch_threads
 
 logger = logging.getLogger(__name__)
 
@@ -143,18 +143,18 @@ def surrogate_search(model: TrainedModel, defect: str, charge: int, starts: list
                      plot_dir: str | None = None, seed: int = 0, committee: list[TrainedModel] | None = None,
                      plot_suffix: str = "") -> SearchResult:
     """Relax every ShakeNBreak start (+ rattled copies) with the trained surrogate's HF head at charge q: all
-    together (``spec.batched``, torch-sim) or one at a time (ASE), in ``spec.precision``.
+    together (:func:`use_batched`, torch-sim) or one at a time (ASE), in ``spec.precision``.
 
     ``committee`` (the main model's fellow members, main included or not): their spread gives the energy and force
     uncertainty at every minimum and picks the ``spec.candidates`` most uncertain path frames (batched search,
     every ``spec.path_every`` steps) as top-up candidates."""
     members = [model] + [m for m in (committee or []) if m.model_files != model.model_files]
-    if spec.batched:
+    path_every = spec.path_every if len(members) > 1 else 0  # paths feed the committee's top-up candidates
+    if use_batched(spec):
         def relax(structures):
             with torch_threads():
                 return batched_relax(model, "hf", structures, charge, fmax=spec.fmax, max_steps=spec.max_steps,
-                                     dtype=spec.precision, device=spec.device,
-                                     path_every=spec.path_every if len(members) > 1 else 0)
+                                     dtype=spec.precision, device=spec.device, path_every=path_every)
         engines = {"relax_batch": relax}
     else:
         engines = {"calculator_factory": lambda: load_calculator(model, head="hf", device=spec.device,
@@ -169,12 +169,19 @@ def surrogate_search(model: TrainedModel, defect: str, charge: int, starts: list
         defect, charge, search_starts(starts, spec, seed), model="mace:hf", fmax=spec.fmax,
         max_steps=spec.max_steps, energy_tolerance=spec.energy_tolerance, plot_dir=None,
         min_distance_factor=spec.min_distance_factor, committee=spread if len(members) > 1 else None,
-        n_candidates=spec.candidates, **engines,
+        n_candidates=spec.candidates, path_every=path_every, **engines,
     )
     result.committee_size = len(members)
     if plot_dir is not None and result.landscape:
         result.plot = plot_landscape(result, search_starts(starts, spec, seed), Path(plot_dir), suffix=plot_suffix)
     return result
+
+
+def use_batched(spec: SearchSpec) -> bool:
+    """``search.batched``: true/false, or auto = batched when the search runs on a GPU."""
+    if spec.batched != "auto":
+        return bool(spec.batched)
+    return resolve_device(spec.device) == "cuda"
 
 
 @job(data=["minima", "landscape"])

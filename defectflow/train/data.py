@@ -129,7 +129,8 @@ def read_frames(extxyz: str | Path | None) -> list[Atoms]:
         if ENERGY_KEY not in atoms.info or FORCES_KEY not in atoms.arrays:
             raise ValueError(f"frame {i}: extxyz lacks {ENERGY_KEY!r} (info) or {FORCES_KEY!r} (arrays)")
         if CHARGE_KEY not in atoms.info:
-            raise ValueError(f"frame {i}: extxyz lacks the total charge {CHARGE_KEY!r} (info)")
+            raise ValueError(f"frame {i}: extxyz lacks the total charge {CHARGE_KEY!r} (info): expected the cell's "
+                             "charge q in e (mace-torch would train the frame as q = 0)")
     return frames
 
 
