@@ -26,9 +26,13 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "benchmarks" / "data"
 PRESET_DIR = ROOT / "benchmarks" / "presets"
 LF_PRESETS = ("far", "close", "functional")
+#: eV per cell: two relaxed structures of one q whose HF energies agree within this are "the same minimum" (distinct
+#: minima of this cell are ≥ 30 meV apart; one minimum relaxed from different starts spreads over ≤ 2 meV at fmax
+#: 0.05 eV/Å)
+SAME_MINIMUM_EV = 0.005
 
 __all__ = [
-    "DATA", "LF_PRESETS", "PRESET_DIR", "load_campaign", "generation", "read_json", "write_json", "read_frames_gz",
+    "DATA", "LF_PRESETS", "PRESET_DIR", "SAME_MINIMUM_EV", "load_campaign", "generation", "read_json", "write_json", "read_frames_gz",
     "write_frames_gz", "sha256", "manifest", "check_digests", "relaxation_index", "relaxation_record",
     "relax_name", "seed_relaxations", "pool_frames", "reference_summary", "set_dir",
 ]

@@ -58,6 +58,7 @@ from frozen import (  # noqa: E402
     DATA,
     LF_PRESETS,
     PRESET_DIR,
+    SAME_MINIMUM_EV,
     load_campaign,
     read_frames_gz,
     read_json,
@@ -452,6 +453,48 @@ def reference_summary() -> dict[str, Any] | None:
             "correction": lv.correction_scheme}
 
 
+def lf_vs_hf() -> list[dict[str, Any]]:
+    """Does LF ShakeNBreak alone find the HF ground state? Per LF preset and q (where the direct-HF search of that
+    q and the preset's relaxations of it are frozen): the LF ground state (lowest LF relaxation), the direct-HF
+    minimum nearest to it (RMSD after StructureMatcher alignment, among the 15 HF-relaxed structures of that q),
+    and its HF single point from the preset's pool. It "finds" the HF ground state when that nearest HF minimum is
+    the ground state (within :data:`SAME_MINIMUM_EV` in HF energy)."""
+    from bench_utils import aligned_rmsd
+
+    from defectflow.engines.base import atoms_to_structure
+
+    gen = generation()
+    hf_index = read_json(DATA / "hf" / "index.json", {})
+    rows = []
+    for ds in gen.distortion_sets:
+        hf = {n: r for n, r in hf_index.items() if r["charge"] == ds.charge}
+        if len(hf) < len(ds.structures):
+            continue
+        finals = {n: (r["energy"], atoms_to_structure(read_frames_gz(DATA / "hf" / r["file"])[-1], ds.charge))
+                  for n, r in hf.items() if r["energy"] is not None and r["status"] != "failed"}
+        gs = min(finals, key=lambda n: finals[n][0])
+        for preset in LF_PRESETS:
+            lf = {n: r for n, r in frozen.relaxation_index(preset).items() if r["charge"] == ds.charge}
+            if len(lf) < len(ds.structures):
+                continue
+            done = {n: r for n, r in lf.items() if r["energy"] is not None and r["status"] != "failed"}
+            best = min(done, key=lambda n: done[n]["energy"])
+            rec = frozen.relaxation_record(preset, best)
+            st = rec.trajectory.frames[-1].structure
+            dist = {n: aligned_rmsd(f[1], st)["rmsd"] for n, f in finals.items()}
+            near = min(dist, key=lambda n: dist[n] if dist[n] is not None else 1e9)
+            pool = [a for a in frozen.pool_frames(preset) if a.info.get("lf_relaxation") == best
+                    and int(a.info["lf_step"]) == rec.trajectory.frames[-1].step]
+            e_hf = float(pool[0].info["REF_energy"]) if pool else None
+            rows.append({"preset": preset, "charge": ds.charge, "hf_ground_state": hf[gs]["distortion"],
+                         "lf_ground_state": rec.distortion, "nearest_hf_minimum": hf[near]["distortion"],
+                         "rmsd_to_hf_gs_a": dist[gs], "rmsd_to_nearest_a": dist[near],
+                         "nearest_above_gs_mev": 1000 * (finals[near][0] - finals[gs][0]),
+                         "hf_sp_above_gs_mev": None if e_hf is None else 1000 * (e_hf - finals[gs][0]),
+                         "finds_hf_gs": finals[near][0] - finals[gs][0] <= SAME_MINIMUM_EV})
+    return rows
+
+
 def status() -> None:
     gen = generation()
     n = sum(len(ds.structures) for ds in gen.distortion_sets)
@@ -469,7 +512,8 @@ def status() -> None:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("action", choices=("status", "compute", "manifest"))
+    ap.add_argument("action", choices=("status", "compute", "manifest", "lf-vs-hf"),
+                    help="lf-vs-hf: does each preset's LF ShakeNBreak search find the HF ground state (per q)?")
     ap.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS),
                     help="parts to compute, in the order given (default: all, cheapest first after the HF search)")
     ap.add_argument("--redo", nargs="+", default=[], metavar="NAME",
@@ -485,6 +529,17 @@ def main(argv: list[str] | None = None) -> None:
     sys.path.insert(0, str(ROOT))
     if args.action == "status":
         status()
+    elif args.action == "lf-vs-hf":
+        from bench_utils import table
+
+        rows = lf_vs_hf()
+        print(table(["preset", "q", "HF ground state", "LF ground state", "nearest HF minimum", "RMSD to HF GS Å",
+                     "RMSD to nearest Å", "nearest above HF GS meV", "HF SP at LF GS above HF GS meV",
+                     "LF finds HF GS"],
+                    [[r["preset"], f"{r['charge']:+d}", r["hf_ground_state"], r["lf_ground_state"],
+                      r["nearest_hf_minimum"], r["rmsd_to_hf_gs_a"], r["rmsd_to_nearest_a"],
+                      r["nearest_above_gs_mev"], r["hf_sp_above_gs_mev"], "yes" if r["finds_hf_gs"] else "NO"]
+                     for r in rows], digits=3))
     elif args.action == "compute":
         compute(args.only, args.minutes, set(args.redo))
     else:

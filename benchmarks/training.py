@@ -63,7 +63,7 @@ BUDGETS = (4, 8, 16, 32)
 #: eV/atom above the q's HF ground state: the frames on which minima are ranked (issue #13).
 LOW_ENERGY_WINDOW = 0.1
 #: eV per cell: the surrogate's lowest direct-HF final structure "is" the HF ground state within this HF energy.
-SAME_MINIMUM_EV = 0.005
+SAME_MINIMUM_EV = frozen.SAME_MINIMUM_EV
 #: Goals of issue #13 (default recipe, N ≤ 16): low-energy RMSE per preset (meV/atom, meV/Å), relax RMSD (Å), train s.
 GOALS = {"close": (5.0, 100.0), "functional": (5.0, 100.0), "far": (10.0, 150.0),
          "median_relax_rmsd_a": 0.05, "train_seconds": 600.0}
