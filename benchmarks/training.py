@@ -131,7 +131,8 @@ def hf_training_frames(preset: str, records: dict[str, Any], n: int,
 
 
 class TestSet:
-    """The frozen direct-HF search: every frame, per q, and each relaxation's final structure."""
+    """The frozen direct-HF search: every frame of its converged relaxations and each one's final structure, for
+    the charge states whose search is complete (every start frozen)."""
 
     def __init__(self) -> None:
         from defectflow.engines.base import atoms_to_structure
@@ -144,6 +145,8 @@ class TestSet:
         gen = frozen.generation()
         index = frozen.relaxation_index("hf")
         for ds in gen.distortion_sets:
+            if any(frozen.relax_name(ds, st.label) not in index for st in ds.structures):
+                continue  # a q whose direct-HF search is not complete has no known ground state yet
             for st in ds.structures:
                 name = frozen.relax_name(ds, st.label)
                 row = index.get(name)
@@ -471,7 +474,7 @@ def choose_default(records: list[dict[str, Any]]) -> dict[str, Any] | None:
         if r["kind"] in ("hf_only", "lf_only") or r["n_hf"] > 16 or r["e_rmse_mev_atom"] is None:
             continue
         by_strategy.setdefault(r["strategy"], []).append(r)
-    presets = {r["preset"] for r in records}
+    presets = set(frozen.LF_PRESETS)  # all three: a recipe measured on one preset only is not chosen
     scores = {}
     for strategy, rows in by_strategy.items():
         if {r["preset"] for r in rows} != presets:
