@@ -99,6 +99,20 @@ def test_training_strategy_names_are_library_options():
     for bad in ("transformer", "multihead+bogus"):
         with pytest.raises(SystemExit, match="--strategies"):
             tr.strategy_spec(bad)
+    # +ke<n>: a harvest setting, not an MlipSpec field; its LF model is its own
+    assert tr.keep_every("finetune+ke12") == 12 and tr.keep_every("finetune") is None
+    assert tr.make_spec("multihead+ke12", tr.BASE).max_epochs == tr.BASE["max_epochs"]
+    assert tr.lf_model_dir("far", True, 12) != tr.lf_model_dir("far", True)
+
+
+def test_the_default_recipe_needs_every_preset():
+    tr = _load("training")
+    row = {"kind": "multihead", "n_hf": 16, "e_rmse_mev_atom": 5.0, "f_rmse_mev_a": 100.0}
+    far_only = [{**row, "strategy": "multihead", "preset": "far"}]
+    assert tr.choose_default(far_only) is None
+    every = [{**row, "strategy": s, "preset": p, "e_rmse_mev_atom": e} for p in ("far", "close", "functional")
+             for s, e in (("multihead", 5.0), ("replay", 4.0))]
+    assert tr.choose_default(every)["strategy"] == "replay"
 
 
 def test_training_hf_frames_come_from_the_frozen_pool_within_the_harvest_window():
