@@ -206,32 +206,6 @@ def chgnet_states(results) -> dict[str, dict[str, Any]]:
     return out
 
 
-def lf_snb_states(preset: str, gen) -> dict[str, dict[str, Any]]:
-    """LF ShakeNBreak's ground state per q (the lowest frozen LF relaxation) with its HF energy from the frozen pool
-    (every LF minimum is in it): "LF ShakeNBreak + one HF single point per q" without new DFT."""
-    import numpy as np
-
-    from defectflow.schemas import group_key
-
-    index = frozen.relaxation_index(preset)
-    pool = frozen.pool_frames(preset)
-    out = {}
-    for ds in gen.distortion_sets:
-        rows = {n: r for n, r in index.items() if r["charge"] == ds.charge and r["energy"] is not None
-                and r["status"] != "failed"}
-        best = min(rows, key=lambda n: rows[n]["energy"])
-        rec = frozen.relaxation_record(preset, best)
-        final = rec.trajectory.frames[-1]
-        match = [a for a in pool if a.info.get("lf_relaxation") == best and int(a.info["lf_step"]) == final.step]
-        hf = float(match[0].info["REF_energy"]) if match else None
-        if match:
-            assert np.allclose(match[0].positions, final.structure.cart_coords, atol=1e-5)
-        out[group_key(ds.defect, ds.charge)] = {"label": rec.distortion, "charge": ds.charge,
-                                                 "structure": final.structure, "hf_energy": hf,
-                                                 "lf_energy": rec.energy}
-    return out
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # comparison
 # ---------------------------------------------------------------------------------------------------------------
@@ -342,7 +316,7 @@ def main(argv=None) -> dict[str, Any]:
     if chg:
         extra = hf_label(chg, hf_settings, work / "extra_hf" / "chgnet")
         methods["chgnet"] = method_row(chg, ref, ref_fe, gen, bulk, campaign, extra)
-    lf = lf_snb_states(args.preset, gen)
+    lf = frozen.lf_snb_states(args.preset, gen)
     methods["lf_snb"] = method_row(lf, ref, ref_fe, gen, bulk, campaign, {"calls": len(lf), "from": "frozen pool"})
     baseline_seconds = time.perf_counter() - t0
 

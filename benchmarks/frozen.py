@@ -32,9 +32,10 @@ LF_PRESETS = ("far", "close", "functional")
 SAME_MINIMUM_EV = 0.005
 
 __all__ = [
-    "DATA", "LF_PRESETS", "PRESET_DIR", "SAME_MINIMUM_EV", "load_campaign", "generation", "read_json", "write_json", "read_frames_gz",
-    "write_frames_gz", "sha256", "manifest", "check_digests", "relaxation_index", "relaxation_record",
-    "relax_name", "seed_relaxations", "pool_frames", "reference_summary", "set_dir",
+    "DATA", "LF_PRESETS", "PRESET_DIR", "SAME_MINIMUM_EV", "load_campaign", "generation", "read_json", "write_json",
+    "read_frames_gz", "write_frames_gz", "sha256", "manifest", "check_digests", "relaxation_index",
+    "relaxation_record", "relax_name", "seed_relaxations", "pool_frames", "lf_snb_states", "reference_summary",
+    "set_dir",
 ]
 
 
@@ -231,6 +232,35 @@ def pool_frames(preset: str) -> list:
     """HF single points on the preset's LF frame pool (ASE Atoms: ``REF_*`` = HF, ``LF_*`` = LF labels)."""
     path = DATA / "lf" / preset / "pool_hf.extxyz.gz"
     return read_frames_gz(path) if path.is_file() else []
+
+
+def lf_snb_states(preset: str, gen, charges=None) -> dict[str, dict[str, Any]]:
+    """LF ShakeNBreak's ground state per q (the lowest frozen LF relaxation) with its HF energy from the frozen pool
+    (every LF minimum is in it): "LF ShakeNBreak + one HF single point per q" without new DFT. ``charges``: only
+    these q (default: every q of ``gen``)."""
+    import numpy as np
+
+    from defectflow.schemas import group_key
+
+    index = relaxation_index(preset)
+    pool = pool_frames(preset)
+    out = {}
+    for ds in gen.distortion_sets:
+        if charges is not None and ds.charge not in charges:
+            continue
+        rows = {n: r for n, r in index.items() if r["charge"] == ds.charge and r["energy"] is not None
+                and r["status"] != "failed"}
+        best = min(rows, key=lambda n: rows[n]["energy"])
+        rec = relaxation_record(preset, best)
+        final = rec.trajectory.frames[-1]
+        match = [a for a in pool if a.info.get("lf_relaxation") == best and int(a.info["lf_step"]) == final.step]
+        hf = float(match[0].info["REF_energy"]) if match else None
+        if match:
+            assert np.allclose(match[0].positions, final.structure.cart_coords, atol=1e-5)
+        out[group_key(ds.defect, ds.charge)] = {"label": rec.distortion, "charge": ds.charge,
+                                                 "structure": final.structure, "hf_energy": hf,
+                                                 "lf_energy": rec.energy}
+    return out
 
 
 def reference_summary() -> dict[str, Any]:

@@ -477,17 +477,12 @@ def lf_vs_hf() -> list[dict[str, Any]]:
             lf = {n: r for n, r in frozen.relaxation_index(preset).items() if r["charge"] == ds.charge}
             if len(lf) < len(ds.structures):
                 continue
-            done = {n: r for n, r in lf.items() if r["energy"] is not None and r["status"] != "failed"}
-            best = min(done, key=lambda n: done[n]["energy"])
-            rec = frozen.relaxation_record(preset, best)
-            st = rec.trajectory.frames[-1].structure
-            dist = {n: aligned_rmsd(f[1], st)["rmsd"] for n, f in finals.items()}
+            lf_gs = next(iter(frozen.lf_snb_states(preset, gen, {ds.charge}).values()))
+            dist = {n: aligned_rmsd(f[1], lf_gs["structure"])["rmsd"] for n, f in finals.items()}
             near = min(dist, key=lambda n: dist[n] if dist[n] is not None else 1e9)
-            pool = [a for a in frozen.pool_frames(preset) if a.info.get("lf_relaxation") == best
-                    and int(a.info["lf_step"]) == rec.trajectory.frames[-1].step]
-            e_hf = float(pool[0].info["REF_energy"]) if pool else None
+            e_hf = lf_gs["hf_energy"]
             rows.append({"preset": preset, "charge": ds.charge, "hf_ground_state": hf[gs]["distortion"],
-                         "lf_ground_state": rec.distortion, "nearest_hf_minimum": hf[near]["distortion"],
+                         "lf_ground_state": lf_gs["label"], "nearest_hf_minimum": hf[near]["distortion"],
                          "rmsd_to_hf_gs_a": dist[gs], "rmsd_to_nearest_a": dist[near],
                          "nearest_above_gs_mev": 1000 * (finals[near][0] - finals[gs][0]),
                          "hf_sp_above_gs_mev": None if e_hf is None else 1000 * (e_hf - finals[gs][0]),

@@ -267,11 +267,9 @@ def step_search(work: Path, cfg: dict) -> dict:
                          "energies": [res.landscape.get(s.label) for s in starts]}
         e0 = np.array(rows["batched_float64"]["energies"], dtype=float)
         for r in rows.values():  # same minimum per start as batched float64? (|ΔE| per start, meV)
-            e = np.array(r["energies"], dtype=float)
+            e = np.array(r.pop("energies"), dtype=float)
             ok = np.isfinite(e) & np.isfinite(e0)
             r["max_abs_energy_difference_meV_vs_batched_float64"] = float(1000 * np.max(np.abs(e - e0)[ok]))
-        for r in rows.values():
-            r.pop("energies")
         out[size] = {"natoms": len(starts[0].structure), **rows}
     return out
 
@@ -557,8 +555,8 @@ def main(argv=None) -> dict[str, Any]:
     old = json.loads(out_json.read_text()) if a.steps and out_json.is_file() else {}
     steps = dict(old.get("steps", {}))
     done_path = work / "steps_done.json"  # this work dir's finished steps: a failed step loses none of them
-    if a.steps and done_path.is_file():
-        steps.update(json.loads(done_path.read_text()))
+    kept = json.loads(done_path.read_text()) if a.steps and done_path.is_file() else {}
+    steps.update(kept)
     done = {}
     for step in a.steps or STEPS:
         print(f"  {step} ...", flush=True)
@@ -568,8 +566,7 @@ def main(argv=None) -> dict[str, Any]:
             rest = [st for st in (a.steps or STEPS) if st not in done]
             raise SystemExit(f"{err}\nfinished steps kept in {done_path}; run the rest with "
                              f"--steps {' '.join(rest)}") from None
-        done_path.write_text(json.dumps({**(json.loads(done_path.read_text()) if a.steps and done_path.is_file()
-                                            else {}), **done}))
+        done_path.write_text(json.dumps({**kept, **done}))
     missing = [st for st in STEPS if st not in steps]
     if missing:
         raise SystemExit(f"steps {', '.join(missing)} have no results yet: run them (--steps) or run all steps")
