@@ -162,7 +162,7 @@ def relaxation_record(part: str, name: str, settings_digest: str | None = None):
             engine=row["engine"], xc=None, fidelity=a.info.get("fidelity"), settings_digest=digest,
             wall_seconds=float(a.info.get("wall_seconds", 0.0)), step=int(a.info["step"]),
             magnetization=a.info.get("magnetization"), vbm=a.info.get("vbm"), cbm=a.info.get("cbm"),
-            fermi_level=a.info.get("fermi_level")))
+            fermi_level=a.info.get("fermi_level"), forces_suspect=bool(a.info.get("forces_suspect", False))))
     fidelity = "high" if part == "hf" else "low"
     traj = RelaxTrajectory(frames=frames, status=row["status"], error=row.get("error"), charge=row["charge"],
                            engine=row["engine"], fidelity=fidelity, settings_digest=digest,

@@ -30,7 +30,9 @@ measured per engine call with ``getrusage`` (this process + reaped children: ``m
 Frames (extxyz, one file per relaxation): ``REF_energy`` (eV), ``REF_forces`` (eV/Å), ``REF_stress`` (eV/Å³),
 ``total_charge`` (e), ``defect``, ``distortion`` (the ShakeNBreak start), ``step`` (ionic step index),
 ``relax_status`` (converged / unconverged / failed, of the whole relaxation), ``final`` (last frame),
-``vbm``/``cbm``/``fermi_level`` (eV) and ``magnetization`` (μB) where the engine gives them, ``wall_seconds``.
+``vbm``/``cbm``/``fermi_level`` (eV) and ``magnetization`` (μB) where the engine gives them, ``wall_seconds``,
+and ``forces_suspect`` (True where the engine flagged the step's forces, :attr:`defectflow.schemas.Frame.forces_suspect`:
+QE steps after an lsda restart that did not end the relaxation; nothing trains or tests on them).
 The **hf** frames are the held-out HF test set of the training study: nothing may train on them.
 """
 
@@ -151,6 +153,8 @@ def record_frames(record, ds) -> list:
             continue
         meta = {"defect": ds.defect, "distortion": record.distortion, "relax_status": record.status,
                 "final": i == len(frames) - 1, "wall_seconds": round(f.wall_seconds, 3)}
+        if f.forces_suspect:
+            meta["forces_suspect"] = True
         for key in ("vbm", "cbm", "fermi_level", "magnetization"):
             if getattr(f, key) is not None:
                 meta[key] = getattr(f, key)
@@ -504,11 +508,48 @@ def status() -> None:
         print(f"pool {preset:9s} {len(pidx.get('done', {}))}/{len(pidx.get('chosen', [])) or POOL_SIZE} HF frames")
 
 
+def flag_suspect_forces() -> list[str]:
+    """Set ``forces_suspect`` on the frozen QE frames the QE engine would flag now
+    (:func:`defectflow.engines.qe.outputs.suspect_forces`), read again from each relaxation's ``pw.out`` in the work
+    folder: for relaxations frozen before the flag existed. Returns what changed, one line per relaxation."""
+    from defectflow.engines.base import safe_name
+    from defectflow.engines.qe.outputs import parse_pw_output, suspect_forces
+
+    changed = []
+    for part in ("hf", *(f"lf/{p}" for p in LF_PRESETS)):
+        folder = DATA / part
+        for name, row in read_json(folder / "index.json", {}).items():
+            if not row.get("file") or row.get("engine") != "qe":
+                continue
+            out = work_root() / part / safe_name(f"{row['defect']}_{row['charge']:+d}_{row['distortion']}") / "pw.out"
+            atoms = read_frames_gz(folder / row["file"])
+            if not out.exists():
+                log.warning("%s/%s: no %s, left as it is", part, name, out)
+                continue
+            result = parse_pw_output(out, hybrid=False)
+            if len(result.atoms) != len(atoms):
+                log.warning("%s/%s: %d steps in pw.out, %d frozen: left as it is", part, name, len(result.atoms),
+                            len(atoms))
+                continue
+            flags = suspect_forces(result, len(atoms), row["status"] == "converged")
+            if all(bool(a.info.get("forces_suspect", False)) == f for a, f in zip(atoms, flags)):
+                continue
+            for a, f in zip(atoms, flags):
+                a.info.pop("forces_suspect", None)
+                if f:
+                    a.info["forces_suspect"] = True
+            write_frames_gz(folder / row["file"], atoms)
+            changed.append(f"{part}/{name}: {sum(flags)} of {len(flags)} steps flagged")
+    return changed
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("action", choices=("status", "compute", "manifest", "lf-vs-hf"),
-                    help="lf-vs-hf: does each preset's LF ShakeNBreak search find the HF ground state (per q)?")
+    ap.add_argument("action", choices=("status", "compute", "manifest", "lf-vs-hf", "flag-suspect"),
+                    help="lf-vs-hf: does each preset's LF ShakeNBreak search find the HF ground state (per q)? "
+                    "flag-suspect: mark frozen QE steps whose forces the QE engine now flags (Frame.forces_suspect), "
+                    "read from the work folder's pw.out")
     ap.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS),
                     help="parts to compute, in the order given (default: all, cheapest first after the HF search)")
     ap.add_argument("--redo", nargs="+", default=[], metavar="NAME",
@@ -535,6 +576,9 @@ def main(argv: list[str] | None = None) -> None:
                       r["nearest_hf_minimum"], r["rmsd_to_hf_gs_a"], r["rmsd_to_nearest_a"],
                       r["nearest_above_gs_mev"], r["hf_sp_above_gs_mev"], "yes" if r["finds_hf_gs"] else "NO"]
                      for r in rows], digits=3))
+    elif args.action == "flag-suspect":
+        for line in flag_suspect_forces() or ["no frozen file changed"]:
+            print(line)
     elif args.action == "compute":
         compute(args.only, args.minutes, set(args.redo))
     else:

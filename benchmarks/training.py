@@ -128,8 +128,8 @@ def hf_training_frames(preset: str, records: dict[str, Any], n: int,
 
 
 class TestSet:
-    """The frozen direct-HF search: every frame of its converged relaxations and each one's final structure, for
-    the charge states whose search is complete (every start frozen)."""
+    """The frozen direct-HF search: every frame of its converged relaxations (but the steps whose forces the
+    engine flagged) and each one's final structure, for the charge states whose search is complete (every start frozen)."""
 
     def __init__(self) -> None:
         from defectflow.engines.base import atoms_to_structure
@@ -152,7 +152,9 @@ class TestSet:
                 frames = frozen.read_frames_gz(frozen.set_dir("hf") / row["file"])
                 for a in frames:
                     a.info["relaxation"] = name
-                self.frames += frames
+                # steps whose forces the engine flagged (Frame.forces_suspect) are not test frames; the final
+                # energy still ranks the minimum
+                self.frames += [a for a in frames if not a.info.get("forces_suspect")]
                 self.starts[name] = (st.structure, ds.charge)
                 self.finals[name] = frames[-1]
                 self.final_structures[name] = atoms_to_structure(frames[-1], charge_of(frames[-1]))

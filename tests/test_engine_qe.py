@@ -36,8 +36,10 @@ from defectflow.engines.qe import (
     make_pw_input,
     n_bands,
     parse_band_edges,
+    parse_pw_output,
     read_upf_header,
     select_pseudopotentials,
+    suspect_forces,
 )
 
 DEBIAN_PSEUDO = Path("/usr/share/espresso/pseudo")
@@ -489,6 +491,20 @@ def test_pbe_relax_records_every_step(tmp_path):
     assert np.allclose(traj.frames[0].structure.cart_coords, start.cart_coords, atol=1e-8)
     assert traj.frames[-1].structure.lattice == start.lattice
     assert not np.allclose(traj.frames[-1].structure.cart_coords, start.cart_coords, atol=1e-3)
+    # no lsda restart in this closed-shell run: no step is flagged. Splice pw.x's lsda-check message in between
+    # the first and the second step's forces, where pw.x prints it: every later step becomes suspect, but the last one of a converged
+    # relaxation (the restart confirmed the minimum)
+    assert not any(f.forces_suspect for f in traj.frames)
+    lines = (tmp_path / "pw.out").read_text().splitlines(keepends=True)
+    second = [i for i, ln in enumerate(lines) if "Forces acting on atoms" in ln][1]
+    lines.insert(second, '     by performing a new scf iteration without any "electronic" history\n')
+    spliced = tmp_path / "spliced.out"
+    spliced.write_text("".join(lines))
+    result = parse_pw_output(spliced, hybrid=False)
+    n = len(result.atoms)
+    assert n == traj.n_steps and result.lsda_restarted == [False] + [True] * (n - 1)
+    assert suspect_forces(result, n, converged=False) == [False] + [True] * (n - 1)
+    assert suspect_forces(result, n, converged=True) == [False] + [True] * (n - 2) + [False]
 
 
 @pytest.mark.dft

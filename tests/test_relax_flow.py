@@ -240,20 +240,21 @@ def test_harvest_filter_drops_duplicates_and_outliers():
 
     s = Structure(Lattice.cubic(5), ["Si", "Si"], [[0, 0, 0], [0.5, 0.5, 0.5]])
 
-    def frame(e, fmax=0.1, step=0, shift=0.0):
+    def frame(e, fmax=0.1, step=0, shift=0.0, suspect=False):
         st = s.copy()
         st.translate_sites([1], [shift, 0, 0], frac_coords=False)
         return Frame(structure=st, energy=e, forces=[[fmax, 0, 0], [0, 0, 0]], charge=0, engine="ase",
-                     settings_digest="x", step=step)
+                     settings_digest="x", step=step, forces_suspect=suspect)
 
     frames = [frame(-10.0), frame(-10.0001, step=1, shift=0.001),  # near-duplicate of step 0
               frame(-10.5, step=2, shift=0.3), frame(-9.0, fmax=50.0, step=3, shift=0.4),  # huge force
-              frame(-10.6, step=4, shift=0.35)]
+              frame(-10.55, step=4, shift=0.5, suspect=True),  # forces the engine flagged
+              frame(-10.6, step=5, shift=0.35)]
     rec = RelaxRecord(defect="v", charge=0, distortion="d", status="converged", engine="ase", fidelity="low",
                       settings_digest="x", trajectory=RelaxTrajectory(frames=frames, status="converged", charge=0,
                                                                        engine="ase", settings_digest="x",
                                                                        fmax_target=0.1))
     kept, dropped, n = _filter([rec], HarvestFilter())
-    assert n == 5
-    assert [f.step for f, _ in kept] == [0, 2, 4]
-    assert dropped["near_duplicate"] == 1 and dropped["max_force"] == 1
+    assert n == 6
+    assert [f.step for f, _ in kept] == [0, 2, 5]
+    assert dropped["near_duplicate"] == 1 and dropped["max_force"] == 1 and dropped["forces_suspect"] == 1

@@ -225,8 +225,8 @@ class HarvestFilter(BaseModel):
 
 
 def _filter(records: list[RelaxRecord], flt: HarvestFilter) -> tuple[list[tuple[Frame, dict]], dict[str, int], int]:
-    dropped = {"failed_scf": 0, "non_finite": 0, "max_force": 0, "high_energy": 0, "near_duplicate": 0,
-               "keep_every": 0}
+    dropped = {"failed_scf": 0, "non_finite": 0, "forces_suspect": 0, "max_force": 0, "high_energy": 0,
+               "near_duplicate": 0, "keep_every": 0}
     candidates = 0
     by_group: dict[tuple[str, int], list[tuple[Frame, dict]]] = {}
     for rec in records:
@@ -243,6 +243,9 @@ def _filter(records: list[RelaxRecord], flt: HarvestFilter) -> tuple[list[tuple[
                 continue
             if not math.isfinite(f.energy) or f.forces is None or not np.all(np.isfinite(f.forces_array)):
                 dropped["non_finite"] += 1
+                continue
+            if f.forces_suspect:  # the engine does not trust these forces (Frame.forces_suspect)
+                dropped["forces_suspect"] += 1
                 continue
             if f.fmax > flt.max_force:
                 dropped["max_force"] += 1

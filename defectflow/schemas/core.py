@@ -117,6 +117,14 @@ class Frame(BaseModel):
     potential: ElectrostaticPotential | None = Field(
         None, description="Electrostatic potential for finite-size corrections, when the engine recorded it"
     )
+    forces_suspect: bool = Field(
+        False,
+        description="The engine flags this step's forces as not to be trusted, though the energy is. QE: a "
+        "relaxation step after pw.x's lsda check restarted the SCF without electronic history ('a final "
+        "configuration with zero absolute magnetization has been found') and the relaxation went on. At a "
+        "(near-)degenerate defect level these restarts returned forces up to 3.8 eV/Å at an unchanged energy, "
+        "which a fresh single point does not reproduce (docs/benchmarks.md). Step 4 does not train on such steps",
+    )
 
     @property
     def band_gap(self) -> float | None:

@@ -102,7 +102,13 @@ from defectflow.engines.qe.inputs import (
     select_pseudopotentials,
     unique_elements,
 )
-from defectflow.engines.qe.outputs import PwResult, parse_band_edges, parse_pw_output, read_potential_cube
+from defectflow.engines.qe.outputs import (
+    PwResult,
+    parse_band_edges,
+    parse_pw_output,
+    read_potential_cube,
+    suspect_forces,
+)
 from defectflow.engines.qe.settings import (
     DEFAULT_PSEUDO_DIR,
     HYBRID_DFT,
@@ -127,6 +133,7 @@ __all__ = [
     "n_valence_electrons",
     "parse_band_edges",
     "parse_pw_output",
+    "suspect_forces",
     "pw_namelists",
     "read_potential_cube",
     "read_upf_header",

@@ -25,7 +25,7 @@ from defectflow.engines.qe.inputs import (
     select_pseudopotentials,
     unique_elements,
 )
-from defectflow.engines.qe.outputs import PwResult, parse_pw_output, read_potential_cube
+from defectflow.engines.qe.outputs import PwResult, parse_pw_output, read_potential_cube, suspect_forces
 from defectflow.engines.qe.settings import HYBRID_DFT, QESettings
 from defectflow.schemas import Frame, RelaxTrajectory
 from defectflow.schemas.core import ElectrostaticPotential
@@ -179,7 +179,7 @@ class QEEngine(Engine):
             energy = res.get("energy")
         stress = res.get("stress")
         vbm, cbm, fermi = result.band_edges[k] if k < len(result.band_edges) else (None, None, None)
-        return self.make_frame(
+        frame = self.make_frame(
             start if step == 0 else self._structure(start, atoms, charge),
             charge,
             energy,
@@ -194,6 +194,7 @@ class QEEngine(Engine):
             cbm=cbm,
             fermi_level=fermi,
         )
+        return frame
 
     def single_point(self, structure: Structure, charge: int, workdir: str | Path = ".") -> Frame:
         """pw.x SCF of ``structure`` at charge ``charge``; with ``electrostatic_potential`` on, pp.x then writes the
@@ -254,4 +255,7 @@ class QEEngine(Engine):
         else:
             status = "unconverged"
             error = f"not converged to fmax={fmax} eV/Å within {max_steps} steps"
+        for k, bad in enumerate(suspect_forces(result, len(frames), status == "converged")):
+            if bad:
+                frames[k] = frames[k].model_copy(update={"forces_suspect": True})
         return self.make_trajectory(frames, status, charge, fmax, wall, error)

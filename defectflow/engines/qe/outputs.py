@@ -15,7 +15,7 @@ from defectflow.engines.outputs import band_edges
 from defectflow.engines.qe.settings import RY_IN_EV
 from defectflow.schemas.core import ElectrostaticPotential
 
-__all__ = ["PwResult", "parse_band_edges", "parse_pw_output", "read_potential_cube"]
+__all__ = ["PwResult", "parse_band_edges", "parse_pw_output", "read_potential_cube", "suspect_forces"]
 
 
 @dataclass
@@ -33,6 +33,9 @@ class PwResult:
     bfgs_converged: bool
     bfgs_message: str | None
     band_edges: list[tuple[float | None, float | None, float | None]] = None  # (vbm, cbm, E_F) eV, per step
+    # per step: whether pw.x's lsda check had restarted the SCF without electronic history before it ("a final
+    # configuration with zero absolute magnetization has been found"; see Frame.forces_suspect)
+    lsda_restarted: list[bool] = None
     potential: ElectrostaticPotential | None = None  # pp.x's, when the engine ran it after a single point
 
 
@@ -133,13 +136,15 @@ def parse_pw_output(path: Path, hybrid: bool) -> PwResult:
 
     force_idx = [i for i, ln in enumerate(lines) if "Forces acting on atoms" in ln]
     energy_tag = "!!" if hybrid else "!"
-    energies, mags, cpus, edges = [], [], [], []
-    prev = 0
+    energies, mags, cpus, edges, resets = [], [], [], [], []
+    prev, restarted = 0, False
     for fi in force_idx:
         e = m = c = None
         for ln in lines[prev:fi]:
             s = ln.lstrip()
-            if s.startswith(energy_tag) and "total energy" in s and (hybrid or not s.startswith("!!")):
+            if s.startswith("by performing a new scf iteration without any"):
+                restarted = True
+            elif s.startswith(energy_tag) and "total energy" in s and (hybrid or not s.startswith("!!")):
                 e = float(s.split("=")[1].split()[0]) * RY_IN_EV
             elif s.startswith("total magnetization"):
                 m = float(s.split("=")[1].split()[0])
@@ -149,6 +154,7 @@ def parse_pw_output(path: Path, hybrid: bool) -> PwResult:
         mags.append(m)
         cpus.append(c)
         edges.append(parse_band_edges(lines[prev:fi]))
+        resets.append(restarted)
         prev = fi
     nel = re.findall(r"number of electrons\s*=\s*([-\d.]+)", text)
     error = None
@@ -182,7 +188,22 @@ def parse_pw_output(path: Path, hybrid: bool) -> PwResult:
         bfgs_converged="bfgs converged" in text,
         bfgs_message=bfgs_msg,
         band_edges=edges,
+        lsda_restarted=resets,
     )
+
+
+def suspect_forces(result: PwResult, n_steps: int, converged: bool) -> list[bool]:
+    """Per ionic step: are its forces suspect (:attr:`defectflow.schemas.Frame.forces_suspect`)?
+
+    Yes for every step after pw.x's lsda check restarted the SCF without electronic history ("a final
+    configuration with zero absolute magnetization has been found"), unless that step ended a converged
+    relaxation (the restart confirmed the minimum). Measured on the frozen reference (V_Si⁺, docs/benchmarks.md):
+    after a second restart the forces jumped to 3.8 eV/Å at an unchanged energy, halved from one restart to the next,
+    and a fresh single point did not reproduce them; BFGS then reset its history 11 times and never converged.
+    """
+    restarted = list(result.lsda_restarted or [])[:n_steps]
+    restarted += [False] * (n_steps - len(restarted))
+    return [r and not (k == n_steps - 1 and converged) for k, r in enumerate(restarted)]
 
 
 def read_potential_cube(path: str | Path) -> np.ndarray:
