@@ -18,6 +18,9 @@ runs. One **cell** of the grid is (strategy, preset, N):
 
   - energy RMSE (meV/atom) and force RMSE (meV/Å) on the *low-energy* direct-HF frames (within
     :data:`LOW_ENERGY_WINDOW` = 0.1 eV/atom of that q's HF ground state, where minima are ranked) and on all frames;
+  - the low-energy energy error split per q into its mean (a constant offset, which moves every energy of that q
+    alike and so changes no ranking; verification replaces surrogate energies by HF ones) and its spread (standard
+    deviation: what ranking feels);
   - ranking: Spearman ρ between surrogate and HF energies of the direct-HF final structures, and whether the
     structure the surrogate ranks lowest is the HF ground state (its HF energy within
     :data:`frozen.SAME_MINIMUM_EV` = 5 meV of the ground state's);
@@ -204,7 +207,12 @@ def evaluate(calc, test: TestSet, preset: str) -> dict[str, Any]:
                     s = sets.setdefault(key, {"e": [], "f": []})
                     s["e"].append(np.array([de]))
                     s["f"].append(df)
-        errors = {k: {"e_rmse_mev_atom": _rmse(v["e"]), "f_rmse_mev_a": _rmse(v["f"]), "n_frames": len(v["e"])}
+        # the mean error is a constant offset per (region, q): it moves every energy of that q alike, so it does not
+        # change which minimum ranks lowest (and verification replaces surrogate energies by HF ones); the spread
+        # (standard deviation) is what ranking feels
+        errors = {k: {"e_rmse_mev_atom": _rmse(v["e"]), "f_rmse_mev_a": _rmse(v["f"]), "n_frames": len(v["e"]),
+                      "e_mean_mev_atom": float(np.mean(np.concatenate(v["e"]))),
+                      "e_std_mev_atom": float(np.std(np.concatenate(v["e"])))}
                   for k, v in sorted(sets.items())}
         # ranking of the direct-HF final structures
         e_fin, _ = predict(calc, list(test.finals.values()))
@@ -248,11 +256,11 @@ DEFAULT_STRATEGIES = ("multihead", "multihead+w10", "finetune", "replay", "delta
 
 
 def strategy_spec(name: str) -> dict[str, Any]:
-    """A strategy name → MlipSpec overrides: ``<kind>[+refs][+w<hf weight>][+ew<eV/atom>][+ke<n>][+all]``, e.g.
+    """A strategy name → MlipSpec overrides: ``<kind>[+refs][+w<hf weight>][+ew<eV/atom>][+ke<n>][+s<n>][+all]``, e.g.
     ``multihead+refs+w10+ew0.05`` = multi-head, per-(fidelity, q) references removed, HF frames weighted 10×,
     frame weights exp(−ΔE/0.05 eV/atom); ``+ke<n>``: every n-th LF ionic step harvested (``relax.keep_every``;
-    the presets keep every 3rd); ``+all``: HF frames chosen among every pool frame, without the harvest's window
-    (``HF_SELECTION``)."""
+    the presets keep every 3rd); ``+s<n>``: seed n instead of BASE's (a repeat of the cell, for its spread);
+    ``+all``: HF frames chosen among every pool frame, without the harvest's window (``HF_SELECTION``)."""
     kind, *mods = name.split("+")
     if kind not in KINDS:
         raise SystemExit(f"--strategies: unknown model kind {kind!r} in {name!r}; expected one of {', '.join(KINDS)}")
@@ -268,9 +276,11 @@ def strategy_spec(name: str) -> dict[str, Any]:
             out["keep_every"] = int(m[2:])
         elif m.startswith("w"):
             out["hf_weight"] = float(m[1:])
+        elif m.startswith("s"):
+            out["seed"] = int(m[1:])
         else:
             raise SystemExit(f"--strategies: unknown modifier {m!r} in {name!r} "
-                             "(refs, w<number>, ew<number>, ke<integer>, all)")
+                             "(refs, w<number>, ew<number>, ke<integer>, s<integer>, all)")
     return out
 
 
@@ -380,6 +390,11 @@ def evaluate_cell(preset, strategy, n, model, train_seconds, lf_seconds, harvest
         "strategy": strategy, "preset": preset, "n_hf": n, "kind": kind,
         "e_rmse_mev_atom": low.get("e_rmse_mev_atom"), "f_rmse_mev_a": low.get("f_rmse_mev_a"),
         "e_rmse_all_mev_atom": every.get("e_rmse_mev_atom"), "f_rmse_all_mev_a": every.get("f_rmse_mev_a"),
+        # low-energy frames, per q: the constant offset (mean error) and the spread around it
+        "e_offset_mev_atom": {k.split("|")[1]: v["e_mean_mev_atom"] for k, v in ev["errors"].items()
+                              if k.startswith("low|") and not k.endswith("|all")},
+        "e_spread_mev_atom": {k.split("|")[1]: v["e_std_mev_atom"] for k, v in ev["errors"].items()
+                              if k.startswith("low|") and not k.endswith("|all")},
         "gs_ranked_lowest": {q: r["gs_ranked_lowest"] for q, r in ev["ranking"].items()},
         "spearman": {q: r["spearman"] for q, r in ev["ranking"].items()},
         "median_relax_rmsd_a": ev["median_relax_rmsd_a"], "max_relax_rmsd_a": ev["max_relax_rmsd_a"],
@@ -506,10 +521,12 @@ def render(data: dict[str, Any]) -> str:
     rows = []
     for r in sorted(data["records"], key=lambda r: (r["preset"], r["strategy"], r["n_hf"])):
         gs = "".join("✓" if v else "✗" for _, v in sorted(r["gs_ranked_lowest"].items(), key=lambda kv: int(kv[0])))
-        rows.append([r["preset"], r["strategy"], r["n_hf"], r["e_rmse_mev_atom"], r["f_rmse_mev_a"],
+        spread = r.get("e_spread_mev_atom")  # records evaluated before session 8 lack it (--reevaluate)
+        spread = "/".join(f"{spread[q]:.0f}" for q in sorted(spread, key=int)) if spread else None
+        rows.append([r["preset"], r["strategy"], r["n_hf"], r["e_rmse_mev_atom"], spread, r["f_rmse_mev_a"],
                      r["e_rmse_all_mev_atom"], r["f_rmse_all_mev_a"], gs, r["median_relax_rmsd_a"],
                      r["max_relax_rmsd_a"], r["train_seconds"]])
-    out = [table(["preset", "strategy", "N HF", "E low meV/at", "F low meV/Å", "E all meV/at", "F all meV/Å",
+    out = [table(["preset", "strategy", "N HF", "E low meV/at", "E low spread per q", "F low meV/Å", "E all meV/at", "F all meV/Å",
                   "GS lowest (q asc.)", "relax RMSD med Å", "max Å", "train s"], rows, digits=3)]
     d = data.get("default")
     out.append(f"default recipe: {d['strategy']} (score {d['score']:.2f}; {d['rule']})" if d else
@@ -562,7 +579,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--presets", nargs="+", choices=frozen.LF_PRESETS, default=list(frozen.LF_PRESETS))
     p.add_argument("--strategies", nargs="+", default=list(DEFAULT_STRATEGIES),
-                   help="<kind>[+refs][+w<HF weight>][+ew<eV/atom>][+ke<n>][+all], kinds: " + ", ".join(KINDS))
+                   help="<kind>[+refs][+w<HF weight>][+ew<eV/atom>][+ke<n>][+s<seed>][+all], kinds: " + ", ".join(KINDS))
     p.add_argument("--budgets", nargs="+", type=int, default=list(BUDGETS), help="HF training frames N")
     p.add_argument("--jobs", type=int, default=2, help="cells trained at once (one torch thread each)")
     p.add_argument("--json", type=Path, default=RESULTS / "training.json")
