@@ -64,7 +64,7 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float | None:
     return float(rho) if np.isfinite(rho) else None
 
 
-def run(preset: str, budget: int, members: int, recipe: str | None) -> dict[str, Any]:
+def run(preset: str, budget: int, members: int, recipe: str | None, keep_every: int | None = None) -> dict[str, Any]:
     from defectflow.campaign import MlipSpec
     from defectflow.engines.base import atoms_to_structure
     from defectflow.search.uncertainty import committee_predict
@@ -75,15 +75,16 @@ def run(preset: str, budget: int, members: int, recipe: str | None) -> dict[str,
     recipe = recipe or MlipSpec().multi_fidelity
     spec = MlipSpec(**{**training.BASE, **training.STUDY_SPEC, "multi_fidelity": recipe, "committee": members})
     records = training.lf_records(preset)
-    lf_text, _ = training.lf_training_extxyz(preset, records)
+    lf_text, harvest = training.lf_training_extxyz(preset, records, keep_every)
     hf_atoms, hf_keys = training.hf_training_frames(preset, records, budget, None)
-    work = WORK / preset / f"{recipe}_n{budget}_m{members}"
+    work = WORK / preset / (f"{recipe}_n{budget}_m{members}" + (f"_ke{keep_every}" if keep_every else ""))
     t0 = time.perf_counter()
     result = train_models(lf_text, frames_to_text(hf_atoms), spec, work / "train")
     train_seconds = time.perf_counter() - t0
     models = [result.models[n] for n in result.committee]
     test = training.TestSet()
     out: dict[str, Any] = {"preset": preset, "n_hf": budget, "recipe": recipe, "members": members,
+                           "keep_every": keep_every, "n_lf_frames": harvest["n_frames"],
                            "train_seconds": train_seconds, "hf_frames": hf_keys, "groups": {}}
     t0 = time.perf_counter()
     rows = []
@@ -122,7 +123,8 @@ def run(preset: str, budget: int, members: int, recipe: str | None) -> dict[str,
 def render(data: dict[str, Any]) -> str:
     lines = []
     for rec in data["records"]:
-        lines.append(f"### {rec['preset']}: {rec['recipe']}, N = {rec['n_hf']}, committee of {rec['members']} "
+        ke = f", every {rec['keep_every']}th LF step" if rec.get("keep_every") else ""
+        lines.append(f"### {rec['preset']}: {rec['recipe']}{ke}, N = {rec['n_hf']}, committee of {rec['members']} "
                      f"(training {rec['train_seconds'] / 60:.1f} min)")
         lines.append("")
         lines.append(table(
@@ -142,6 +144,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--budget", type=int, default=32, help="HF training frames N (from the preset's frozen pool)")
     p.add_argument("--members", type=int, default=3, help="committee size (mlip.committee)")
     p.add_argument("--recipe", default=None, help="mlip.multi_fidelity (default: the library's default)")
+    p.add_argument("--keep-every", type=int, default=None,
+                   help="harvest every n-th LF ionic step (relax.keep_every; default: the preset's): fewer LF frames")
     p.add_argument("--json", type=Path, default=RESULTS)
     p.add_argument("--show", action="store_true", help="print the tables of the existing JSON and exit")
     a = p.parse_args(argv)
@@ -149,9 +153,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if a.show:
         print(render(old))
         return old
-    rec = run(a.preset, a.budget, a.members, a.recipe)
-    key = (rec["preset"], rec["recipe"], rec["n_hf"], rec["members"])
-    records = [r for r in old["records"] if (r["preset"], r["recipe"], r["n_hf"], r["members"]) != key] + [rec]
+    rec = run(a.preset, a.budget, a.members, a.recipe, a.keep_every)
+
+    def key(r):
+        return r["preset"], r["recipe"], r["n_hf"], r["members"], r.get("keep_every")
+
+    records = [r for r in old["records"] if key(r) != key(rec)] + [rec]
     data = rounded({"benchmark": "uncertainty", "machine": machine(), "records": records}, 5)
     a.json.parent.mkdir(parents=True, exist_ok=True)
     a.json.write_text(json.dumps(data, indent=1) + "\n")

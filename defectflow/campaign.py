@@ -365,6 +365,10 @@ class MlipSpec(_Section):
         "OMP_NUM_THREADS, or 1 when unset and training on cpu (small models train ~50x faster than with 2 "
         "contended threads)"
     )
+    parallel: int | None = Field(
+        None, ge=1, description="Committee members trained at once, each in its own mace_run_train process "
+        "(None: on cpu as many as the CPU cores hold at num_threads each, at most the committee; on a GPU 1)"
+    )
     extra_args: dict[str, Any] = Field(
         default_factory=dict,
         description="Extra mace_run_train options, e.g. {ema: null, ema_decay: 0.995}; a null value passes a bare "

@@ -555,3 +555,54 @@ def test_batched_fire_takes_ases_fire_steps_and_finds_the_same_minima(trained):
         assert all(len(st) == 15 and st.charge == 1 for _, st in r.path)
     assert all(r.path == [] for r in batched_relax(model, "hf", [s.structure for s in starts], 1, fmax=0.02,
                                                    max_steps=300, path_every=10_000))
+
+
+def test_committee_members_train_at_once_where_cores_allow(dataset, monkeypatch, tmp_path):
+    """``mlip.parallel``: members are separate training processes, run side by side. Each fake member waits at a
+    barrier for the other: trained one after the other, the barrier would break and the run fail. A shared LF
+    model (delta/finetune/replay) trains main first; the members then start from it."""
+    import threading
+
+    from defectflow.campaign import MlipSpec
+    from defectflow.train import jobs
+
+    lf, hf = dataset
+    barrier = threading.Barrier(2, timeout=20)
+    seen: list[tuple[str, int, bool]] = []
+
+    def fake_train_kind(lf_extxyz, hf_extxyz, spec, workdir, kind, label, lf_model=None, **kw):
+        seen.append((label, spec.seed, lf_model is not None))
+        if label != "main" or kind == "multihead":
+            barrier.wait()
+        return label
+
+    monkeypatch.setattr(jobs, "train_kind", fake_train_kind)
+    class Trained(Exception):
+        pass
+
+    def stop(*a, **k):
+        raise Trained("trained")
+
+    monkeypatch.setattr(jobs, "evaluate", stop)
+    spec = MlipSpec(committee=2, device="cpu", parallel=2)
+    with pytest.raises(Trained):  # stop after training: these are not real models
+        jobs.train_models(lf, hf, spec, tmp_path / "multihead")
+    assert sorted(seen) == [("committee1", 2, False), ("main", 1, False)]
+
+    seen.clear()
+    barrier.reset()
+    spec = MlipSpec(committee=3, device="cpu", parallel=2, multi_fidelity="delta")
+    monkeypatch.setattr(jobs, "_lf_view", lambda model, name: f"lf of {model}")
+    with pytest.raises(Trained):
+        jobs.train_models(lf, hf, spec, tmp_path / "delta")
+    assert seen[0] == ("main", 1, False)  # first, alone; then both others at once, from main's LF part
+    assert sorted(seen[1:]) == [("committee1", 2, True), ("committee2", 3, True)]
+
+    # how many at once: the setting, else cores over threads per process, never more than the committee
+    assert jobs.parallel_members(MlipSpec(committee=3, parallel=5)) == 3
+    monkeypatch.setattr(jobs.os, "cpu_count", lambda: 16)
+    assert jobs.parallel_members(MlipSpec(committee=3, device="cpu", num_threads=4)) == 3
+    assert jobs.parallel_members(MlipSpec(committee=8, device="cpu", num_threads=4)) == 4
+    monkeypatch.setattr(jobs.os, "cpu_count", lambda: 2)
+    assert jobs.parallel_members(MlipSpec(committee=3, device="cpu", num_threads=1)) == 2
+    assert jobs.parallel_members(MlipSpec(committee=3, device="cuda")) == 1

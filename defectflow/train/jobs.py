@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +16,11 @@ from defectflow.schemas import ComparisonRow, TrainingResult
 from defectflow.store.tracking import tracked
 from defectflow.train.data import read_frames
 from defectflow.train.metrics import evaluate, plot_pca
-from defectflow.train.surrogate import TrainedModel, train_kind, train_warm
+from defectflow.train.surrogate import TrainedModel, resolve_device, train_kind, train_warm
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ComparisonRow", "TrainingResult", "train_models", "train_job", "committee_names"]
+__all__ = ["ComparisonRow", "TrainingResult", "train_models", "train_job", "committee_names", "parallel_members"]
 
 
 _ABLATION_KIND = {"hf_only": "hf_only", "lf_only": "lf_only"}
@@ -40,12 +42,23 @@ def committee_names(spec: MlipSpec) -> list[str]:
     return ["main"] + [f"committee{k}" for k in range(1, spec.committee)]
 
 
+def parallel_members(spec: MlipSpec) -> int:
+    """How many committee members train at once: ``spec.parallel``, else on cpu the cores over the threads each
+    training process uses (at most the committee), else 1."""
+    if spec.parallel is not None:
+        return min(spec.parallel, spec.committee)
+    if resolve_device(spec.device) == "cpu":
+        threads = spec.num_threads or int(os.environ.get("OMP_NUM_THREADS", "1") or 1)
+        return max(1, min(spec.committee, (os.cpu_count() or 1) // max(threads, 1)))
+    return 1
+
+
 def train_models(lf_extxyz: str, hf_extxyz: str, spec: MlipSpec, workdir: str | Path,
                  plot_dir: str | Path | None = None, previous: TrainingResult | None = None) -> TrainingResult:
     """Train the surrogate (``spec.multi_fidelity``), its committee and each of ``spec.ablations``; evaluate all.
 
     Committee (``spec.committee`` models): 'main' and 'committee1' … , the same recipe with seed (and so data
-    split) ``spec.seed + k``; with delta, finetune or replay they share main's LF model, so only their HF part is
+    split) ``spec.seed + k``, :func:`parallel_members` of them trained at once; with delta, finetune or replay they share main's LF model, so only their HF part is
     trained again. ``previous`` (a top-up round): every committee member is fine-tuned from its own previous
     weights on the HF frames so far (:func:`~defectflow.train.surrogate.train_warm`); the ablations are not
     retrained (their models and metrics are carried over).
@@ -61,15 +74,27 @@ def train_models(lf_extxyz: str, hf_extxyz: str, spec: MlipSpec, workdir: str | 
     workdir = Path(workdir)
     names = committee_names(spec)
     models: dict[str, TrainedModel] = {}
-    for k, name in enumerate(names):
-        member = spec if k == 0 else spec.model_copy(update={"seed": spec.seed + k})
+
+    def member(k: int, name: str) -> TrainedModel:
+        m_spec = spec if k == 0 else spec.model_copy(update={"seed": spec.seed + k})
         if previous is not None and name in previous.models:
-            models[name] = train_warm(previous.models[name], lf_extxyz, hf_extxyz, member, workdir / name, name)
-            continue
+            return train_warm(previous.models[name], lf_extxyz, hf_extxyz, m_spec, workdir / name, name)
         shared = (_lf_view(models["main"], "lf") if k > 0 and spec.multi_fidelity in ("delta", "finetune", "replay")
                   else None)
-        models[name] = train_kind(lf_extxyz, hf_extxyz, member, workdir / name, kind=spec.multi_fidelity,
-                                  label=name, lf_model=shared)
+        return train_kind(lf_extxyz, hf_extxyz, m_spec, workdir / name, kind=spec.multi_fidelity, label=name,
+                          lf_model=shared)
+
+    # Members are independent mace_run_train processes: several run at once where cores allow. With a shared LF
+    # model (delta, finetune, replay, from scratch) main is trained first, the others then start from its LF part.
+    order = list(enumerate(names))
+    if previous is None and spec.multi_fidelity in ("delta", "finetune", "replay") and len(order) > 1:
+        models["main"] = member(0, "main")
+        order = order[1:]
+    with ThreadPoolExecutor(max_workers=parallel_members(spec)) as pool:
+        futures = {name: pool.submit(member, k, name) for k, name in order}
+        for name, fut in futures.items():
+            models[name] = fut.result()
+    models = {name: models[name] for name in names}
     if previous is not None:
         carried = {n: m for n, m in previous.models.items() if n in spec.ablations}
         models.update(carried)
