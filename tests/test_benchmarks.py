@@ -133,3 +133,15 @@ def test_training_hf_frames_come_from_the_frozen_pool_within_the_harvest_window(
         q = int(a.info["total_charge"])
         assert a.info["LF_energy"] / len(a) - lowest[q] <= 1.0 + 1e-9  # HF_SELECTION's window, eV/atom
         assert abs(a.arrays["LF_forces"]).max() <= 20.0 * 1.0001  # ... and force cap, eV/Å (|F| ≥ any component)
+
+
+def test_projection_counts_starts_for_the_direct_side_and_groups_for_defectflow():
+    """The direct search relaxes every start; defectflow pays per (defect, q). Two groups of 15 and 3 starts."""
+    proj = _load("projection")
+    starts = {"v_A 0": 15, "v_A 1": 3}
+    r = proj.project(starts, steps_per_relaxation=40, calls_per_group=6, sp_over_step=1.5, lf_step_cost=0.05)
+    assert r["direct_hf_steps"] == 18 * 40
+    assert r["defectflow_hf_steps"] == 2 * 6 * 1.5
+    assert r["hf_ratio"] == pytest.approx(720 / 18)
+    assert r["total_ratio"] == pytest.approx(720 / (18 + 18 * 40 * 0.05))
+    assert r["total_ratio"] < r["hf_ratio"]  # the LF relaxations are not free
