@@ -422,8 +422,9 @@ class VerifySpec(_Section):
     Each round verifies, per (defect, q), the ``top_k`` lowest distinct surrogate minima plus the most uncertain
     minimum within ``uncertain_window`` of the lowest; the ground state is the lowest in HF energy among them and
     every other structure of that (defect, q) whose HF energy is known. Then, unless the campaign stops, it adds HF
-    single points (``round_budget`` per round) at the most uncertain frames along the surrogate relaxation paths,
-    plus the verified minima whose error exceeds ``energy_threshold``, and fine-tunes the committee from its
+    single points (``round_budget`` per round) at the frames along the surrogate relaxation paths where the
+    committee's forces disagree most, plus the verified minima whose error exceeds ``energy_threshold``, and
+    fine-tunes the committee from its
     previous weights. It stops when every ground state is unchanged from the previous round and every verified
     error is below ``energy_threshold``, after ``max_rounds`` top-ups, or when ``max_hf_calls`` would be exceeded."""
 
@@ -435,11 +436,11 @@ class VerifySpec(_Section):
     max_rounds: int = Field(3, ge=0, description="Top-up rounds at most (0: verify once, never retrain)")
     top_k: int = Field(3, ge=1, description="Distinct surrogate minima verified per (defect, q), lowest first")
     uncertain_window: float = Field(
-        0.5, ge=0, description="Also verify the minimum with the largest committee energy spread among those "
-        "within this many eV of the lowest (0: no extra minimum)")
+        0.5, ge=0, description="Also verify the minimum with the largest committee energy spread (relative to "
+        "the other minima) among those within this many eV of the lowest (0: no extra minimum)")
     round_budget: int = Field(
-        4, ge=0, description="HF single points per top-up round at the most uncertain path frames (all (defect, "
-        "q) together; the verified minima above the threshold are added on top, at no extra HF call)")
+        4, ge=0, description="HF single points per top-up round at the path frames of largest committee force "
+        "spread (all (defect, q) together; the verified minima above the threshold are added on top, at no extra HF call)")
     max_hf_calls: int | None = Field(
         None, ge=1, description="Cap on the campaign's HF calculations (bulk + selection + verifications + top-ups); "
         "a round that would exceed it is not started. None: no cap beyond max_rounds")

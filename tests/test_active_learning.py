@@ -60,8 +60,9 @@ def group(hf: float, error: float | None, q: int = 0, label: str = "m0") -> Grou
 
 def candidates(n: int) -> SearchResult:
     s = search_with([-10.0], [0.01])
-    s.candidates = [PathFrame(label=f"s{i}", step=10, structure=si_vac15(0.1, i), energy=-9.0, energy_std=0.1 * (i + 1),
-                              force_std=0.2) for i in range(n)]
+    # energy spread falling, force spread rising with i: candidates rank by the force spread (no member offsets)
+    s.candidates = [PathFrame(label=f"s{i}", step=10, structure=si_vac15(0.1, i), energy=-9.0, energy_std=0.1 * (n - i),
+                              force_std=0.2 * (i + 1)) for i in range(n)]
     return s
 
 
@@ -87,7 +88,7 @@ def test_the_loop_stops_once_ground_states_are_stable_and_errors_small():
     ctx0 = context(0, max_rounds=5, round_budget=2)
     rec0 = round_record(0, gv, ctx0, None)
     added, minima, paths, stop = plan_topup(rec0, gv, [candidates(3)], ctx0)
-    assert stop is None and [p.label for p, _ in paths] == ["s2", "s1"]  # most uncertain first, within budget
+    assert stop is None and [p.label for p, _ in paths] == ["s2", "s1"]  # largest force spread first, in budget
     assert all(t.reason == "uncertain path frame" for t in added)
     # an error above the threshold keeps the loop going, and that minimum is added at no extra HF call
     bad = [group(-10.0, 40.0)]
@@ -106,6 +107,25 @@ def _frame():
 
     return get_engine(GFN2, fidelity="high").single_point(si_vac15(0.05, 10), 0)
 
+
+
+def test_a_verified_minimum_far_above_its_group_is_not_trained_on():
+    """The top-up adds verified minima whose HF energy disagrees with the surrogate; one that sits 5 eV/atom above
+    the group's lowest HF frame (a collapsed surrogate minimum, as in an xTB-restrained test run) is left out with
+    its reason, by the LF harvest's thresholds (1 eV/atom), and the loop still goes on."""
+    frame = _frame()
+    n = len(frame.structure)
+    gv = group(frame.energy, 40.0)
+    gv.checks[0].hf_frame = frame
+    high = frame.model_copy(update={"energy": frame.energy + 5.0 * n})
+    gv.checks.append(gv.checks[0].model_copy(update={"hf_frame": high, "hf_energy": high.energy,
+                                                     "ground_state_label": "collapsed", "role": "rank 2"}))
+    ctx = context(0, max_rounds=3, round_budget=0)
+    rec = round_record(0, [gv], ctx, None)
+    added, minima, paths, stop = plan_topup(rec, [gv], [candidates(0)], ctx)
+    assert stop is None and [c.ground_state_label for c, _ in minima] == ["m0"]
+    assert len(rec.not_trained) == 1 and rec.not_trained[0]["label"] == "collapsed"
+    assert "5.00 eV/atom above" in rec.not_trained[0]["reason"]
 
 def test_the_hf_budget_caps_the_next_round():
     # 10 spent before, 1 in this round; the next round's verifications may take 1 group × (top_k 2 + 2) = 4: with
@@ -144,3 +164,17 @@ def test_a_known_hf_frame_lower_than_every_verified_minimum_becomes_the_ground_s
     gv = verify_minima.original(s, GFN2, GFN1, VerifySpec(top_k=2, uncertain_window=0))
     assert gv.source == "verified minimum" and gv.ground_state.hf_energy == min(c.hf_energy for c in gv.checks)
 
+
+
+def test_the_energy_spread_that_ranking_feels_ignores_a_members_constant_offset():
+    """Two members that agree on every energy difference but sit 2 eV apart: no ranking uncertainty, though the
+    plain energy spread is 1 eV everywhere. A member that reorders two structures does carry one."""
+    import numpy as np
+
+    from defectflow.search.uncertainty import CommitteePrediction
+
+    forces = [np.zeros((2, 1, 3))] * 3
+    offset = CommitteePrediction(np.array([[-10.0, -9.5, -9.0], [-8.0, -7.5, -7.0]]), forces)
+    assert np.allclose(offset.energy_std, 1.0) and np.allclose(offset.relative_energy_std, 0.0)
+    swapped = CommitteePrediction(np.array([[-10.0, -9.5, -9.0], [-9.5, -10.0, -9.0]]), forces)
+    assert swapped.relative_energy_std[0] > 0.2 and swapped.relative_energy_std[1] > 0.2

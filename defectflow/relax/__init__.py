@@ -223,6 +223,23 @@ class HarvestFilter(BaseModel):
     dedup_displacement: float = Field(0.02, ge=0, description="... and no atom moved more than this (Å)")
     keep_every: int = Field(1, ge=1, description="Keep every n-th step (first and last always kept)")
 
+    def rejects(self, frame: Frame, lowest_per_atom: float | None) -> str | None:
+        """Why one labelled frame is no training data by this filter's force and energy thresholds (None: it is),
+        ``lowest_per_atom`` being the lowest known energy of its (defect, q), eV/atom. For frames that arrive one
+        at a time: the HF single points of an active-learning top-up."""
+        if frame.energy is None or not frame.scf_converged or frame.forces is None:
+            return "no energy or forces"
+        if not math.isfinite(frame.energy) or not np.all(np.isfinite(frame.forces_array)):
+            return "non-finite energy or forces"
+        if frame.fmax > self.max_force:
+            return f"an atomic force of {frame.fmax:.1f} eV/Å, above {self.max_force:g}"
+        if lowest_per_atom is not None:
+            above = frame.energy / len(frame.structure) - lowest_per_atom
+            if above > self.max_energy_above_min:
+                return (f"{above:.2f} eV/atom above the lowest known frame of its (defect, q), above "
+                        f"{self.max_energy_above_min:g}")
+        return None
+
 
 def _filter(records: list[RelaxRecord], flt: HarvestFilter) -> tuple[list[tuple[Frame, dict]], dict[str, int], int]:
     dropped = {"failed_scf": 0, "non_finite": 0, "forces_suspect": 0, "max_force": 0, "high_energy": 0,

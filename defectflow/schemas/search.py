@@ -28,7 +28,9 @@ class Minimum(BaseModel):
     structure: Structure
     labels: list[str] = Field(description="Starts that relaxed into this minimum")
     relative_energy: float = Field(0.0, description="Energy above the lowest minimum in eV")
-    energy_std: float | None = Field(None, description="Committee standard deviation of the energy here, eV")
+    energy_std: float | None = Field(
+        None, description="Committee standard deviation of the energy here relative to the search's other minima "
+        "(each member's mean over them removed: a member's constant offset changes no ranking), eV")
     force_std: float | None = Field(
         None, description="Committee uncertainty of the forces here: the largest per-atom standard deviation, eV/Å")
 
@@ -40,8 +42,10 @@ class PathFrame(BaseModel):
     step: int = Field(description="FIRE step of that relaxation")
     structure: Structure
     energy: float = Field(description="Surrogate energy in eV")
-    energy_std: float = Field(description="Committee standard deviation of the energy, eV")
-    force_std: float = Field(description="Largest per-atom committee standard deviation of the force, eV/Å")
+    energy_std: float = Field(description="Committee standard deviation of the energy relative to the search's "
+                              "other path frames (each member's mean removed), eV")
+    force_std: float = Field(description="Largest per-atom committee standard deviation of the force, eV/Å: what "
+                             "ranks top-up candidates")
 
 
 class SearchResult(BaseModel):
@@ -169,6 +173,9 @@ class RoundRecord(BaseModel):
                                "previous round's")
     added: list[TopUpFrame] = Field(default_factory=list, description="Frames added to the HF training set before "
                                     "this round, whose model they trained, and why (empty for round 0)")
+    not_trained: list[dict[str, Any]] = Field(
+        default_factory=list, description="Verified minima above the threshold that the top-up left out of training "
+        "(group, label, reason: the LF harvest's force and energy thresholds)")
     hf_calls: int = Field(0, description="HF calculations of this round: verifications + top-up single points")
     hf_seconds: float = Field(0.0, description="Their wall seconds")
     hf_cpu_seconds: float = Field(0.0, description="Their CPU seconds (this process and engine subprocesses)")

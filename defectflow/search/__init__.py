@@ -128,9 +128,10 @@ def search_ground_state(
     covalent-radius sum is rejected as unphysical (0 disables the check).
 
     ``committee``: structures → (energy, energy std in eV, force std in eV/Å) per structure (a
-    :func:`~defectflow.search.uncertainty.committee_predict` of the committee); it gives the uncertainty at every
-    minimum and, with ``n_candidates`` > 0 and relaxation paths kept, the ``n_candidates`` most
-    uncertain path frames (at most one per start) as top-up candidates. The paths are kept by ``relax_batch`` (its
+    :func:`~defectflow.search.uncertainty.committee_predict` of the committee; the search's job passes the energy
+    spread relative to the other structures of the call); it gives the uncertainty at every minimum and, with
+    ``n_candidates`` > 0 and relaxation paths kept, the ``n_candidates`` path frames of largest force spread (at
+    most one per start) as top-up candidates. The paths are kept by ``relax_batch`` (its
     own setting) or, one start at a time, every ``path_every`` FIRE steps (0: none)."""
     if (calculator_factory is None) == (relax_batch is None):
         raise ValueError("search_ground_state: give exactly one of calculator_factory and relax_batch")
@@ -188,10 +189,10 @@ def _add_uncertainty(result: SearchResult, finals, paths, committee, n_candidate
     energy, e_std, f_std = committee([st for _, _, st in flat])
     best: dict[str, PathFrame] = {}
     for (label, step, st), e, es, fs in zip(flat, energy, e_std, f_std, strict=True):
-        if label not in best or es > best[label].energy_std:
+        if label not in best or fs > best[label].force_std:
             best[label] = PathFrame(label=label, step=step, structure=st, energy=float(e), energy_std=float(es),
                                     force_std=float(fs))
-    result.candidates = sorted(best.values(), key=lambda p: -p.energy_std)[:n_candidates]
+    result.candidates = sorted(best.values(), key=lambda p: -p.force_std)[:n_candidates]
 
 
 def _relaxed(starts, charge, calculator_factory, relax_batch, model, fmax, max_steps, path_every=0):

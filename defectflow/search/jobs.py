@@ -20,6 +20,7 @@ from pydantic import BaseModel, Field
 from defectflow.campaign import FidelitiesSpec, LevelsSpec, MlipSpec, SearchSpec, VerifySpec
 from defectflow.engines import get_engine
 from defectflow.levels import LevelEntry, compute_levels, with_potentials
+from defectflow.relax import HarvestFilter
 from defectflow.schemas import (
     BulkReference,
     CampaignResult,
@@ -163,7 +164,7 @@ def surrogate_search(model: TrainedModel, defect: str, charge: int, starts: list
     def spread(structures):
         with torch_threads():
             p = committee_predict(members, "hf", structures, charge, dtype=spec.precision, device=spec.device)
-        return p.energies[0], p.energy_std, p.force_std
+        return p.energies[0], p.relative_energy_std, p.force_std
 
     result = search_ground_state(
         defect, charge, search_starts(starts, spec, seed), model="mace:hf", fmax=spec.fmax,
@@ -219,6 +220,22 @@ def minima_to_verify(search: SearchResult, spec: VerifySpec) -> list[tuple[int, 
         if rest:
             chosen.append((max(rest, key=lambda i: search.minima[i].energy_std), "most uncertain"))
     return chosen
+
+
+#: The thresholds an HF top-up frame must pass to be trained on: the LF harvest's (one place for them). Measured
+#: (session 8): a verified surrogate minimum 8.4 eV/atom above its group's lowest HF frame, added to the training
+#: set, made the warm-started committee's validation error grow every epoch (339 → 961 meV/atom).
+TOPUP_FILTER = HarvestFilter()
+
+
+def lowest_known_per_atom(hf_extxyz: str, gv: GroupVerification) -> float | None:
+    """The lowest HF energy per atom known for ``gv``'s (defect, q): the HF training set's and this round's
+    verifications, eV/atom."""
+    known = known_hf_lowest(hf_extxyz, gv.defect, gv.charge)
+    values = [] if known is None else [known[1] / len(known[2])]
+    values += [c.hf_energy / len(c.hf_frame.structure) for c in gv.checks
+               if c.hf_energy is not None and c.hf_frame is not None]
+    return min(values) if values else None
 
 
 def known_hf_lowest(hf_extxyz: str, defect: str, charge: int):
@@ -426,16 +443,22 @@ def plan_topup(record: RoundRecord, verifications: list[GroupVerification], sear
     minima = []
     delta = context.mlip.multi_fidelity == "delta"  # its targets need the LF labels of the same geometry
     for gv in verifications:
+        lowest = lowest_known_per_atom(context.hf_extxyz, gv)
         for c in gv.checks:
             if (c.hf_frame is not None and c.hf_energy is not None and not c.agrees and c.surrogate_energy is not None
                     and c.hf_frame.forces is not None
                     and (not delta or (c.lf_frame is not None and c.lf_frame.energy is not None))):
+                why = TOPUP_FILTER.rejects(c.hf_frame, lowest)
+                if why:  # e.g. a collapsed minimum 8 eV/atom up: trained on, it wrecked the warm start (docs)
+                    record.not_trained.append({"group": group_key(c.defect, c.charge),
+                                               "label": c.ground_state_label, "reason": why})
+                    continue
                 minima.append((c, TopUpFrame(group=group_key(c.defect, c.charge), label=c.ground_state_label or "?",
                                              reason="verified minimum, |ΔE| above threshold",
                                              energy_std=c.energy_std, force_std=c.force_std,
                                              error_mev_per_atom=c.error_mev_per_atom)))
     pool = sorted(((p, group_key(s.defect, s.charge)) for s in searches for p in s.candidates),
-                  key=lambda x: -x[0].energy_std)
+                  key=lambda x: -x[0].force_std)
     n = spec.round_budget if room is None else max(0, min(spec.round_budget, room))
     paths = [(p, TopUpFrame(group=key, label=f"{p.label} step {p.step}", reason="uncertain path frame",
                             energy_std=p.energy_std, force_std=p.force_std)) for p, key in pool[:n]]
@@ -483,7 +506,9 @@ def finalize(verifications: list[GroupVerification], searches: list[SearchResult
 def label_topup(frames: list[PathFrame], groups: list[str], hf_extxyz_so_far: str, high, low,
                 need_lf: bool = False) -> LabelledSet:
     """HF single points (and LF ones when ``need_lf``: Δ-learning's targets) at the top-up path frames; returns
-    them with the HF training set so far, extended, in ``extxyz``."""
+    them with the HF training set so far, extended, in ``extxyz``. A frame that fails :data:`TOPUP_FILTER` (force
+    or energy far above its group's lowest known HF frame) is listed in ``failed`` with the reason, not trained
+    on; its HF call counts all the same."""
     from defectflow.store.tracking import cpu_clock
 
     engine = get_engine(high, fidelity="high")
@@ -501,6 +526,10 @@ def label_topup(frames: list[PathFrame], groups: list[str], hf_extxyz_so_far: st
         error = hf.error or "HF single point failed" if hf.energy is None else (
             (lf.error or "LF single point failed") if lf_engine is not None and (lf is None or lf.energy is None)
             else None)
+        if error is None:  # the LF harvest's thresholds, against the lowest HF frame of its group known so far
+            known = known_hf_lowest(hf_extxyz_so_far, defect, charge)
+            why = TOPUP_FILTER.rejects(hf, None if known is None else known[1] / len(known[2]))
+            error = f"not trained on: {why}" if why else None
         if error:
             failed.append({"defect": defect, "charge": charge, "distortion": p.label, "step": p.step, "error": error})
             continue
