@@ -178,3 +178,19 @@ def test_the_energy_spread_that_ranking_feels_ignores_a_members_constant_offset(
     assert np.allclose(offset.energy_std, 1.0) and np.allclose(offset.relative_energy_std, 0.0)
     swapped = CommitteePrediction(np.array([[-10.0, -9.5, -9.0], [-9.5, -10.0, -9.0]]), forces)
     assert swapped.relative_energy_std[0] > 0.2 and swapped.relative_energy_std[1] > 0.2
+
+
+def test_defectflow_results_shows_what_a_round_left_out_of_training():
+    from rich.console import Console
+
+    from defectflow.cli.main import _rounds_table
+
+    rounds = [RoundRecord(round=0, errors_mev_per_atom={}, disagreeing=["v_Si +1"], retrained=True, hf_calls=4,
+                          not_trained=[{"group": "v_Si +1", "label": "Bond_Distortion_-45.0%+rattle1",
+                                        "reason": "8.40 eV/atom above the lowest known frame"}]).model_dump(),
+              RoundRecord(round=1, errors_mev_per_atom={}, disagreeing=[], retrained=False).model_dump()]
+    console = Console(record=True, width=400)
+    console.print(_rounds_table(rounds))
+    text = console.export_text()
+    assert "left out of training" in text and "8.40 eV/atom above" in text
+    assert text.count("none") >= 2  # round 1 left nothing out and changed no ground state

@@ -452,7 +452,7 @@ def _rounds_table(rounds: list[dict]):
 
     table = Table(title="Verification and top-up rounds")
     for col in ("round", "verified minima", "max |E_HF − E_MLIP| (meV/atom)", "max σ_E (meV)", "ground state changed",
-                "frames added before it", "HF calls", "HF CPU (s)"):
+                "frames added before it", "left out of training", "HF calls", "HF CPU (s)"):
         table.add_column(col)
     for r in rounds:
         checks = [c for cs in (r.get("verified") or {}).values() for c in cs]
@@ -462,7 +462,9 @@ def _rounds_table(rounds: list[dict]):
         why = ", ".join(f"{n} {k}" for k, n in sorted(_count(a["reason"] for a in added).items()))
         table.add_row(str(r["round"]), str(len(checks)), _fmt(max(errs) if errs else None, ".1f"),
                       _fmt(max(stds) if stds else None, ".1f"), ", ".join(r.get("changed") or []) or "none",
-                      f"{len(added)}" + (f" ({why})" if why else ""), str(r.get("hf_calls", "-")),
+                      f"{len(added)}" + (f" ({why})" if why else ""),
+                      "; ".join(f"{x['group']} {x['label']}: {x['reason']}" for x in r.get("not_trained") or [])
+                      or "none", str(r.get("hf_calls", "-")),
                       _fmt(r.get("hf_cpu_seconds"), ".0f"))
     return table
 
