@@ -223,16 +223,27 @@ class HarvestFilter(BaseModel):
     dedup_displacement: float = Field(0.02, ge=0, description="... and no atom moved more than this (Å)")
     keep_every: int = Field(1, ge=1, description="Keep every n-th step (first and last always kept)")
 
+    def frame_problem(self, frame: Frame) -> tuple[str, str] | None:
+        """Why one frame on its own is no training data: (the harvest's ``dropped`` key, a sentence), or None. The
+        checks that need no other frame: a failed SCF, non-finite or missing values, forces the engine flagged,
+        an atomic force above ``max_force``."""
+        if frame.energy is None or not frame.scf_converged:
+            return "failed_scf", "no energy (failed SCF)"
+        if not math.isfinite(frame.energy) or frame.forces is None or not np.all(np.isfinite(frame.forces_array)):
+            return "non_finite", "non-finite or missing energy or forces"
+        if frame.forces_suspect:
+            return "forces_suspect", "forces the engine flagged (Frame.forces_suspect)"
+        if frame.fmax > self.max_force:
+            return "max_force", f"an atomic force of {frame.fmax:.1f} eV/Å, above {self.max_force:g}"
+        return None
+
     def rejects(self, frame: Frame, lowest_per_atom: float | None) -> str | None:
         """Why one labelled frame is no training data by this filter's force and energy thresholds (None: it is),
         ``lowest_per_atom`` being the lowest known energy of its (defect, q), eV/atom. For frames that arrive one
         at a time: the HF single points of an active-learning top-up."""
-        if frame.energy is None or not frame.scf_converged or frame.forces is None:
-            return "no energy or forces"
-        if not math.isfinite(frame.energy) or not np.all(np.isfinite(frame.forces_array)):
-            return "non-finite energy or forces"
-        if frame.fmax > self.max_force:
-            return f"an atomic force of {frame.fmax:.1f} eV/Å, above {self.max_force:g}"
+        problem = self.frame_problem(frame)
+        if problem:
+            return problem[1]
         if lowest_per_atom is not None:
             above = frame.energy / len(frame.structure) - lowest_per_atom
             if above > self.max_energy_above_min:
@@ -255,17 +266,9 @@ def _filter(records: list[RelaxRecord], flt: HarvestFilter) -> tuple[list[tuple[
         kept: list[Frame] = []
         for i, f in enumerate(frames):
             last_step = i == len(frames) - 1
-            if f.energy is None or not f.scf_converged:
-                dropped["failed_scf"] += 1
-                continue
-            if not math.isfinite(f.energy) or f.forces is None or not np.all(np.isfinite(f.forces_array)):
-                dropped["non_finite"] += 1
-                continue
-            if f.forces_suspect:  # the engine does not trust these forces (Frame.forces_suspect)
-                dropped["forces_suspect"] += 1
-                continue
-            if f.fmax > flt.max_force:
-                dropped["max_force"] += 1
+            problem = flt.frame_problem(f)
+            if problem:
+                dropped[problem[0]] += 1
                 continue
             if kept and not last_step:
                 if flt.keep_every > 1 and i % flt.keep_every:

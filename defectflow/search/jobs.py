@@ -228,11 +228,18 @@ def minima_to_verify(search: SearchResult, spec: VerifySpec) -> list[tuple[int, 
 TOPUP_FILTER = HarvestFilter()
 
 
+def known_lowest_per_atom(hf_extxyz: str, defect: str, charge: int) -> float | None:
+    """The lowest HF energy per atom of ``defect`` at ``charge`` in an HF training set (:func:`known_hf_lowest`),
+    eV/atom, or None."""
+    known = known_hf_lowest(hf_extxyz, defect, charge)
+    return None if known is None else known[1] / len(known[2])
+
+
 def lowest_known_per_atom(hf_extxyz: str, gv: GroupVerification) -> float | None:
     """The lowest HF energy per atom known for ``gv``'s (defect, q): the HF training set's and this round's
     verifications, eV/atom."""
-    known = known_hf_lowest(hf_extxyz, gv.defect, gv.charge)
-    values = [] if known is None else [known[1] / len(known[2])]
+    known = known_lowest_per_atom(hf_extxyz, gv.defect, gv.charge)
+    values = [] if known is None else [known]
     values += [c.hf_energy / len(c.hf_frame.structure) for c in gv.checks
                if c.hf_energy is not None and c.hf_frame is not None]
     return min(values) if values else None
@@ -515,6 +522,7 @@ def label_topup(frames: list[PathFrame], groups: list[str], hf_extxyz_so_far: st
     lf_engine = get_engine(low, fidelity="low") if need_lf else None
     wall = cpu = 0.0
     pairs, failed = [], []
+    lowest: dict[str, float | None] = {}  # group → lowest HF energy per atom in the training set so far
     for k, (p, key) in enumerate(zip(frames, groups, strict=True)):
         defect, q = key.rsplit(" ", 1)
         charge = int(q)
@@ -527,8 +535,9 @@ def label_topup(frames: list[PathFrame], groups: list[str], hf_extxyz_so_far: st
             (lf.error or "LF single point failed") if lf_engine is not None and (lf is None or lf.energy is None)
             else None)
         if error is None:  # the LF harvest's thresholds, against the lowest HF frame of its group known so far
-            known = known_hf_lowest(hf_extxyz_so_far, defect, charge)
-            why = TOPUP_FILTER.rejects(hf, None if known is None else known[1] / len(known[2]))
+            if key not in lowest:
+                lowest[key] = known_lowest_per_atom(hf_extxyz_so_far, defect, charge)
+            why = TOPUP_FILTER.rejects(hf, lowest[key])
             error = f"not trained on: {why}" if why else None
         if error:
             failed.append({"defect": defect, "charge": charge, "distortion": p.label, "step": p.step, "error": error})

@@ -179,7 +179,7 @@ class QEEngine(Engine):
             energy = res.get("energy")
         stress = res.get("stress")
         vbm, cbm, fermi = result.band_edges[k] if k < len(result.band_edges) else (None, None, None)
-        frame = self.make_frame(
+        return self.make_frame(
             start if step == 0 else self._structure(start, atoms, charge),
             charge,
             energy,
@@ -194,7 +194,6 @@ class QEEngine(Engine):
             cbm=cbm,
             fermi_level=fermi,
         )
-        return frame
 
     def single_point(self, structure: Structure, charge: int, workdir: str | Path = ".") -> Frame:
         """pw.x SCF of ``structure`` at charge ``charge``; with ``electrostatic_potential`` on, pp.x then writes the
