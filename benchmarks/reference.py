@@ -31,8 +31,9 @@ Frames (extxyz, one file per relaxation): ``REF_energy`` (eV), ``REF_forces`` (e
 ``total_charge`` (e), ``defect``, ``distortion`` (the ShakeNBreak start), ``step`` (ionic step index),
 ``relax_status`` (converged / unconverged / failed, of the whole relaxation), ``final`` (last frame),
 ``vbm``/``cbm``/``fermi_level`` (eV) and ``magnetization`` (μB) where the engine gives them, ``wall_seconds``,
-and ``forces_suspect`` (True where the engine flagged the step's forces, :attr:`defectflow.schemas.Frame.forces_suspect`:
-QE steps after an lsda restart that did not end the relaxation; nothing trains or tests on them).
+and ``forces_suspect`` (True where the engine flagged the step's forces,
+:attr:`defectflow.schemas.Frame.forces_suspect`: QE steps after an lsda restart that did not end the relaxation;
+nothing trains or tests on them).
 The **hf** frames are the held-out HF test set of the training study: nothing may train on them.
 """
 
@@ -521,11 +522,12 @@ def flag_suspect_forces() -> list[str]:
         for name, row in read_json(folder / "index.json", {}).items():
             if not row.get("file") or row.get("engine") != "qe":
                 continue
-            out = work_root() / part / safe_name(f"{row['defect']}_{row['charge']:+d}_{row['distortion']}") / "pw.out"
-            atoms = read_frames_gz(folder / row["file"])
+            folder_name = safe_name(f"{row['defect']}_{row['charge']:+d}_{row['distortion']}")
+            out = work_root() / part / folder_name / "pw.out"
             if not out.exists():
                 log.warning("%s/%s: no %s, left as it is", part, name, out)
                 continue
+            atoms = read_frames_gz(folder / row["file"])
             result = parse_pw_output(out, hybrid=False)
             if len(result.atoms) != len(atoms):
                 log.warning("%s/%s: %d steps in pw.out, %d frozen: left as it is", part, name, len(result.atoms),

@@ -132,7 +132,8 @@ def hf_training_frames(preset: str, records: dict[str, Any], n: int,
 
 class TestSet:
     """The frozen direct-HF search: every frame of its converged relaxations (but the steps whose forces the
-    engine flagged) and each one's final structure, for the charge states whose search is complete (every start frozen)."""
+    engine flagged) and each one's final structure, for the charge states whose search is complete (every start
+    frozen)."""
 
     def __init__(self) -> None:
         from defectflow.engines.base import atoms_to_structure
@@ -526,8 +527,8 @@ def render(data: dict[str, Any]) -> str:
         rows.append([r["preset"], r["strategy"], r["n_hf"], r["e_rmse_mev_atom"], spread, r["f_rmse_mev_a"],
                      r["e_rmse_all_mev_atom"], r["f_rmse_all_mev_a"], gs, r["median_relax_rmsd_a"],
                      r["max_relax_rmsd_a"], r["train_seconds"]])
-    out = [table(["preset", "strategy", "N HF", "E low meV/at", "E low spread per q", "F low meV/Å", "E all meV/at", "F all meV/Å",
-                  "GS lowest (q asc.)", "relax RMSD med Å", "max Å", "train s"], rows, digits=3)]
+    out = [table(["preset", "strategy", "N HF", "E low meV/at", "E low spread per q", "F low meV/Å", "E all meV/at",
+                  "F all meV/Å", "GS lowest (q asc.)", "relax RMSD med Å", "max Å", "train s"], rows, digits=3)]
     d = data.get("default")
     out.append(f"default recipe: {d['strategy']} (score {d['score']:.2f}; {d['rule']})" if d else
                "default recipe: not chosen (no strategy has a record for every preset at N ≤ 16)")
@@ -579,7 +580,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--presets", nargs="+", choices=frozen.LF_PRESETS, default=list(frozen.LF_PRESETS))
     p.add_argument("--strategies", nargs="+", default=list(DEFAULT_STRATEGIES),
-                   help="<kind>[+refs][+w<HF weight>][+ew<eV/atom>][+ke<n>][+s<seed>][+all], kinds: " + ", ".join(KINDS))
+                   help="<kind>[+refs][+w<HF weight>][+ew<eV/atom>][+ke<n>][+s<seed>][+all], kinds: "
+                   + ", ".join(KINDS))
     p.add_argument("--budgets", nargs="+", type=int, default=list(BUDGETS), help="HF training frames N")
     p.add_argument("--jobs", type=int, default=2, help="cells trained at once (one torch thread each)")
     p.add_argument("--json", type=Path, default=RESULTS / "training.json")

@@ -64,7 +64,8 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float | None:
     return float(rho) if np.isfinite(rho) else None
 
 
-def run(preset: str, budget: int, members: int, recipe: str | None, keep_every: int | None = None) -> dict[str, Any]:
+def run(preset: str, budget: int, members: int, recipe: str | None,
+        keep_every: int | None = None) -> dict[str, Any]:
     from defectflow.campaign import MlipSpec
     from defectflow.engines.base import atoms_to_structure
     from defectflow.search.uncertainty import committee_predict

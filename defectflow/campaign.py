@@ -424,8 +424,7 @@ class VerifySpec(_Section):
     every other structure of that (defect, q) whose HF energy is known. Then, unless the campaign stops, it adds HF
     single points (``round_budget`` per round) at the frames along the surrogate relaxation paths where the
     committee's forces disagree most, plus the verified minima whose error exceeds ``energy_threshold``, and
-    fine-tunes the committee from its
-    previous weights. It stops when every ground state is unchanged from the previous round and every verified
+    fine-tunes the committee from its previous weights. It stops when every ground state is unchanged from the previous round and every verified
     error is below ``energy_threshold``, after ``max_rounds`` top-ups, or when ``max_hf_calls`` would be exceeded."""
 
     mode: Literal["single_point", "relax"] = Field(
@@ -440,7 +439,8 @@ class VerifySpec(_Section):
         "the other minima) among those within this many eV of the lowest (0: no extra minimum)")
     round_budget: int = Field(
         4, ge=0, description="HF single points per top-up round at the path frames of largest committee force "
-        "spread (all (defect, q) together; the verified minima above the threshold are added on top, at no extra HF call)")
+        "spread (all (defect, q) together; the verified minima above the threshold are added on top, at no extra "
+        "HF call)")
     max_hf_calls: int | None = Field(
         None, ge=1, description="Cap on the campaign's HF calculations (bulk + selection + verifications + top-ups); "
         "a round that would exceed it is not started. None: no cap beyond max_rounds")

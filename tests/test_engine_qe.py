@@ -492,8 +492,8 @@ def test_pbe_relax_records_every_step(tmp_path):
     assert traj.frames[-1].structure.lattice == start.lattice
     assert not np.allclose(traj.frames[-1].structure.cart_coords, start.cart_coords, atol=1e-3)
     # no lsda restart in this closed-shell run: no step is flagged. Splice pw.x's lsda-check message in between
-    # the first and the second step's forces, where pw.x prints it: every later step becomes suspect, but the last one of a converged
-    # relaxation (the restart confirmed the minimum)
+    # the first and the second step's forces, where pw.x prints it: every later step becomes suspect, but the
+    # last one of a converged relaxation (the restart confirmed the minimum)
     assert not any(f.forces_suspect for f in traj.frames)
     lines = (tmp_path / "pw.out").read_text().splitlines(keepends=True)
     second = [i for i, ln in enumerate(lines) if "Forces acting on atoms" in ln][1]

@@ -44,9 +44,9 @@ def test_a_frozen_relaxation_reads_back_as_step_2_made_it():
 def test_a_stored_hf_frame_is_reproduced_by_qe(tmp_path):
     """One ionic step of the direct-HF search recomputed now with the HF engine's frozen settings: within 1 meV and
     5 meV/Å of what was stored (the step in the middle of the first converged q = 0 relaxation: a distorted,
-    low-symmetry cell). Known exception, not tested here (docs/benchmarks.md, issue #12): in a QE relaxation that
-    stalls (q = +1 −60 %: BFGS history reset at a trust radius below its minimum), the forces printed after the
-    reset differ from a fresh single point at the same geometry by up to 2.7 eV/Å while the energy agrees."""
+    low-symmetry cell). Known exception, not tested here (docs/benchmarks.md, issue #12): in the stalled q = +1
+    −60 % relaxation, the steps after pw.x's repeated lsda restarts differ from a fresh single point at the same
+    geometry by up to 2.7 eV/Å while the energy agrees; those steps carry ``forces_suspect``."""
     from defectflow.engines import get_engine
 
     m = frozen.manifest()

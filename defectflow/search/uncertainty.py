@@ -6,8 +6,9 @@ uncertainty: the standard deviation of the total energy (eV) over the members, a
 standard deviation of the force vector (eV/Å, ``sqrt(mean_m |F_m,i − F̄_i|²)``). The search uses the energy spread
 relative to the other structures of the same search (``relative_energy_std``: a member's constant offset removed)
 and ranks top-up candidates by the force spread, which carries no offset (benchmarks/uncertainty.py: on the frozen
-direct-HF frames the force spread ranks the true errors with Spearman 0.75, the energy spread with 0.50). All members are evaluated on all
-structures in one batched model call each (torch-sim, the search's own model wrapper).
+direct-HF frames the force spread ranks the true errors with Spearman 0.75, the energy spread with 0.50). All
+members are evaluated on all structures in one batched model call each (torch-sim, the search's own model
+wrapper).
 """
 
 from __future__ import annotations

@@ -58,8 +58,8 @@ def train_models(lf_extxyz: str, hf_extxyz: str, spec: MlipSpec, workdir: str | 
     """Train the surrogate (``spec.multi_fidelity``), its committee and each of ``spec.ablations``; evaluate all.
 
     Committee (``spec.committee`` models): 'main' and 'committee1' … , the same recipe with seed (and so data
-    split) ``spec.seed + k``, :func:`parallel_members` of them trained at once; with delta, finetune or replay they share main's LF model, so only their HF part is
-    trained again. ``previous`` (a top-up round): every committee member is fine-tuned from its own previous
+    split) ``spec.seed + k``, :func:`parallel_members` of them trained at once; with delta, finetune or replay
+    they share main's LF model, so only their HF part is trained again. ``previous`` (a top-up round): every committee member is fine-tuned from its own previous
     weights on the HF frames so far (:func:`~defectflow.train.surrogate.train_warm`); the ablations are not
     retrained (their models and metrics are carried over).
 
