@@ -8,7 +8,7 @@ Everything comes from the frozen data of benchmark v2 (``benchmarks/data/``, see
 runs. One **cell** of the grid is (strategy, preset, N):
 
 * **training data** — the preset's frozen LF trajectories, harvested as step 4 harvests them (the preset's
-  ``relax.keep_every`` and defectflow's default filter), plus N HF frames from the preset's frozen HF pool: the N
+  :data:`STUDY_KEEP_EVERY` and defectflow's default filter), plus N HF frames from the preset's frozen HF pool: the N
   frames that ``selection.strategy: fps`` with ``budget: N`` chooses over those LF trajectories (the pipeline's own
   selection), labelled by the pool's HF single points;
 * **model** — :func:`defectflow.train.surrogate.train_kind` with the library's ``MlipSpec`` defaults, the study's
@@ -62,6 +62,9 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 WORK = ROOT / "runs" / "benchmarks" / "training"
 BUDGETS = (4, 8, 16, 32)
+#: Every n-th LF ionic step harvested unless a strategy says ``+ke<n>``. Fixed here (the presets' relax.keep_every
+#: was 3 when the study began and is 12 since session 9) so that cached cells keep meaning the same thing.
+STUDY_KEEP_EVERY = 3
 #: eV/atom above the q's HF ground state: the frames on which minima are ranked (issue #13).
 LOW_ENERGY_WINDOW = 0.1
 #: Goals of issue #13 (default recipe, N ≤ 16): low-energy RMSE per preset (meV/atom, meV/Å), relax RMSD (Å), train s.
@@ -90,13 +93,12 @@ def lf_records(preset: str) -> dict[str, Any]:
 
 def lf_training_extxyz(preset: str, records: dict[str, Any],
                        keep_every: int | None = None) -> tuple[str, dict[str, Any]]:
-    """The LF training set as step 4 harvests it: defectflow's HarvestFilter with the preset's keep_every (or
+    """The LF training set as step 4 harvests it: defectflow's HarvestFilter with :data:`STUDY_KEEP_EVERY` (or
     ``keep_every``, the ``+ke<n>`` modifier: fewer LF frames, shorter epochs)."""
     from defectflow.relax import harvest_training_set
 
-    camp = frozen.load_campaign(preset)
     ts = harvest_training_set.original(list(records.values()),
-                                       harvest_filter={"keep_every": keep_every or camp.relax.keep_every})
+                                       harvest_filter={"keep_every": keep_every or STUDY_KEEP_EVERY})
     return ts.extxyz, {"n_frames": ts.n_frames, "n_candidates": ts.n_candidates, "dropped": ts.dropped,
                        "per_group": ts.per_group}
 
@@ -260,7 +262,8 @@ def strategy_spec(name: str) -> dict[str, Any]:
     """A strategy name → MlipSpec overrides: ``<kind>[+refs][+w<hf weight>][+ew<eV/atom>][+ke<n>][+s<n>][+all]``, e.g.
     ``multihead+refs+w10+ew0.05`` = multi-head, per-(fidelity, q) references removed, HF frames weighted 10×,
     frame weights exp(−ΔE/0.05 eV/atom); ``+ke<n>``: every n-th LF ionic step harvested (``relax.keep_every``;
-    the presets keep every 3rd); ``+s<n>``: seed n instead of BASE's (a repeat of the cell, for its spread);
+    the study's default is :data:`STUDY_KEEP_EVERY` = 3, the presets keep every 12th); ``+s<n>``: seed n instead
+    of BASE's (a repeat of the cell, for its spread);
     ``+all``: HF frames chosen among every pool frame, without the harvest's window (``HF_SELECTION``)."""
     kind, *mods = name.split("+")
     if kind not in KINDS:
@@ -480,26 +483,35 @@ def collect(presets, strategies, budgets) -> list[dict[str, Any]]:
     return rows
 
 
+def without_seed(strategy: str) -> str:
+    """The recipe a cell repeats: its strategy name without the ``+s<n>`` seed modifier."""
+    kind, *mods = strategy.split("+")
+    return "+".join([kind, *(m for m in mods if not (m.startswith("s") and m[1:].isdigit()))])
+
+
 def choose_default(records: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The default recipe: among strategies with a record for every preset at N ≤ 16, the lowest mean over those
+    """The default recipe: among recipes with a record for every preset at N ≤ 16, the lowest mean over those
     records of the low-energy energy RMSE normalised by its preset's goal, plus the same for forces (so the three
-    presets weigh alike); ties → fewer HF frames first. HF-only/LF-only floors are not candidates."""
-    by_strategy: dict[str, list[dict[str, Any]]] = {}
+    presets weigh alike); the seed repeats of a cell (``+s<n>``) are averaged first, so that one lucky or unlucky
+    seed does not decide; ties → fewer HF frames first. HF-only/LF-only floors are not candidates."""
+    cells: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
     for r in records:
         if r["kind"] in ("hf_only", "lf_only") or r["n_hf"] > 16 or r["e_rmse_mev_atom"] is None:
             continue
-        by_strategy.setdefault(r["strategy"], []).append(r)
+        cells.setdefault((without_seed(r["strategy"]), r["preset"], r["n_hf"]), []).append(r)
+    by_recipe: dict[str, list[tuple[str, float]]] = {}
+    for (recipe, preset, _), rows in cells.items():
+        score = float(np.mean([r["e_rmse_mev_atom"] / GOALS[preset][0] + r["f_rmse_mev_a"] / GOALS[preset][1]
+                               for r in rows]))
+        by_recipe.setdefault(recipe, []).append((preset, score))
     presets = set(frozen.LF_PRESETS)  # all three: a recipe measured on one preset only is not chosen
-    scores = {}
-    for strategy, rows in by_strategy.items():
-        if {r["preset"] for r in rows} != presets:
-            continue
-        scores[strategy] = float(np.mean([r["e_rmse_mev_atom"] / GOALS[r["preset"]][0]
-                                          + r["f_rmse_mev_a"] / GOALS[r["preset"]][1] for r in rows]))
+    scores = {recipe: float(np.mean([s for _, s in rows])) for recipe, rows in by_recipe.items()
+              if {p for p, _ in rows} == presets}
     if not scores:
         return None
     best = min(scores, key=scores.get)
-    return {"strategy": best, "score": scores[best], "scores": scores, "spec": strategy_spec(best),
+    seeds = {recipe: max(len(v) for k, v in cells.items() if k[0] == recipe) for recipe in scores}
+    return {"strategy": best, "score": scores[best], "scores": scores, "seeds": seeds, "spec": strategy_spec(best),
             "rule": choose_default.__doc__.split("\n\n")[0].replace("\n    ", " ")}
 
 

@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--members", type=int, default=3, help="committee size (mlip.committee)")
     p.add_argument("--recipe", default=None, help="mlip.multi_fidelity (default: the library's default)")
     p.add_argument("--keep-every", type=int, default=None,
-                   help="harvest every n-th LF ionic step (relax.keep_every; default: the preset's): fewer LF frames")
+                   help="harvest every n-th LF ionic step (relax.keep_every; default: training.STUDY_KEEP_EVERY = 3)")
     p.add_argument("--json", type=Path, default=RESULTS)
     p.add_argument("--show", action="store_true", help="print the tables of the existing JSON and exit")
     a = p.parse_args(argv)

@@ -113,6 +113,12 @@ def test_the_default_recipe_needs_every_preset():
     every = [{**row, "strategy": s, "preset": p, "e_rmse_mev_atom": e} for p in ("far", "close", "functional")
              for s, e in (("multihead", 5.0), ("replay", 4.0))]
     assert tr.choose_default(every)["strategy"] == "replay"
+    # seed repeats are averaged before recipes compete: replay's lucky seed 1 does not beat multihead's mean
+    seeds = every + [{**row, "strategy": f"replay+s{s}", "preset": p, "e_rmse_mev_atom": 8.0}
+                     for p in ("far", "close", "functional") for s in (2, 3)]
+    best = tr.choose_default(seeds)
+    assert best["strategy"] == "multihead" and best["seeds"] == {"multihead": 1, "replay": 3}
+    assert tr.without_seed("multihead+refs+s2+ke12") == "multihead+refs+ke12"
 
 
 def test_training_hf_frames_come_from_the_frozen_pool_within_the_harvest_window():
