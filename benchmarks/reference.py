@@ -495,6 +495,46 @@ def lf_vs_hf() -> list[dict[str, Any]]:
     return rows
 
 
+#: RMSD thresholds (Å) of :func:`near_minimum`: the ground-state goal of issue #14 (0.05 Å) and coarser ones.
+NEAR_MINIMUM_RMSD = (0.02, 0.05, 0.1, 0.2, 0.3)
+
+
+def near_minimum() -> list[dict[str, Any]]:
+    """What a structure near an HF minimum is worth, from the frozen direct-HF relaxations (converged ones only):
+    for each RMSD threshold r, the first ionic step of each relaxation that lies within r of its own final structure
+    (same atom order, minimum-image distances), its HF energy above that final structure (meV per cell) and the
+    ionic steps still left to converge. It says what energy error a ground-state structure at RMSD r carries into a
+    CTL, and what an HF relaxation from such a structure costs (``verify.mode: relax``)."""
+    import numpy as np
+    from ase.geometry import find_mic
+
+    from defectflow.train.data import ENERGY_KEY
+
+    rows_by_r: dict[float, list[tuple[int, float, int]]] = {r: [] for r in NEAR_MINIMUM_RMSD}
+    for name, row in read_json(DATA / "hf" / "index.json", {}).items():
+        if row["status"] != "converged" or not row.get("file"):
+            continue
+        frames = read_frames_gz(DATA / "hf" / row["file"])
+        last = frames[-1]
+        for r in NEAR_MINIMUM_RMSD:
+            for i, a in enumerate(frames):
+                d = find_mic(a.positions - last.positions, last.cell, pbc=True)[1]
+                if float(np.sqrt(np.mean(d ** 2))) < r:
+                    de = 1000 * (float(a.info[ENERGY_KEY]) - float(last.info[ENERGY_KEY]))
+                    rows_by_r[r].append((len(frames) - 1 - i, de, row["charge"]))
+                    break
+    out = []
+    for r, rows in rows_by_r.items():
+        steps = np.array([s for s, _, _ in rows], dtype=float)
+        de = np.array([e for _, e, _ in rows], dtype=float)
+        out.append({"rmsd_a": r, "relaxations": len(rows),
+                    "steps_left_median": float(np.median(steps)), "steps_left_mean": float(steps.mean()),
+                    "steps_left_p90": float(np.percentile(steps, 90)),
+                    "energy_above_min_mev_median": float(np.median(de)), "energy_above_min_mev_p90":
+                    float(np.percentile(de, 90)), "energy_above_min_mev_max": float(de.max())})
+    return out
+
+
 def status() -> None:
     gen = generation()
     n = sum(len(ds.structures) for ds in gen.distortion_sets)
@@ -548,8 +588,10 @@ def flag_suspect_forces() -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("action", choices=("status", "compute", "manifest", "lf-vs-hf", "flag-suspect"),
+    ap.add_argument("action", choices=("status", "compute", "manifest", "lf-vs-hf", "near-minimum", "flag-suspect"),
                     help="lf-vs-hf: does each preset's LF ShakeNBreak search find the HF ground state (per q)? "
+                    "near-minimum: HF energy above the minimum and HF steps left, at RMSD r from it (direct-HF "
+                    "relaxations). "
                     "flag-suspect: mark frozen QE steps whose forces the QE engine now flags (Frame.forces_suspect), "
                     "read from the work folder's pw.out")
     ap.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS),
@@ -578,6 +620,16 @@ def main(argv: list[str] | None = None) -> None:
                       r["nearest_hf_minimum"], r["rmsd_to_hf_gs_a"], r["rmsd_to_nearest_a"],
                       r["nearest_above_gs_mev"], r["hf_sp_above_gs_mev"], "yes" if r["finds_hf_gs"] else "NO"]
                      for r in rows], digits=3))
+    elif args.action == "near-minimum":
+        from bench_utils import table
+
+        rows = near_minimum()
+        print(table(["RMSD to own minimum <, Å", "relaxations", "HF steps left median / mean / p90",
+                     "HF energy above minimum meV median / p90 / max"],
+                    [[r["rmsd_a"], r["relaxations"],
+                      f"{r['steps_left_median']:.0f} / {r['steps_left_mean']:.1f} / {r['steps_left_p90']:.0f}",
+                      f"{r['energy_above_min_mev_median']:.0f} / {r['energy_above_min_mev_p90']:.0f} / "
+                      f"{r['energy_above_min_mev_max']:.0f}"] for r in rows], digits=3))
     elif args.action == "flag-suspect":
         for line in flag_suspect_forces() or ["no frozen file changed"]:
             print(line)
