@@ -427,8 +427,19 @@ class VerifySpec(_Section):
     fine-tunes the committee from its previous weights. It stops when every ground state is unchanged from the previous round and every verified
     error is below ``energy_threshold``, after ``max_rounds`` top-ups, or when ``max_hf_calls`` would be exceeded."""
 
-    mode: Literal["single_point", "relax"] = Field(
-        "single_point", description="HF single point at each verified minimum, or an HF relaxation from the lowest")
+    mode: Literal["single_point", "relax", "refine"] = Field(
+        "single_point", description="single_point: HF single points at the verified minima, the lowest is the "
+        "ground state; relax: then an HF relaxation from it (the HF engine's optimizer); refine: then HF single "
+        "points along the surrogate relaxation corrected by the HF forces of the last point, until the HF max force "
+        "is ≤ fmax (defectflow.search.refine: a few single points instead of an HF relaxation's 11–17 steps)")
+    fmax: float = Field(
+        0.05, gt=0, description="refine and relax: HF max-force threshold of the ground state, eV/Å (the direct-HF "
+        "reference relaxes to 0.05)")
+    refine_points: int = Field(
+        6, ge=1, description="refine: HF single points per (defect, q) at most (each one HF call)")
+    refine_trust: float = Field(
+        0.2, gt=0, description="refine: largest atomic move per step, Å (the force correction is linear: it holds "
+        "near the last point only)")
     energy_threshold: float = Field(
         5.0, gt=0, description="|E_HF − E_surrogate| at a verified minimum above which it is added to the training "
         "set and the round is not converged, in meV/atom")

@@ -167,11 +167,12 @@ def _ground_states(results: Results, final: dict | None) -> str:
     rounds = {(g["defect"], g["charge"]): g.get("round") for g in final["ground_states"]}
     table = _table(
         ["defect", "q", "from start", "E_HF (eV)", "E_surrogate (eV)", "|E_HF − E_MLIP| (meV/atom)", "minima",
-         "round", "RMSD to HF-relaxed (Å)", "baseline RMSD (Å)"],
+         "round", "HF max force (eV/Å)", "RMSD to HF-relaxed/refined (Å)", "baseline RMSD (Å)"],
         [[r["defect"], f"{r['charge']:+d}", _label(r.get("ground_state_label")), _num(r.get("hf_energy"), ".4f"),
           _num(r.get("surrogate_energy"), ".4f"), _num(r.get("verification_error_mev_per_atom"), ".1f"),
           str(r.get("n_minima", "–")), _num(rounds.get((r["defect"], r["charge"])), "d"),
-          _num(r.get("rmsd_to_hf_relaxed"), ".3f"), _num(r.get("baseline_rmsd"), ".3f")] for r in rows])
+          _num(r.get("hf_max_force"), ".3f"), _num(r.get("rmsd_to_hf_relaxed"), ".3f"),
+          _num(r.get("baseline_rmsd"), ".3f")] for r in rows])
     return ("<p>Per (defect, q): the verified surrogate minimum with the lowest HF energy of any search round, "
             "and the ShakeNBreak start that relaxed into it.</p>" + table)
 

@@ -116,14 +116,16 @@ class Results:
 
     def ground_states(self) -> list[dict[str, Any]]:
         """Per (defect, q): ground-state label and structure, HF / surrogate energies (eV), verification error
-        (meV/atom), RMSD to the HF-relaxed structure (Å, verify.mode relax), foundation-baseline RMSD (Å), the
+        (meV/atom), RMSD to the HF-relaxed/refined structure (Å, verify.mode relax/refine), largest HF force there
+        (``hf_max_force``, eV/Å), foundation-baseline RMSD (Å), the
         round it comes from, the committee's energy (eV) and force (eV/Å) σ there, and ``ground_state_source``
         ('verified minimum' or 'known HF frame', with ``reason``).
         Without a final result (LF-only or unfinished run): the LF ShakeNBreak ground states (``source='lf'``)."""
         final = self.result()
         if final:
             keys = ("defect", "charge", "ground_state_label", "hf_energy", "surrogate_energy",
-                    "verification_error_mev_per_atom", "rmsd_to_hf_relaxed", "baseline_rmsd", "n_minima",
+                    "verification_error_mev_per_atom", "rmsd_to_hf_relaxed", "hf_max_force", "baseline_rmsd",
+                    "n_minima",
                     "round", "energy_std", "force_std", "reason", "structure")
             rows = [{**{k: g.get(k) for k in keys}, "source": "surrogate+hf",
                      "ground_state_source": g.get("source", "verified minimum")} for g in final["ground_states"]]

@@ -305,6 +305,40 @@ def test_plots_written(trained):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 20_000
 
 
+def test_verify_mode_refine_adds_hf_single_points_within_the_budget_and_keeps_the_lowest(trained, tmp_path,
+                                                                                      monkeypatch):
+    """verify.mode refine with the trained surrogate and real GFN2-xTB single points (the HF engine): each refine
+    point is a check of its own (counted as an HF call), the cap holds, and the ground state is the lowest HF energy
+    of the minimum and its refine points, with its HF max force and its distance from the surrogate minimum."""
+    from defectflow.campaign import VerifySpec
+    from defectflow.schemas import Minimum, SearchResult
+    from defectflow.search.jobs import verify_minima
+
+    monkeypatch.chdir(tmp_path)
+    result, _ = trained
+    m = Minimum(energy=-1.0, structure=si_vac15(0.03, 7), labels=["Unperturbed"], energy_std=None)
+    s = SearchResult(defect="v_Si", charge=0, model="mace:hf", n_starts=1, landscape={"Unperturbed": -1.0},
+                     minima=[m], ground_state=m)
+    # small steps: a tiny model's curvature is poor, and GFN2-xTB's SCF fails on strongly distorted cells
+    spec = VerifySpec(mode="refine", top_k=1, uncertain_window=0, refine_points=3, fmax=0.01, refine_trust=0.03)
+    gv = verify_minima.original(s, GFN2, GFN1, spec, model=result.models["main"])
+    roles = [c.role for c in gv.checks]
+    assert roles[0] == "rank 1" and 2 <= len(roles) <= 4 and all(r == f"refine {i}" for i, r in
+                                                                 enumerate(roles[1:], 1)), roles
+    assert gv.hf_calls == len(roles), roles
+    # a failed HF single point ends the refinement; every other one has its forces
+    assert all(c.hf_max_force is not None for c in gv.checks[:-1]), [(c.role, c.error) for c in gv.checks]
+    assert gv.ground_state.hf_energy == min(c.hf_energy for c in gv.checks)
+    if gv.ground_state is not gv.checks[0]:
+        assert gv.ground_state.rmsd_to_hf_relaxed > 0
+    assert gv.checks[0].hf_max_force > spec.fmax  # a rattled cell is no GFN2 minimum: there was work to do
+    # the campaign's HF budget: two calls in all, so one refine point
+    capped = verify_minima.original(s, GFN2, GFN1, spec, model=result.models["main"], max_calls=2)
+    assert [c.role for c in capped.checks] == ["rank 1", "refine 1"]
+    with pytest.raises(ValueError, match="refine needs the surrogate"):
+        verify_minima.original(s, GFN2, GFN1, spec)
+
+
 def test_delta_mode_trains_and_predicts_lf_plus_delta(delta, dataset):
     assert delta.kind == "delta" and [c.name for c in delta.components] == ["lf", "delta"]
     lf_run, d_run = delta.components

@@ -411,8 +411,8 @@ def _ground_state_table(rows: list[dict], title: str):
     table = Table(title=title)
     lf = rows and rows[0].get("source") == "lf"
     cols = (("defect", "q", "ground state (LF ShakeNBreak)", "E_LF (eV)", "ΔE vs Unperturbed (eV)") if lf else
-            ("defect", "q", "from start", "E_HF (eV)", "|E_HF − E_MLIP| (meV/atom)", "σ_E (meV)", "minima", "round",
-             "baseline RMSD (Å)"))
+            ("defect", "q", "from start", "E_HF (eV)", "|E_HF − E_MLIP| (meV/atom)", "σ_E (meV)", "HF F_max (eV/Å)",
+             "minima", "round", "baseline RMSD (Å)"))
     for col in cols:
         table.add_column(col)
     for r in sorted(rows, key=lambda r: (r["defect"], r["charge"])):
@@ -426,7 +426,8 @@ def _ground_state_table(rows: list[dict], title: str):
                 label += " (known HF frame)"
             table.add_row(r["defect"], f"{r['charge']:+d}", label, _fmt(r.get("hf_energy"), ".4f"),
                           _fmt(r.get("verification_error_mev_per_atom"), ".1f"),
-                          _fmt(None if std is None else 1000 * std, ".1f"), str(r.get("n_minima", "-")),
+                          _fmt(None if std is None else 1000 * std, ".1f"), _fmt(r.get("hf_max_force")),
+                          str(r.get("n_minima", "-")),
                           _fmt(r.get("round"), "d"), _fmt(r.get("baseline_rmsd")))
     return table
 

@@ -81,14 +81,17 @@ class Verification(BaseModel):
 
     defect: str
     charge: int
-    mode: str = Field(description="single_point or relax")
+    mode: str = Field(description="single_point, relax or refine (VerifySpec.mode)")
     ground_state_label: str | None = Field(None, description="Start that led to the surrogate ground state")
     structure: Structure | None = Field(None, description="Verified ground-state structure (HF-relaxed in relax mode)")
+    hf_max_force: float | None = Field(None, description="Largest atomic HF force at the verified structure, eV/Å "
+                                       "(0 at an HF minimum; refine stops at ≤ verify.fmax)")
     surrogate_energy: float | None = Field(None, description="Surrogate (HF head) energy in eV")
     hf_energy: float | None = Field(None, description="HF energy in eV at the verified structure")
     error_mev_per_atom: float | None = Field(None, description="|E_HF − E_surrogate| in meV/atom at the surrogate minimum")
     agrees: bool = Field(False, description="error below verify.energy_threshold")
-    rmsd_to_hf_relaxed: float | None = Field(None, description="RMSD surrogate vs HF-relaxed ground state, Å")
+    rmsd_to_hf_relaxed: float | None = Field(None, description="RMSD surrogate minimum vs HF-relaxed (relax) or "
+                                             "HF-refined (refine) ground state, Å")
     rmsd_success: bool | None = Field(None, description="rmsd_to_hf_relaxed ≤ verify.rmsd_threshold")
     hf_frame: Frame | None = Field(None, description="HF single point at the surrogate minimum")
     lf_frame: Frame | None = Field(None, description="LF single point at the same geometry (top-up data)")
@@ -96,7 +99,8 @@ class Verification(BaseModel):
     error: str | None = None
     role: str = Field("lowest", description="Why this minimum was verified: 'rank <k>' (k-th lowest surrogate "
                       "minimum), 'most uncertain' (highest committee energy spread among the low-energy minima), "
-                      "'lowest' (single-minimum verification)")
+                      "'lowest' (single-minimum verification), 'refine <n>' (n-th HF single point of "
+                      "verify.mode refine), 'known HF frame'")
     energy_std: float | None = Field(None, description="Committee energy standard deviation at the minimum, eV")
     force_std: float | None = Field(None, description="Committee force uncertainty at the minimum, eV/Å")
     cpu_seconds: float = Field(0.0, description="CPU seconds of the HF (and LF) calculations, this process and "
@@ -193,7 +197,9 @@ class GroundStateRecord(BaseModel):
     surrogate_energy: float | None = Field(None, description="eV")
     hf_energy: float | None = Field(None, description="eV")
     verification_error_mev_per_atom: float | None = None
-    rmsd_to_hf_relaxed: float | None = Field(None, description="Å (verify.mode: relax)")
+    rmsd_to_hf_relaxed: float | None = Field(None, description="Surrogate minimum vs HF-relaxed/refined ground "
+                                             "state, Å (verify.mode relax or refine)")
+    hf_max_force: float | None = Field(None, description="Largest atomic HF force at the ground state, eV/Å")
     n_minima: int = 0
     landscape: dict[str, float] = Field(default_factory=dict, description="Start label → surrogate energy, eV")
     landscape_plot: str | None = None

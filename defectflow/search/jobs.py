@@ -45,6 +45,7 @@ from defectflow.schemas import (
 from defectflow.schemas.core import ElectrostaticPotential
 from defectflow.search import plot_landscape, rattled_starts, rmsd, search_ground_state
 from defectflow.search.batched import batched_relax
+from defectflow.search.refine import max_force
 from defectflow.search.uncertainty import committee_predict
 from defectflow.steps import name_job
 from defectflow.store.tracking import tracked
@@ -266,12 +267,14 @@ def known_hf_lowest(hf_extxyz: str, defect: str, charge: int):
 @job(data=["checks"])
 @tracked("verify", engines=("high", "low"))
 def verify_minima(search: SearchResult, high, low, spec: VerifySpec, known_extxyz: str = "", need_lf: bool = False,
-                  max_calls: int | None = None) -> GroupVerification:
+                  max_calls: int | None = None, model: TrainedModel | None = None) -> GroupVerification:
     """HF single points at the surrogate minima :func:`minima_to_verify` picks; the ground state is the lowest in
     HF energy, unless a structure of this (defect, q) whose HF energy is already known (``known_extxyz``: the HF
     training frames so far) is lower: then that structure gets an HF single point of its own (the levels need the
     verify engine's outputs, e.g. its electrostatic potential) and is the ground state, and ``reason`` says why.
-    ``spec.mode: relax`` relaxes the lowest verified minimum with the HF engine (one more HF call). With
+    ``spec.mode: relax`` relaxes the lowest verified minimum with the HF engine (one more HF call); ``refine``
+    moves it to the HF minimum with a few more HF single points (:func:`defectflow.search.refine.refine_minimum`,
+    with ``model``'s HF head: the search's surrogate), each one a check of its own (role ``refine <n>``). With
     ``need_lf`` (Δ-learning) an LF single point is added where a minimum disagrees (the Δ target needs it).
     ``max_calls``: HF calculations this job may make (the campaign's ``verify.max_hf_calls`` left, shared between
     the (defect, q)); at least the lowest minimum is always verified. ``high``/``low``: the fidelity settings."""
@@ -313,7 +316,47 @@ def verify_minima(search: SearchResult, high, low, spec: VerifySpec, known_extxy
     if spec.mode == "relax" and gv.ground_state is not None and gv.ground_state.structure is not None:
         _relax_check(engine, gv.ground_state, search.charge, spec, Path.cwd() / f"{tag}_relax")
         gv.relaxations = 1
+    if spec.mode == "refine" and gv.ground_state is not None and gv.ground_state.hf_frame is not None:
+        if model is None:
+            raise ValueError("verify.mode refine needs the surrogate (verify_minima's model)")
+        left = None if limit is None else limit - len(gv.checks)
+        _refine_check(engine, model, gv, search, spec, tag, left)
     return gv
+
+
+def _refine_check(engine, model: TrainedModel, gv: GroupVerification, search: SearchResult, spec: VerifySpec,
+                  tag: str, left: int | None) -> None:
+    """verify.mode refine: HF single points from the ground state towards the HF minimum (appended to
+    ``gv.checks``); the ground state becomes the lowest in HF energy of them all."""
+    from defectflow.search.refine import refine_minimum
+    from defectflow.train.surrogate import load_calculator
+
+    start = gv.ground_state
+    n_max = spec.refine_points if left is None else min(spec.refine_points, left)
+    if n_max <= 0:
+        gv.reason = ((gv.reason + "; ") if gv.reason else "") + "not refined: no HF call left (verify.max_hf_calls)"
+        return
+
+    def hf_point(structure, n: int, surrogate_energy: float | None):
+        c = _check(engine, None, structure, search, spec, f"{tag}_refine_{n}", role=f"refine {n}",
+                   ground_state_label=start.ground_state_label, surrogate_energy=surrogate_energy)
+        gv.checks.append(c)
+        return c.hf_frame
+
+    for _ in refine_minimum(start.structure, search.charge, start.hf_frame,
+                            lambda: load_calculator(model, head="hf", device="auto"), hf_point, fmax=spec.fmax,
+                            max_points=n_max, trust=spec.refine_trust):
+        pass
+    done = [c for c in gv.checks if c.hf_energy is not None and (c is start or c.role.startswith("refine"))]
+    gv.ground_state = min(done, key=lambda c: c.hf_energy)
+    if gv.ground_state is not start:
+        gv.ground_state.rmsd_to_hf_relaxed = rmsd(start.structure, gv.ground_state.structure)
+        gv.ground_state.rmsd_success = gv.ground_state.rmsd_to_hf_relaxed <= spec.rmsd_threshold
+    f = gv.ground_state.hf_max_force
+    if f is not None and f > spec.fmax:
+        gv.reason = ((gv.reason + "; ") if gv.reason else "") + (
+            f"refined with {sum(c.role.startswith('refine') for c in gv.checks)} HF single points, HF max force "
+            f"still {f:.3f} eV/Å > verify.fmax {spec.fmax:g}")
 
 
 def _check(engine, lf_engine, structure, search: SearchResult, spec: VerifySpec, tag: str, **fields) -> Verification:
@@ -330,6 +373,7 @@ def _check(engine, lf_engine, structure, search: SearchResult, spec: VerifySpec,
         v.error = hf.error or "HF single point failed"
         return v
     v.hf_energy = hf.energy
+    v.hf_max_force = max_force(hf)
     if v.surrogate_energy is not None:
         v.error_mev_per_atom = 1000 * abs(hf.energy - v.surrogate_energy) / len(structure)
         v.agrees = v.error_mev_per_atom <= spec.energy_threshold
@@ -349,7 +393,7 @@ def _relax_check(engine, v: Verification, charge: int, spec: VerifySpec, workdir
     if final is not None:
         v.rmsd_to_hf_relaxed = rmsd(v.structure, final.structure)
         v.rmsd_success = v.rmsd_to_hf_relaxed <= spec.rmsd_threshold
-        v.structure, v.hf_energy = final.structure, final.energy
+        v.structure, v.hf_energy, v.hf_max_force = final.structure, final.energy, max_force(final)
     else:
         v.error = f"HF relaxation failed: {traj.error}"
     v.hf_seconds += time.perf_counter() - t0
@@ -442,7 +486,8 @@ def plan_topup(record: RoundRecord, verifications: list[GroupVerification], sear
                             f"≤ {spec.energy_threshold:g} meV/atom")
     if context.round >= spec.max_rounds:
         return [], [], [], f"verify.max_rounds = {spec.max_rounds} reached"
-    n_verify = len(verifications) * (spec.top_k + 2 + (spec.mode == "relax"))
+    n_verify = len(verifications) * (spec.top_k + 2 + (spec.mode == "relax")
+                                     + (spec.refine_points if spec.mode == "refine" else 0))
     room = None if spec.max_hf_calls is None else spec.max_hf_calls - record.hf_calls_total - n_verify
     if room is not None and room < 0:
         return [], [], [], (f"verify.max_hf_calls = {spec.max_hf_calls}: {record.hf_calls_total} spent, the next "
@@ -559,7 +604,8 @@ def campaign_result(verifications: list[GroupVerification], best: dict[str, Kept
         rec = GroundStateRecord(defect=v.defect, charge=v.charge, ground_state_label=v.ground_state_label,
                                 structure=v.structure, surrogate_energy=v.surrogate_energy, hf_energy=v.hf_energy,
                                 verification_error_mev_per_atom=v.error_mev_per_atom,
-                                rmsd_to_hf_relaxed=v.rmsd_to_hf_relaxed, n_minima=kept.n_minima,
+                                rmsd_to_hf_relaxed=v.rmsd_to_hf_relaxed, hf_max_force=v.hf_max_force,
+                                n_minima=kept.n_minima,
                                 landscape=kept.landscape, landscape_plot=kept.plot, round=kept.round,
                                 source=kept.source, reason=kept.reason, energy_std=v.energy_std,
                                 force_std=v.force_std)
@@ -570,7 +616,7 @@ def campaign_result(verifications: list[GroupVerification], best: dict[str, Kept
         records.append(rec)
         if v.hf_energy is not None and v.structure is not None:
             # the potential belongs to the single-point geometry: an HF relaxation (verify.mode relax) moved it
-            potential = v.hf_frame.potential if v.hf_frame is not None and v.mode == "single_point" else None
+            potential = v.hf_frame.potential if v.hf_frame is not None and v.mode != "relax" else None
             level_entries.append(LevelEntry(defect=v.defect, charge=v.charge, energy=v.hf_energy,
                                             structure=v.structure, potential=potential,
                                             defect_entry=entries[group_key(v.defect, v.charge)]))
@@ -624,7 +670,8 @@ def build_search_round(context: SearchContext, baselines: list | None, training=
                                       None, seed=context.seed, committee=committee),
                      "search", g.key, "round", context.round, **meta)
         v = name_job(verify_minima(s.output, high, context.fidelities.low, context.verify, known_extxyz=hf_text,
-                                   need_lf=need_lf, max_calls=max_calls),
+                                   need_lf=need_lf, max_calls=max_calls,
+                                   model=training.models["main"] if context.verify.mode == "refine" else None),
                      "verify", g.key, "round", context.round, **meta)
         p = name_job(plot_verified(s.output, v.output, g.starts, context.search, context.plot_dir, context.seed,
                                    context.round), "plot", g.key, "round", context.round, **meta)

@@ -1,0 +1,86 @@
+"""verify.mode refine (defectflow.search.refine): HF single points along the surrogate relaxation corrected by the
+last point's HF forces converge on the HF minimum, not the surrogate's."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from ase.build import bulk
+from ase.calculators.emt import EMT
+from ase.calculators.mixing import SumCalculator
+
+from defectflow.engines import CalculatorEngine
+from defectflow.engines.base import atoms_to_structure, structure_to_atoms
+from defectflow.search import rmsd
+from defectflow.search.refine import LinearCorrection, max_force, refine_minimum
+
+
+def cu_vacancy(rattle: float = 0.05):
+    atoms = bulk("Cu", "fcc", a=3.6, cubic=True) * (2, 2, 2)
+    del atoms[0]
+    atoms.rattle(rattle, seed=1)
+    return atoms_to_structure(atoms, 0)
+
+
+def test_the_linear_correction_matches_energy_and_forces_at_its_point_and_is_conservative():
+    s = cu_vacancy()
+    atoms = structure_to_atoms(s, 0)
+    f = np.random.default_rng(0).normal(0, 0.3, (len(atoms), 3))
+    f -= f.mean(axis=0)  # a net force is removed (it would translate the cell): see the last assertion
+    corr = LinearCorrection(atoms.positions, f, 1.5)
+    atoms.calc = corr
+    assert atoms.get_potential_energy() == pytest.approx(1.5) and np.allclose(atoms.get_forces(), f)
+    step = np.random.default_rng(1).normal(0, 0.01, atoms.positions.shape)
+    atoms.positions += step  # E changes by −F·Δx, exactly
+    assert atoms.get_potential_energy() == pytest.approx(1.5 - np.sum(f * step))
+    shifted = LinearCorrection(atoms.positions, f + [1.0, -2.0, 0.5], 0.0)
+    assert np.allclose(shifted.get_forces(atoms), f)
+
+
+def test_refine_converges_on_the_hf_minimum_when_the_surrogate_misses_it(tmp_path, monkeypatch):
+    """HF = EMT. Surrogate = twice EMT (wrong curvature) plus a constant force error of 0.3 eV/Å rms (a displaced
+    minimum). From the surrogate's own minimum, refine reaches the HF minimum (max force ≤ fmax) in a handful of HF
+    single points, each step halving the force; an HF relaxation from the same start is the reference."""
+    monkeypatch.chdir(tmp_path)
+    start = cu_vacancy()
+    f_err = np.random.default_rng(2).normal(0, 0.3, (len(start), 3))
+
+    def surrogate():
+        return SumCalculator([EMT(), EMT(), LinearCorrection(structure_to_atoms(start, 0).positions, f_err, 0.0)])
+
+    sur_min = CalculatorEngine(surrogate(), optimizer="BFGS").relax(start, 0, workdir=None, fmax=1e-3,
+                                                                    max_steps=500, keep="last").final.structure
+    hf = CalculatorEngine(EMT(), xc="EMT", optimizer="BFGS")
+    hf_min = hf.relax(sur_min, 0, workdir=None, fmax=1e-3, max_steps=500, keep="last").final.structure
+    first = hf.single_point(sur_min, 0, workdir=".")
+    assert max_force(first) > 0.1 and rmsd(sur_min, hf_min) > 0.02  # the surrogate minimum is not the HF one
+    calls = []
+
+    def hf_point(structure, n, e_sur):
+        calls.append((n, e_sur))
+        return hf.single_point(structure, 0, workdir=".")
+
+    points = list(refine_minimum(sur_min, 0, first, surrogate, hf_point, fmax=0.01, max_points=10, trust=0.2))
+    forces = [max_force(first)] + [max_force(p.hf) for p in points]
+    assert forces[-1] <= 0.01 and len(points) <= 8, forces
+    assert all(b < a for a, b in zip(forces, forces[1:])), forces  # Newton steps with half the true curvature
+    assert rmsd(points[-1].structure, hf_min) < 0.01 < rmsd(sur_min, hf_min)
+    assert [n for n, _ in calls] == list(range(1, len(points) + 1)) and all(e is not None for _, e in calls)
+    # an HF minimum already: nothing to do
+    assert list(refine_minimum(hf_min, 0, hf.single_point(hf_min, 0, workdir="."), surrogate, hf_point,
+                               fmax=0.01)) == []
+
+
+def test_refine_moves_no_atom_further_than_the_trust_radius(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    start = cu_vacancy(0.2)
+    hf = CalculatorEngine(EMT(), xc="EMT")
+    f_err = np.random.default_rng(3).normal(0, 2.0, (len(start), 3))  # a far-off surrogate
+
+    def surrogate():
+        return SumCalculator([EMT(), LinearCorrection(structure_to_atoms(start, 0).positions, f_err, 0.0)])
+
+    pts = list(refine_minimum(start, 0, hf.single_point(start, 0, workdir="."), surrogate,
+                              lambda s, n, e: hf.single_point(s, 0, workdir="."), fmax=1e-4, max_points=3,
+                              trust=0.05))
+    assert len(pts) == 3 and all(p.displacement <= 0.05 + 1e-9 for p in pts)
