@@ -93,14 +93,39 @@ def load_reference(preset: str, recompute: bool) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------------
 # defectflow
 # ---------------------------------------------------------------------------------------------------------------
-def run_defectflow(preset: str, work: Path, resume: bool):
+def with_overrides(campaign, overrides: list[str]):
+    """The campaign with ``section.field=value`` overrides (values parsed as YAML), validated again."""
+    import yaml
+
+    from defectflow.campaign import Campaign
+
+    doc = campaign.model_dump(mode="json")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or "." not in key:
+            raise SystemExit(f"--set {item!r}: expected section.field=value, e.g. verify.mode=refine")
+        *path, last = key.split(".")
+        node = doc
+        for part in path:
+            if not isinstance(node.get(part), dict):
+                raise SystemExit(f"--set {item!r}: the campaign has no section {part!r}")
+            node = node[part]
+        if last not in node:
+            raise SystemExit(f"--set {item!r}: section {'.'.join(path)!r} has no field {last!r}")
+        node[last] = yaml.safe_load(value)
+    return Campaign.model_validate(doc)
+
+
+def run_defectflow(preset: str, work: Path, resume: bool, overrides: list[str] = (), reuse_from: Path | None = None):
     """The preset's campaign on the frozen starts, LF relaxations taken from the frozen data. Returns
-    (campaign, Results, frozen LF cost, wall seconds of this run)."""
+    (campaign, Results, frozen LF cost, wall seconds of this run). ``overrides``: ``section.field=value`` changes
+    of the preset; ``reuse_from``: a finished run's work directory whose store is copied first, so that every job
+    whose inputs the overrides leave unchanged (selection, HF single points, training, ...) is reused."""
     from defectflow.results import Results
     from defectflow.store import make_store
     from defectflow.submit import run_campaign
 
-    campaign = frozen.load_campaign(preset, work)
+    campaign = with_overrides(frozen.load_campaign(preset, work), list(overrides))
     gen = frozen.generation()
     marker = work / "benchmark_run.json"
     if resume and marker.is_file():
@@ -108,6 +133,10 @@ def run_defectflow(preset: str, work: Path, resume: bool):
         return campaign, Results.for_campaign(campaign), json.loads(marker.read_text())["lf_cost"], None
     if work.exists():
         shutil.rmtree(work)
+    if reuse_from is not None:
+        if not (reuse_from / "benchmark_run.json").is_file():
+            raise SystemExit(f"--reuse-from {reuse_from}: no finished benchmark run there")
+        shutil.copytree(reuse_from / "store", work / "store")
     lf_cost = frozen.seed_relaxations(make_store(campaign.execution.store, campaign.work_dir()), campaign, preset,
                                       gen)
     t0 = time.perf_counter()
@@ -270,9 +299,20 @@ def main(argv=None) -> dict[str, Any]:
     p.add_argument("--resume", action="store_true", help="reuse a finished defectflow run in the work directory")
     p.add_argument("--recompute-reference", action="store_true",
                    help="compute the missing frozen data first (hours of DFT; resumable)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="change the preset, e.g. --set verify.mode=refine --set verify.max_rounds=0 (needs --tag)")
+    p.add_argument("--tag", default=None,
+                   help="a name for a changed preset: JSON accuracy_cost_<preset>_<tag>.json, work directory "
+                   "accuracy_cost-<preset>-<tag>")
+    p.add_argument("--reuse-from", type=Path, default=None, metavar="DIR",
+                   help="copy the store of a finished run (e.g. runs/benchmarks/accuracy_cost-far) and reuse every "
+                   "job the --set changes leave unchanged; costs are counted as if run (Results.cost(as_fresh))")
     p.add_argument("--show", action="store_true", help="print the tables of the existing JSON and exit")
     args = p.parse_args(argv)
-    out_json = args.json or RESULTS / f"accuracy_cost_{args.preset}.json"
+    if args.set and not args.tag:
+        p.error("--set changes the preset: give the variant a name with --tag")
+    suffix = f"_{args.tag}" if args.tag else ""
+    out_json = args.json or RESULTS / f"accuracy_cost_{args.preset}{suffix}.json"
     if args.show:
         if not out_json.is_file():
             raise SystemExit(f"{out_json}: no results for preset {args.preset!r} yet (run without --show)")
@@ -281,7 +321,7 @@ def main(argv=None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     for noisy in ("pymatgen", "doped", "shakenbreak", "jobflow", "defectflow"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    work = args.work_dir or ROOT / "runs" / "benchmarks" / f"accuracy_cost-{args.preset}"
+    work = args.work_dir or ROOT / "runs" / "benchmarks" / f"accuracy_cost-{args.preset}{suffix.replace('_', '-')}"
     t_start = time.perf_counter()
 
     print(f"[1/3] frozen reference ({frozen.DATA}) ...", flush=True)
@@ -289,8 +329,9 @@ def main(argv=None) -> dict[str, Any]:
     gen = frozen.generation()
 
     print(f"[2/3] defectflow, preset {args.preset} (LF relaxations from the frozen data) ...", flush=True)
-    campaign, results, lf_cost, df_wall = run_defectflow(args.preset, work, args.resume)
-    cost_rows = results.cost()
+    campaign, results, lf_cost, df_wall = run_defectflow(args.preset, work, args.resume, args.set, args.reuse_from)
+    # reused jobs (--reuse-from) count what they cost when they ran: the cost of this campaign from scratch
+    cost_rows = results.cost(as_fresh=True)
     from defectflow.steps import HF_STEPS
 
     hf_rows = [r for r in cost_rows if r["step"] in HF_STEPS]
@@ -340,6 +381,8 @@ def main(argv=None) -> dict[str, Any]:
     ]
     report = {
         "benchmark": "accuracy_cost", "version": 2, "preset": args.preset, "machine": machine(),
+        "variant": {"tag": args.tag, "set": args.set,
+                    "reused_from": None if args.reuse_from is None else str(args.reuse_from)},
         "campaign": f"benchmarks/presets/{args.preset}.yaml",
         "engines": {"lf": campaign.fidelities.low.model_dump(mode="json"), "hf": hf_settings.model_dump(mode="json")},
         "starts_per_charge_state": {str(k): v for k, v in rm["starts_per_charge"].items()},
@@ -364,7 +407,12 @@ def main(argv=None) -> dict[str, Any]:
 
 def render(r: dict[str, Any]) -> str:
     """The printed (and docs/benchmarks.md) tables from a report."""
-    out = [f"## accuracy_cost, preset `{r['preset']}` ({r['engines']['lf'].get('xc')} LF): v_Si, starts per q "
+    var = r.get("variant") or {}
+    tag = ""
+    if var.get("tag"):
+        reused = f"; jobs reused from {var['reused_from']}" if var.get("reused_from") else ""
+        tag = f", variant `{var['tag']}` ({', '.join(var.get('set') or [])}{reused})"
+    out = [f"## accuracy_cost, preset `{r['preset']}` ({r['engines']['lf'].get('xc')} LF){tag}: v_Si, starts per q "
            f"{r['starts_per_charge_state']}", ""]
     methods = list(r["methods"])
     keys = list(r["reference"]["ground_states"])

@@ -163,10 +163,13 @@ class Results:
         docs = self.query(step="train", properties=["name", "output.comparison", "completed_at"])
         return list(docs[-1]["output"]["comparison"]) if docs else []
 
-    def cost(self) -> list[dict[str, Any]]:
+    def cost(self, as_fresh: bool = False) -> list[dict[str, Any]]:
         """Per step: jobs, jobs reused from earlier runs, wall seconds and CPU seconds (this process + child
         processes such as ``mpirun pw.x``), HF calls (one per job of an HF step, or what the job recorded:
-        verify and topup make several). Untracked steps count jobs only."""
+        verify and topup make several). Untracked steps count jobs only.
+
+        ``as_fresh``: a reused job counts the cost and HF calls of the job it reused (looked up in the store by its
+        uuid), i.e. what this run would have cost from scratch; by default it counts what reusing cost (nothing)."""
         rows: dict[str, dict[str, Any]] = defaultdict(lambda: {"jobs": 0, "reused": 0, "wall_s": 0.0, "cpu_s": 0.0,
                                                                "hf_calls": 0})
         for d in self.query(properties=["name", "metadata", "completed_at"]):
@@ -179,6 +182,8 @@ class Results:
                 # metadata (cost included), which must not be counted twice
                 continue
             row["reused"] += bool(meta.get("reused_from"))
+            if meta.get("reused_from") and as_fresh:
+                meta = self._source_metadata(meta["reused_from"]) or meta
             if not meta.get("reused_from"):  # one HF call per job of an HF step unless the job says otherwise
                 row["hf_calls"] += int(meta.get("hf_calls", 1))
             cost = meta.get("cost") or {}
@@ -190,6 +195,16 @@ class Results:
             out.append({"step": step, **row, "wall_s": round(row["wall_s"], 2), "cpu_s": round(row["cpu_s"], 2),
                         "hf_calls": row["hf_calls"] if hf else 0})
         return sorted(out, key=lambda r: r["step"])
+
+    def _source_metadata(self, uuid: str, depth: int = 10) -> dict[str, Any] | None:
+        """Metadata of the job that actually ran, following ``reused_from`` (a reuse of a reuse) back."""
+        for _ in range(depth):
+            doc = self.store.query_one({"uuid": uuid}, properties=["metadata"])
+            meta = (doc or {}).get("metadata")
+            if not meta or not meta.get("reused_from"):
+                return meta
+            uuid = meta["reused_from"]
+        return None
 
     def progress(self) -> list[dict[str, Any]]:
         """Per step: finished jobs of this run and how many of them reused earlier results."""

@@ -195,6 +195,10 @@ def test_killed_after_hf_and_after_training_resumes_from_there(tmp_path):
     n_ok = sum(ok(d) for d in hf2.values())
     assert set(hf3) == set(hf1) and cost["single_hf"]["reused"] == n_ok
     assert cost["single_hf"]["hf_calls"] == len(hf2) - n_ok  # only the failed ones were run again
+    # counted as if run from scratch: every single point is an HF call, with the CPU time of the job that ran it
+    fresh = {row["step"]: row for row in r3.cost(as_fresh=True)}
+    assert fresh["single_hf"]["hf_calls"] == len(hf3) and fresh["single_hf"]["reused"] == n_ok
+    assert fresh["single_hf"]["cpu_s"] > cost["single_hf"]["cpu_s"]
     for name, d in hf3.items():
         if not ok(hf2[name]):
             assert not d["metadata"].get("reused_from")
