@@ -307,6 +307,9 @@ def main(argv=None) -> dict[str, Any]:
     p.add_argument("--reuse-from", type=Path, default=None, metavar="DIR",
                    help="copy the store of a finished run (e.g. runs/benchmarks/accuracy_cost-far) and reuse every "
                    "job the --set changes leave unchanged; costs are counted as if run (Results.cost(as_fresh))")
+    p.add_argument("--no-baselines", action="store_true",
+                   help="leave out the ablation and CHGNet searches and their HF single points (~20 min); the "
+                   "lf_snb baseline (frozen data) stays")
     p.add_argument("--show", action="store_true", help="print the tables of the existing JSON and exit")
     args = p.parse_args(argv)
     if args.set and not args.tag:
@@ -350,10 +353,10 @@ def main(argv=None) -> dict[str, Any]:
     bulk, ref_fe = ref["bulk"], ref["summary"]["formation_energies_vbm"]
     hf_settings = campaign.fidelities.high
     methods = {"defectflow": method_row(defectflow_states(results), ref, ref_fe, gen, bulk, campaign)}
-    for name, states in ablation_states(results, campaign, gen).items():
+    for name, states in ({} if args.no_baselines else ablation_states(results, campaign, gen)).items():
         extra = hf_label(states, hf_settings, work / "extra_hf" / name)
         methods[name] = method_row(states, ref, ref_fe, gen, bulk, campaign, extra)
-    chg = chgnet_states(results)
+    chg = {} if args.no_baselines else chgnet_states(results)
     if chg:
         extra = hf_label(chg, hf_settings, work / "extra_hf" / "chgnet")
         methods["chgnet"] = method_row(chg, ref, ref_fe, gen, bulk, campaign, extra)
