@@ -12,7 +12,7 @@ from ase.calculators.mixing import SumCalculator
 from defectflow.engines import CalculatorEngine
 from defectflow.engines.base import atoms_to_structure, structure_to_atoms
 from defectflow.search import rmsd
-from defectflow.search.refine import LinearCorrection, max_force, refine_minimum
+from defectflow.search.refine import ForceCorrection, max_force, psb_update, refine_minimum
 
 
 def cu_vacancy(rattle: float = 0.05):
@@ -27,26 +27,27 @@ def test_the_linear_correction_matches_energy_and_forces_at_its_point_and_is_con
     atoms = structure_to_atoms(s, 0)
     f = np.random.default_rng(0).normal(0, 0.3, (len(atoms), 3))
     f -= f.mean(axis=0)  # a net force is removed (it would translate the cell): see the last assertion
-    corr = LinearCorrection(atoms.positions, f, 1.5)
+    corr = ForceCorrection(atoms.positions, f, 1.5)
     atoms.calc = corr
     assert atoms.get_potential_energy() == pytest.approx(1.5) and np.allclose(atoms.get_forces(), f)
     step = np.random.default_rng(1).normal(0, 0.01, atoms.positions.shape)
     atoms.positions += step  # E changes by −F·Δx, exactly
     assert atoms.get_potential_energy() == pytest.approx(1.5 - np.sum(f * step))
-    shifted = LinearCorrection(atoms.positions, f + [1.0, -2.0, 0.5], 0.0)
+    shifted = ForceCorrection(atoms.positions, f + [1.0, -2.0, 0.5], 0.0)
     assert np.allclose(shifted.get_forces(atoms), f)
 
 
 def test_refine_converges_on_the_hf_minimum_when_the_surrogate_misses_it(tmp_path, monkeypatch):
     """HF = EMT. Surrogate = twice EMT (wrong curvature) plus a constant force error of 0.3 eV/Å rms (a displaced
-    minimum). From the surrogate's own minimum, refine reaches the HF minimum (max force ≤ fmax) in a handful of HF
-    single points, each step halving the force; an HF relaxation from the same start is the reference."""
+    minimum). From the surrogate's own minimum, refine reaches the HF minimum (max force ≤ fmax) in a few HF
+    single points: the first step, a Newton step with twice the true curvature, halves the force; the secant update
+    then learns the missing curvature. An HF relaxation from the same start is the reference."""
     monkeypatch.chdir(tmp_path)
     start = cu_vacancy()
     f_err = np.random.default_rng(2).normal(0, 0.3, (len(start), 3))
 
     def surrogate():
-        return SumCalculator([EMT(), EMT(), LinearCorrection(structure_to_atoms(start, 0).positions, f_err, 0.0)])
+        return SumCalculator([EMT(), EMT(), ForceCorrection(structure_to_atoms(start, 0).positions, f_err, 0.0)])
 
     sur_min = CalculatorEngine(surrogate(), optimizer="BFGS").relax(start, 0, workdir=None, fmax=1e-3,
                                                                     max_steps=500, keep="last").final.structure
@@ -62,8 +63,9 @@ def test_refine_converges_on_the_hf_minimum_when_the_surrogate_misses_it(tmp_pat
 
     points = list(refine_minimum(sur_min, 0, first, surrogate, hf_point, fmax=0.01, max_points=10, trust=0.2))
     forces = [max_force(first)] + [max_force(p.hf) for p in points]
-    assert forces[-1] <= 0.01 and len(points) <= 8, forces
-    assert all(b < a for a, b in zip(forces, forces[1:])), forces  # Newton steps with half the true curvature
+    assert forces[-1] <= 0.01 and len(points) <= 4, forces  # without the secant update: 6 (halving each step)
+    assert forces[1] == pytest.approx(forces[0] / 2, rel=0.1), forces  # Newton step, twice the true curvature
+    assert all(b < a for a, b in zip(forces, forces[1:])), forces
     assert rmsd(points[-1].structure, hf_min) < 0.01 < rmsd(sur_min, hf_min)
     assert [n for n, _ in calls] == list(range(1, len(points) + 1)) and all(e is not None for _, e in calls)
     # an HF minimum already: nothing to do
@@ -78,9 +80,28 @@ def test_refine_moves_no_atom_further_than_the_trust_radius(tmp_path, monkeypatc
     f_err = np.random.default_rng(3).normal(0, 2.0, (len(start), 3))  # a far-off surrogate
 
     def surrogate():
-        return SumCalculator([EMT(), LinearCorrection(structure_to_atoms(start, 0).positions, f_err, 0.0)])
+        return SumCalculator([EMT(), ForceCorrection(structure_to_atoms(start, 0).positions, f_err, 0.0)])
 
     pts = list(refine_minimum(start, 0, hf.single_point(start, 0, workdir="."), surrogate,
                               lambda s, n, e: hf.single_point(s, 0, workdir="."), fmax=1e-4, max_points=3,
                               trust=0.05))
     assert len(pts) == 3 and all(p.displacement <= 0.05 + 1e-9 for p in pts)
+
+
+def test_the_secant_update_meets_the_secant_condition_and_stays_symmetric():
+    rng = np.random.default_rng(4)
+    a = rng.normal(size=(6, 6))
+    a = a + a.T
+    s, y = rng.normal(size=6), rng.normal(size=6)
+    b = psb_update(a, s, y)
+    assert np.allclose(b @ s, y) and np.allclose(b, b.T)
+    assert np.allclose(psb_update(a, np.zeros(6), y), a)  # no step, nothing learnt
+    # a correction with curvature: forces f − A d, energy consistent with them
+    atoms = structure_to_atoms(cu_vacancy(), 0)
+    n = 3 * len(atoms)
+    h = np.diag(np.full(n, 2.0))
+    corr = ForceCorrection(atoms.positions, np.zeros((len(atoms), 3)), 0.0, h)
+    atoms.calc = corr
+    d = rng.normal(0, 0.01, atoms.positions.shape)
+    atoms.positions += d
+    assert np.allclose(atoms.get_forces(), -2.0 * d) and atoms.get_potential_energy() == pytest.approx(np.sum(d * d))

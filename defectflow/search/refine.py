@@ -12,9 +12,12 @@ forces), the surrogate is corrected to agree with HF to first order::
 
 so that E_n and its forces equal the HF ones at x_n. Relaxing E_n from x_n (the search's relaxation driver, no atom
 moving more than ``trust`` Å) gives x_{n+1}, where the next HF single point is made. The fixed point is where the HF
-forces vanish; each step is a Newton step with the surrogate's curvature, so the error shrinks by the surrogate's
-relative Hessian error per step. It stops when the HF max force is at most ``fmax`` (eV/Å), or after ``max_points``
-single points. Every point is an ordinary HF single point: it counts as an HF call, and it is HF training data.
+forces vanish: each step is a Newton step with the surrogate's curvature. Where that curvature is wrong (a soft mode
+the surrogate makes stiff), the correction also gets a curvature term ½ dᵀ A d, A learnt from the steps so far
+(Powell-symmetric-Broyden secant updates of the HF − surrogate force change): a quasi-Newton method on the
+difference, so that the steps along a direction already visited become right. It stops when the HF max force is at
+most ``fmax`` (eV/Å), or after ``max_points`` single points. Every point is an ordinary HF single point: it counts
+as an HF call, and it is HF training data.
 """
 
 from __future__ import annotations
@@ -34,29 +37,52 @@ from defectflow.schemas import Frame
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LinearCorrection", "RefinePoint", "max_force", "refine_minimum"]
+__all__ = ["ForceCorrection", "RefinePoint", "max_force", "psb_update", "refine_minimum"]
 
 
-class LinearCorrection(Calculator):
-    """E(x) = e0 − Σ_i f_i · (x_i − x0_i) (minimum-image displacements), forces f_i: a constant force field. Added to
-    a surrogate (:class:`ase.calculators.mixing.SumCalculator`) it makes the sum agree with another method's energy
-    and forces at x0. The net force Σ_i f_i is removed first: it would only translate the cell, without end (a
-    DFT code's forces need not sum to exactly zero)."""
+class ForceCorrection(Calculator):
+    """A quadratic correction around x0: E(x) = e0 − f · d + ½ dᵀ A d, forces f − A d, with d = x − x0 (minimum-image,
+    flattened to 3N) and A symmetric (eV/Å²; none: a constant force field). Added to a surrogate
+    (:class:`ase.calculators.mixing.SumCalculator`) it makes the sum agree with another method's energy and forces
+    at x0, and with A, its change of forces near x0. The net force Σ_i f_i is removed first: it would only translate
+    the cell, without end (a DFT code's forces need not sum to exactly zero)."""
 
     implemented_properties = ["energy", "free_energy", "forces"]
 
-    def __init__(self, positions: np.ndarray, forces: np.ndarray, energy: float, **kwargs):
+    def __init__(self, positions: np.ndarray, forces: np.ndarray, energy: float, hessian: np.ndarray | None = None,
+                 **kwargs):
         super().__init__(**kwargs)
         self.x0 = np.array(positions, dtype=float)
-        self.f = np.array(forces, dtype=float)
-        self.f -= self.f.mean(axis=0)
+        self.f = net_free(forces)
         self.e0 = float(energy)
+        self.a = None if hessian is None else np.asarray(hessian, dtype=float)
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
         d = find_mic(self.atoms.positions - self.x0, self.atoms.cell, pbc=self.atoms.pbc)[0]
         e = self.e0 - float(np.sum(self.f * d))
-        self.results = {"energy": e, "free_energy": e, "forces": self.f.copy()}
+        forces = self.f.copy()
+        if self.a is not None:
+            ad = (self.a @ d.ravel()).reshape(d.shape)
+            e += 0.5 * float(np.sum(d * ad))
+            forces -= ad
+        self.results = {"energy": e, "free_energy": e, "forces": forces}
+
+
+def net_free(forces) -> np.ndarray:
+    """Forces (N×3) with their mean removed."""
+    f = np.array(forces, dtype=float)
+    return f - f.mean(axis=0)
+
+
+def psb_update(a: np.ndarray, s: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Powell-symmetric-Broyden update of a symmetric curvature estimate ``a`` (3N×3N) to the secant condition
+    ``a_new @ s = y`` (step s, change of gradient y, both flattened), the least change of ``a`` that meets it."""
+    ss = float(s @ s)
+    if ss < 1e-12:
+        return a
+    u = y - a @ s
+    return a + (np.outer(u, s) + np.outer(s, u)) / ss - float(u @ s) * np.outer(s, s) / ss ** 2
 
 
 @dataclass
@@ -77,8 +103,9 @@ def max_force(frame: Frame | None) -> float | None:
 
 
 def refine_minimum(structure, charge: int, hf: Frame, surrogate_factory: Callable[[], object],
-                   hf_single_point: Callable[[object, int, float | None], Frame], *, fmax: float = 0.05, max_points: int = 6,
-                   trust: float = 0.2, relax_fmax: float | None = None, max_steps: int = 300) -> Iterator[RefinePoint]:
+                   hf_single_point: Callable[[object, int, float | None], Frame], *, fmax: float = 0.05,
+                   max_points: int = 6, trust: float = 0.2, relax_fmax: float | None = None,
+                   max_steps: int = 300) -> Iterator[RefinePoint]:
     """Yield the HF single points of the refinement of ``structure`` (whose HF single point ``hf`` is known), until
     the HF max force is ≤ ``fmax`` eV/Å, ``max_points`` new single points are made, or an HF single point fails.
 
@@ -92,14 +119,15 @@ def refine_minimum(structure, charge: int, hf: Frame, surrogate_factory: Callabl
     surrogate = surrogate_factory()
     sur_engine = CalculatorEngine(surrogate, xc="mace:hf")
     current, current_hf = structure, hf
+    sur = sur_engine.single_point(current, charge, workdir=".")
+    curvature = None  # the HF − surrogate curvature along the steps so far (secant updates), eV/Å²
     for n in range(1, max_points + 1):
         f_now = max_force(current_hf)
         if f_now is None or current_hf.energy is None or f_now <= fmax:
             return
-        sur = sur_engine.single_point(current, charge, workdir=".")
         atoms0 = structure_to_atoms(current, charge)
-        correction = LinearCorrection(atoms0.positions, np.asarray(current_hf.forces) - np.asarray(sur.forces),
-                                      current_hf.energy - sur.energy)
+        residual = net_free(np.asarray(current_hf.forces) - np.asarray(sur.forces))
+        correction = ForceCorrection(atoms0.positions, residual, current_hf.energy - sur.energy, curvature)
         corrected = CalculatorEngine(SumCalculator([surrogate, correction]), xc="mace:hf+HF force correction")
         traj = corrected.relax(current, charge, workdir=None, fmax=relax_fmax, max_steps=max_steps, keep="last")
         if traj.final is None:
@@ -115,11 +143,15 @@ def refine_minimum(structure, charge: int, hf: Frame, surrogate_factory: Callabl
             move = trust
         new.positions = atoms0.positions + d
         nxt = atoms_to_structure(new, charge)
-        e_sur = sur_engine.single_point(nxt, charge, workdir=".").energy
-        frame = hf_single_point(nxt, n, e_sur)
-        yield RefinePoint(structure=nxt, hf=frame, surrogate_energy=e_sur, displacement=move)
-        if frame.energy is None:
+        sur_next = sur_engine.single_point(nxt, charge, workdir=".")
+        frame = hf_single_point(nxt, n, sur_next.energy)
+        yield RefinePoint(structure=nxt, hf=frame, surrogate_energy=sur_next.energy, displacement=move)
+        if frame.energy is None or frame.forces is None:
             return
-        logger.info("refine step %d: moved %.3f Å, HF max force %.3f -> %s eV/Å", n, move, f_now,
-                    f"{max_force(frame):.3f}" if frame.forces is not None else "?")
-        current, current_hf = nxt, frame
+        logger.info("refine step %d: moved %.3f Å, HF max force %.3f -> %.3f eV/Å", n, move, f_now,
+                    max_force(frame))
+        # secant: the residual's change along the step is the curvature the surrogate lacks (gradient = −force)
+        change = net_free(np.asarray(frame.forces) - np.asarray(sur_next.forces)) - residual
+        curvature = psb_update(np.zeros((d.size, d.size)) if curvature is None else curvature, d.ravel(),
+                               -change.ravel())
+        current, current_hf, sur = nxt, frame, sur_next
