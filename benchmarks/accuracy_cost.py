@@ -69,7 +69,7 @@ def load_reference(preset: str, recompute: bool) -> dict[str, Any]:
         import reference
 
         reference.compute(["bulk", "hf", preset, "pools"], None)
-    bad = frozen.check_digests()
+    bad = frozen.check_digests(["hf", f"lf/{preset}"])
     if bad:
         raise SystemExit("benchmarks/data does not match its manifest: " + "; ".join(bad[:5]))
     m = frozen.manifest()

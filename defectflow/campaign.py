@@ -439,7 +439,10 @@ class VerifySpec(_Section):
         6, ge=1, description="refine: HF single points per (defect, q) at most (each one HF call)")
     refine_trust: float = Field(
         0.2, gt=0, description="refine: largest atomic move per step, Å (the force correction is linear: it holds "
-        "near the last point only)")
+        "near the last point only); a step that raises the HF energy is rejected and the next one halved")
+    refine_secant: bool = Field(
+        False, description="refine: also learn the HF − surrogate curvature from the steps (secant updates): faster "
+        "near a minimum, but measured to lose a saddle escape on the benchmark (defectflow.search.refine)")
     energy_threshold: float = Field(
         5.0, gt=0, description="|E_HF − E_surrogate| at a verified minimum above which it is added to the training "
         "set and the round is not converged, in meV/atom")

@@ -40,8 +40,8 @@ def test_the_linear_correction_matches_energy_and_forces_at_its_point_and_is_con
 def test_refine_converges_on_the_hf_minimum_when_the_surrogate_misses_it(tmp_path, monkeypatch):
     """HF = EMT. Surrogate = twice EMT (wrong curvature) plus a constant force error of 0.3 eV/Å rms (a displaced
     minimum). From the surrogate's own minimum, refine reaches the HF minimum (max force ≤ fmax) in a few HF
-    single points: the first step, a Newton step with twice the true curvature, halves the force; the secant update
-    then learns the missing curvature. An HF relaxation from the same start is the reference."""
+    single points, each a Newton step with twice the true curvature; the secant option learns the missing curvature
+    and needs fewer. An HF relaxation from the same start is the reference."""
     monkeypatch.chdir(tmp_path)
     start = cu_vacancy()
     f_err = np.random.default_rng(2).normal(0, 0.3, (len(start), 3))
@@ -63,11 +63,15 @@ def test_refine_converges_on_the_hf_minimum_when_the_surrogate_misses_it(tmp_pat
 
     points = list(refine_minimum(sur_min, 0, first, surrogate, hf_point, fmax=0.01, max_points=10, trust=0.2))
     forces = [max_force(first)] + [max_force(p.hf) for p in points]
-    assert forces[-1] <= 0.01 and len(points) <= 4, forces  # without the secant update: 6 (halving each step)
-    assert forces[1] == pytest.approx(forces[0] / 2, rel=0.1), forces  # Newton step, twice the true curvature
-    assert all(b < a for a, b in zip(forces, forces[1:])), forces
+    assert forces[-1] <= 0.01 and len(points) <= 8, forces
+    # Newton steps with twice the true curvature: each one halves the force
+    assert all(b == pytest.approx(a / 2, rel=0.15) for a, b in zip(forces, forces[1:])), forces
+    # the secant option learns the missing curvature along the steps: fewer single points
+    fast = list(refine_minimum(sur_min, 0, first, surrogate, hf_point, fmax=0.01, max_points=10, secant=True))
+    assert max_force(fast[-1].hf) <= 0.01 and len(fast) < len(points) and len(fast) <= 3
     assert rmsd(points[-1].structure, hf_min) < 0.01 < rmsd(sur_min, hf_min)
-    assert [n for n, _ in calls] == list(range(1, len(points) + 1)) and all(e is not None for _, e in calls)
+    assert [n for n, _ in calls][:len(points)] == list(range(1, len(points) + 1))
+    assert all(e is not None for _, e in calls)
     # an HF minimum already: nothing to do
     assert list(refine_minimum(hf_min, 0, hf.single_point(hf_min, 0, workdir="."), surrogate, hf_point,
                                fmax=0.01)) == []
@@ -105,3 +109,24 @@ def test_the_secant_update_meets_the_secant_condition_and_stays_symmetric():
     d = rng.normal(0, 0.01, atoms.positions.shape)
     atoms.positions += d
     assert np.allclose(atoms.get_forces(), -2.0 * d) and atoms.get_potential_energy() == pytest.approx(np.sum(d * d))
+
+
+def test_a_step_that_raises_the_hf_energy_is_rejected_and_the_next_one_is_shorter(tmp_path, monkeypatch):
+    """An HF whose energy is 10 eV higher at every new point (EMT + 10 eV away from the start): every step is
+    rejected, each next one starts from the same best point and is half as long."""
+    monkeypatch.chdir(tmp_path)
+    start = cu_vacancy(0.1)
+    hf = CalculatorEngine(EMT(), xc="EMT")
+    first = hf.single_point(start, 0, workdir=".")
+
+    def uphill(structure, n, e_sur):
+        frame = hf.single_point(structure, 0, workdir=".")
+        return frame.model_copy(update={"energy": frame.energy + 10.0})
+
+    pts = list(refine_minimum(start, 0, first, EMT, uphill, fmax=1e-3, max_points=3, trust=0.1))
+    assert len(pts) == 3 and pts[0].displacement == pytest.approx(0.1)
+    assert pts[1].displacement == pytest.approx(0.05) and pts[2].displacement == pytest.approx(0.025)
+    # every step left from the start: the moves are along the same corrected-surrogate direction, shorter
+    a0 = structure_to_atoms(start, 0).positions
+    d = [structure_to_atoms(p.structure, 0).positions - a0 for p in pts]
+    assert np.allclose(d[1], d[0] / 2, atol=1e-6) and np.allclose(d[2], d[0] / 4, atol=1e-6)

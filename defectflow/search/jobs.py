@@ -345,7 +345,7 @@ def _refine_check(engine, model: TrainedModel, gv: GroupVerification, search: Se
 
     for _ in refine_minimum(start.structure, search.charge, start.hf_frame,
                             lambda: load_calculator(model, head="hf", device="auto"), hf_point, fmax=spec.fmax,
-                            max_points=n_max, trust=spec.refine_trust):
+                            max_points=n_max, trust=spec.refine_trust, secant=spec.refine_secant):
         pass
     done = [c for c in gv.checks if c.hf_energy is not None and (c is start or c.role.startswith("refine"))]
     gv.ground_state = min(done, key=lambda c: c.hf_energy)

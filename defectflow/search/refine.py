@@ -12,12 +12,20 @@ forces), the surrogate is corrected to agree with HF to first order::
 
 so that E_n and its forces equal the HF ones at x_n. Relaxing E_n from x_n (the search's relaxation driver, no atom
 moving more than ``trust`` Å) gives x_{n+1}, where the next HF single point is made. The fixed point is where the HF
-forces vanish: each step is a Newton step with the surrogate's curvature. Where that curvature is wrong (a soft mode
-the surrogate makes stiff), the correction also gets a curvature term ½ dᵀ A d, A learnt from the steps so far
-(Powell-symmetric-Broyden secant updates of the HF − surrogate force change): a quasi-Newton method on the
-difference, so that the steps along a direction already visited become right. It stops when the HF max force is at
-most ``fmax`` (eV/Å), or after ``max_points`` single points. Every point is an ordinary HF single point: it counts
-as an HF call, and it is HF training data.
+forces vanish: each step is a Newton step with the surrogate's curvature. Each step starts from the point of
+lowest HF energy so far: a step that raises the HF energy is rejected and the next one is half as long (a trust
+region).
+
+Where the surrogate's curvature is wrong (a soft mode it makes stiff), the steps are short and convergence is
+slow. ``secant=True`` (``verify.refine_secant``) adds a curvature term ½ dᵀ A d to the correction, A learnt from the
+steps so far (Powell-symmetric-Broyden updates to the HF − surrogate force change, skipped where the HF energy curves
+down along the step, as in BFGS). Measured on the benchmark's `far` preset (docs/benchmarks.md, session 9): it
+brings V_Si⁰ from 0.19 to 0.02 eV/Å in 2 single points where the plain correction needs more than 4, but it loses
+V_Si²⁺'s escape from a saddle-like surrogate minimum (0.78 eV above the HF ground state) to the outward ground
+state, which the plain correction reaches in 5 single points. Off by default: the ground state matters more.
+
+It stops when the HF max force at the best point is at most ``fmax`` (eV/Å), or after ``max_points`` single
+points. Every point is an ordinary HF single point: it counts as an HF call, and it is HF training data.
 """
 
 from __future__ import annotations
@@ -105,7 +113,7 @@ def max_force(frame: Frame | None) -> float | None:
 def refine_minimum(structure, charge: int, hf: Frame, surrogate_factory: Callable[[], object],
                    hf_single_point: Callable[[object, int, float | None], Frame], *, fmax: float = 0.05,
                    max_points: int = 6, trust: float = 0.2, relax_fmax: float | None = None,
-                   max_steps: int = 300) -> Iterator[RefinePoint]:
+                   max_steps: int = 300, secant: bool = False) -> Iterator[RefinePoint]:
     """Yield the HF single points of the refinement of ``structure`` (whose HF single point ``hf`` is known), until
     the HF max force is ≤ ``fmax`` eV/Å, ``max_points`` new single points are made, or an HF single point fails.
 
@@ -114,22 +122,24 @@ def refine_minimum(structure, charge: int, hf: Frame, surrogate_factory: Callabl
     folder; the uncorrected surrogate's energy there is passed along, for the error). ``trust``: the
     largest atomic move per step, Å (the linear correction holds near x_n only); ``relax_fmax``: force threshold of
     the corrected surrogate relaxation, eV/Å (default ``fmax``/10: the HF forces cannot fall below it). It also
-    stops when a step moves no atom by more than 1 mÅ (nothing left to gain)."""
+    stops when a step moves no atom by more than 1 mÅ (nothing left to gain). ``secant``: learn the curvature
+    term (off by default: see the module docstring)."""
     relax_fmax = fmax / 10 if relax_fmax is None else relax_fmax
     surrogate = surrogate_factory()
     sur_engine = CalculatorEngine(surrogate, xc="mace:hf")
-    current, current_hf = structure, hf
-    sur = sur_engine.single_point(current, charge, workdir=".")
+    best, best_hf = structure, hf  # the lowest HF energy so far: every step starts there
+    sur = sur_engine.single_point(best, charge, workdir=".")
+    residual = net_free(np.asarray(best_hf.forces) - np.asarray(sur.forces)) if best_hf.forces is not None else None
     curvature = None  # the HF − surrogate curvature along the steps so far (secant updates), eV/Å²
+    radius = trust
     for n in range(1, max_points + 1):
-        f_now = max_force(current_hf)
-        if f_now is None or current_hf.energy is None or f_now <= fmax:
+        f_now = max_force(best_hf)
+        if f_now is None or best_hf.energy is None or f_now <= fmax:
             return
-        atoms0 = structure_to_atoms(current, charge)
-        residual = net_free(np.asarray(current_hf.forces) - np.asarray(sur.forces))
-        correction = ForceCorrection(atoms0.positions, residual, current_hf.energy - sur.energy, curvature)
+        atoms0 = structure_to_atoms(best, charge)
+        correction = ForceCorrection(atoms0.positions, residual, best_hf.energy - sur.energy, curvature)
         corrected = CalculatorEngine(SumCalculator([surrogate, correction]), xc="mace:hf+HF force correction")
-        traj = corrected.relax(current, charge, workdir=None, fmax=relax_fmax, max_steps=max_steps, keep="last")
+        traj = corrected.relax(best, charge, workdir=None, fmax=relax_fmax, max_steps=max_steps, keep="last")
         if traj.final is None:
             logger.warning("refine step %d: corrected surrogate relaxation failed: %s", n, traj.error)
             return
@@ -138,9 +148,9 @@ def refine_minimum(structure, charge: int, hf: Frame, surrogate_factory: Callabl
         move = float(np.max(np.linalg.norm(d, axis=1)))
         if move < 1e-3:
             return
-        if move > trust:  # outside the correction's reach: a step of length trust along the same direction
-            d *= trust / move
-            move = trust
+        if move > radius:  # outside the correction's reach: a step of length radius along the same direction
+            d *= radius / move
+            move = radius
         new.positions = atoms0.positions + d
         nxt = atoms_to_structure(new, charge)
         sur_next = sur_engine.single_point(nxt, charge, workdir=".")
@@ -148,10 +158,19 @@ def refine_minimum(structure, charge: int, hf: Frame, surrogate_factory: Callabl
         yield RefinePoint(structure=nxt, hf=frame, surrogate_energy=sur_next.energy, displacement=move)
         if frame.energy is None or frame.forces is None:
             return
-        logger.info("refine step %d: moved %.3f Å, HF max force %.3f -> %.3f eV/Å", n, move, f_now,
-                    max_force(frame))
-        # secant: the residual's change along the step is the curvature the surrogate lacks (gradient = −force)
-        change = net_free(np.asarray(frame.forces) - np.asarray(sur_next.forces)) - residual
-        curvature = psb_update(np.zeros((d.size, d.size)) if curvature is None else curvature, d.ravel(),
-                               -change.ravel())
-        current, current_hf, sur = nxt, frame, sur_next
+        # secant: the residual's change along the step is the curvature the surrogate lacks (gradient = −force);
+        # learnt from a rejected step too. Skipped where the HF energy curves down along the step (sᵀy ≤ 0, as in
+        # BFGS): near a saddle a Newton model would climb to the maximum, while the plain correction walks down
+        res_next = net_free(np.asarray(frame.forces) - np.asarray(sur_next.forces))
+        hf_curvature = -float(np.sum(d * (net_free(frame.forces) - net_free(best_hf.forces))))
+        if secant and hf_curvature > 0:
+            curvature = psb_update(np.zeros((d.size, d.size)) if curvature is None else curvature, d.ravel(),
+                                   -(res_next - residual).ravel())
+        accepted = frame.energy < best_hf.energy
+        logger.info("refine step %d: moved %.3f Å, HF energy %+.1f meV, HF max force %.3f -> %.3f eV/Å (%s)", n,
+                    move, 1000 * (frame.energy - best_hf.energy), f_now, max_force(frame),
+                    "accepted" if accepted else "rejected: back to the best point, step halved")
+        if accepted:  # trust region: a step that lowers the HF energy is taken, one that raises it is not
+            best, best_hf, sur, residual, radius = nxt, frame, sur_next, res_next, trust
+        else:
+            radius = move / 2
