@@ -49,7 +49,8 @@ def test_top_up_round_was_recorded_and_run(run):
     assert rounds[0].retrained is True and rounds[0].disagreeing and rounds[0].stop_reason is None
     assert rounds[1].retrained is False and rounds[1].stop_reason.startswith("verify.max_rounds")
     assert rounds[0].added == [] and rounds[1].added  # round 1's model trained on what round 0 added, and why
-    assert {a.reason for a in rounds[1].added} <= {"uncertain path frame", "verified minimum, |ΔE| above threshold"}
+    assert {a.reason for a in rounds[1].added} <= {"uncertain path frame", "verified minimum, |ΔE| above threshold",
+                                                   "refine point, |ΔE| above threshold"}
     paths = [a for a in rounds[1].added if a.reason == "uncertain path frame"]
     assert len(paths) <= 4 and all(a.energy_std is not None for a in paths)  # verify.round_budget default
     for rec in rounds:  # every verified minimum is recorded with its role and errors

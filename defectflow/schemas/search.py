@@ -154,7 +154,8 @@ class TopUpFrame(BaseModel):
 
     group: str = Field(description="'defect q'")
     label: str = Field(description="Start (and FIRE step) it comes from")
-    reason: str = Field(description="'uncertain path frame' or 'verified minimum, |ΔE| above threshold'")
+    reason: str = Field(description="'uncertain path frame', 'verified minimum, |ΔE| above threshold' or "
+                        "'refine point, |ΔE| above threshold' (verify.mode refine)")
     energy_std: float | None = Field(None, description="Committee energy standard deviation there, eV")
     force_std: float | None = Field(None, description="Committee force uncertainty there, eV/Å")
     error_mev_per_atom: float | None = Field(None, description="|E_HF − E_surrogate| there, meV/atom (when known)")

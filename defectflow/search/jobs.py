@@ -506,7 +506,8 @@ def plan_topup(record: RoundRecord, verifications: list[GroupVerification], sear
                                                "label": c.ground_state_label, "reason": why})
                     continue
                 minima.append((c, TopUpFrame(group=group_key(c.defect, c.charge), label=c.ground_state_label or "?",
-                                             reason="verified minimum, |ΔE| above threshold",
+                                             reason=("refine point" if c.role.startswith("refine")
+                                                     else "verified minimum") + ", |ΔE| above threshold",
                                              energy_std=c.energy_std, force_std=c.force_std,
                                              error_mev_per_atom=c.error_mev_per_atom)))
     pool = sorted(((p, group_key(s.defect, s.charge)) for s in searches for p in s.candidates),
@@ -536,8 +537,9 @@ def finalize(verifications: list[GroupVerification], searches: list[SearchResult
     counts = {"hf_calls": record.hf_calls_total, "hf_seconds": context.hf_seconds + record.hf_seconds,
               "hf_cpu_seconds": context.hf_cpu_seconds + record.hf_cpu_seconds}
     if stop is None:
-        meta = [{"defect": c.defect, "distortion": f"verify_round{round_no}_{c.ground_state_label}", "step": 0}
-                for c, _ in minima]
+        # step = its place in the list: refine points share their minimum's label
+        meta = [{"defect": c.defect, "distortion": f"verify_round{round_no}_{c.ground_state_label}", "step": k}
+                for k, (c, _) in enumerate(minima)]
         hf_text = hf_text + hf_extxyz([(c.hf_frame, c.lf_frame, m) for (c, _), m in zip(minima, meta)])
         new_context = context.model_copy(update={
             "round": round_no + 1, "hf_extxyz": hf_text, "history": history, "best_verified": best,
