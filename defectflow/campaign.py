@@ -430,8 +430,9 @@ class VerifySpec(_Section):
     mode: Literal["single_point", "relax", "refine"] = Field(
         "single_point", description="single_point: HF single points at the verified minima, the lowest is the "
         "ground state; relax: then an HF relaxation from it (the HF engine's optimizer); refine: then HF single "
-        "points along the surrogate relaxation corrected by the HF forces of the last point, until the HF max force "
-        "is ≤ fmax (defectflow.search.refine: a few single points instead of an HF relaxation's 11–17 steps)")
+        "points along the surrogate relaxation corrected by the HF forces of the best point so far, until the HF "
+        "max force is ≤ fmax (defectflow.search.refine: a few single points instead of an HF relaxation's 11–17 "
+        "steps)")
     fmax: float = Field(
         0.05, gt=0, description="refine and relax: HF max-force threshold of the ground state, eV/Å (the direct-HF "
         "reference relaxes to 0.05)")

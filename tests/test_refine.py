@@ -90,6 +90,17 @@ def test_refine_moves_no_atom_further_than_the_trust_radius(tmp_path, monkeypatc
                               lambda s, n, e: hf.single_point(s, 0, workdir="."), fmax=1e-4, max_points=3,
                               trust=0.05))
     assert len(pts) == 3 and all(p.displacement <= 0.05 + 1e-9 for p in pts)
+    # measured from the structures, not the self-report: every point lies within the trust radius of the start or
+    # of an earlier point (each step starts from the best point so far)
+    from ase.geometry import find_mic
+
+    visited = [structure_to_atoms(start, 0)]
+    for p in pts:
+        a = structure_to_atoms(p.structure, 0)
+        moves = [np.linalg.norm(find_mic(a.positions - b.positions, b.cell, pbc=True)[0], axis=1).max()
+                 for b in visited]
+        assert min(moves) <= 0.05 + 1e-6, moves
+        visited.append(a)
 
 
 def test_the_secant_update_meets_the_secant_condition_and_stays_symmetric():

@@ -328,7 +328,9 @@ def test_verify_mode_refine_adds_hf_single_points_within_the_budget_and_keeps_th
     assert gv.hf_calls == len(roles), roles
     # a failed HF single point ends the refinement; every other one has its forces
     assert all(c.hf_max_force is not None for c in gv.checks[:-1]), [(c.role, c.error) for c in gv.checks]
-    assert gv.ground_state.hf_energy == min(c.hf_energy for c in gv.checks)
+    assert gv.ground_state.hf_energy == min(c.hf_energy for c in gv.checks if c.hf_energy is not None)
+    # every check is a real HF calculation in its own folder
+    assert len([p for p in tmp_path.iterdir() if "_verify_" in p.name]) == len(roles)
     if gv.ground_state is not gv.checks[0]:
         assert gv.ground_state.rmsd_to_hf_relaxed > 0
     assert gv.checks[0].hf_max_force > spec.fmax  # a rattled cell is no GFN2 minimum: there was work to do

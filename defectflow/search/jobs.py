@@ -278,6 +278,8 @@ def verify_minima(search: SearchResult, high, low, spec: VerifySpec, known_extxy
     ``need_lf`` (Δ-learning) an LF single point is added where a minimum disagrees (the Δ target needs it).
     ``max_calls``: HF calculations this job may make (the campaign's ``verify.max_hf_calls`` left, shared between
     the (defect, q)); at least the lowest minimum is always verified. ``high``/``low``: the fidelity settings."""
+    if spec.mode == "refine" and model is None:
+        raise ValueError("verify.mode refine needs the surrogate (verify_minima's model)")
     gv = GroupVerification(defect=search.defect, charge=search.charge, checks=[])
     if not search.minima:
         gv.reason = ("the surrogate search produced no physical minimum"
@@ -317,8 +319,6 @@ def verify_minima(search: SearchResult, high, low, spec: VerifySpec, known_extxy
         _relax_check(engine, gv.ground_state, search.charge, spec, Path.cwd() / f"{tag}_relax")
         gv.relaxations = 1
     if spec.mode == "refine" and gv.ground_state is not None and gv.ground_state.hf_frame is not None:
-        if model is None:
-            raise ValueError("verify.mode refine needs the surrogate (verify_minima's model)")
         left = None if limit is None else limit - len(gv.checks)
         _refine_check(engine, model, gv, search, spec, tag, left)
     return gv
@@ -343,10 +343,14 @@ def _refine_check(engine, model: TrainedModel, gv: GroupVerification, search: Se
         gv.checks.append(c)
         return c.hf_frame
 
-    for _ in refine_minimum(start.structure, search.charge, start.hf_frame,
-                            lambda: load_calculator(model, head="hf", device="auto"), hf_point, fmax=spec.fmax,
-                            max_points=n_max, trust=spec.refine_trust, secant=spec.refine_secant):
-        pass
+    try:
+        for _ in refine_minimum(start.structure, search.charge, start.hf_frame,
+                                lambda: load_calculator(model, head="hf", device="auto"), hf_point, fmax=spec.fmax,
+                                max_points=n_max, trust=spec.refine_trust, secant=spec.refine_secant):
+            pass
+    except Exception as exc:  # keep the HF points already paid for: the lowest of them is still the ground state
+        logger.exception("refine of %s q=%+d failed", search.defect, search.charge)
+        gv.reason = ((gv.reason + "; ") if gv.reason else "") + f"refine stopped: {type(exc).__name__}: {exc}"
     done = [c for c in gv.checks if c.hf_energy is not None and (c is start or c.role.startswith("refine"))]
     gv.ground_state = min(done, key=lambda c: c.hf_energy)
     if gv.ground_state is not start:

@@ -100,7 +100,7 @@ class RefinePoint:
     structure: object  # pymatgen Structure
     hf: Frame
     surrogate_energy: float | None
-    displacement: float  # largest atomic move from the previous point, Å
+    displacement: float  # largest atomic move from the best point, where the step started, Å
 
 
 def max_force(frame: Frame | None) -> float | None:
@@ -129,7 +129,10 @@ def refine_minimum(structure, charge: int, hf: Frame, surrogate_factory: Callabl
     sur_engine = CalculatorEngine(surrogate, xc="mace:hf")
     best, best_hf = structure, hf  # the lowest HF energy so far: every step starts there
     sur = sur_engine.single_point(best, charge, workdir=".")
-    residual = net_free(np.asarray(best_hf.forces) - np.asarray(sur.forces)) if best_hf.forces is not None else None
+    if sur.energy is None or sur.forces is None or best_hf.forces is None:
+        logger.warning("refine: no surrogate or HF forces at the start (%s): not refined", sur.error)
+        return
+    residual = net_free(np.asarray(best_hf.forces) - np.asarray(sur.forces))
     curvature = None  # the HF − surrogate curvature along the steps so far (secant updates), eV/Å²
     radius = trust
     for n in range(1, max_points + 1):
@@ -146,7 +149,7 @@ def refine_minimum(structure, charge: int, hf: Frame, surrogate_factory: Callabl
         new = structure_to_atoms(traj.final.structure, charge)
         d = find_mic(new.positions - atoms0.positions, atoms0.cell, pbc=True)[0]
         move = float(np.max(np.linalg.norm(d, axis=1)))
-        if move < 1e-3:
+        if move < 1e-3 or radius < 1e-3:  # nothing left to gain, or steps below the SCF's noise
             return
         if move > radius:  # outside the correction's reach: a step of length radius along the same direction
             d *= radius / move
@@ -154,6 +157,9 @@ def refine_minimum(structure, charge: int, hf: Frame, surrogate_factory: Callabl
         new.positions = atoms0.positions + d
         nxt = atoms_to_structure(new, charge)
         sur_next = sur_engine.single_point(nxt, charge, workdir=".")
+        if sur_next.energy is None or sur_next.forces is None:
+            logger.warning("refine step %d: surrogate single point failed: %s", n, sur_next.error)
+            return
         frame = hf_single_point(nxt, n, sur_next.energy)
         yield RefinePoint(structure=nxt, hf=frame, surrogate_energy=sur_next.energy, displacement=move)
         if frame.energy is None or frame.forces is None:
