@@ -45,7 +45,6 @@ from defectflow.schemas import (
 from defectflow.schemas.core import ElectrostaticPotential
 from defectflow.search import plot_landscape, rattled_starts, rmsd, search_ground_state
 from defectflow.search.batched import batched_relax
-from defectflow.search.refine import max_force
 from defectflow.search.uncertainty import committee_predict
 from defectflow.steps import name_job
 from defectflow.store.tracking import tracked
@@ -324,6 +323,11 @@ def verify_minima(search: SearchResult, high, low, spec: VerifySpec, known_extxy
     return gv
 
 
+def _add_reason(gv: GroupVerification, text: str) -> None:
+    """Append ``text`` to ``gv.reason`` ('; '-separated)."""
+    gv.reason = f"{gv.reason}; {text}" if gv.reason else text
+
+
 def _refine_check(engine, model: TrainedModel, gv: GroupVerification, search: SearchResult, spec: VerifySpec,
                   tag: str, left: int | None) -> None:
     """verify.mode refine: HF single points from the ground state towards the HF minimum (appended to
@@ -334,7 +338,7 @@ def _refine_check(engine, model: TrainedModel, gv: GroupVerification, search: Se
     start = gv.ground_state
     n_max = spec.refine_points if left is None else min(spec.refine_points, left)
     if n_max <= 0:
-        gv.reason = ((gv.reason + "; ") if gv.reason else "") + "not refined: no HF call left (verify.max_hf_calls)"
+        _add_reason(gv, "not refined: no HF call left (verify.max_hf_calls)")
         return
 
     def hf_point(structure, n: int, surrogate_energy: float | None):
@@ -350,7 +354,7 @@ def _refine_check(engine, model: TrainedModel, gv: GroupVerification, search: Se
             pass
     except Exception as exc:  # keep the HF points already paid for: the lowest of them is still the ground state
         logger.exception("refine of %s q=%+d failed", search.defect, search.charge)
-        gv.reason = ((gv.reason + "; ") if gv.reason else "") + f"refine stopped: {type(exc).__name__}: {exc}"
+        _add_reason(gv, f"refine stopped: {type(exc).__name__}: {exc}")
     done = [c for c in gv.checks if c.hf_energy is not None and (c is start or c.role.startswith("refine"))]
     gv.ground_state = min(done, key=lambda c: c.hf_energy)
     if gv.ground_state is not start:
@@ -358,9 +362,8 @@ def _refine_check(engine, model: TrainedModel, gv: GroupVerification, search: Se
         gv.ground_state.rmsd_success = gv.ground_state.rmsd_to_hf_relaxed <= spec.rmsd_threshold
     f = gv.ground_state.hf_max_force
     if f is not None and f > spec.fmax:
-        gv.reason = ((gv.reason + "; ") if gv.reason else "") + (
-            f"refined with {sum(c.role.startswith('refine') for c in gv.checks)} HF single points, HF max force "
-            f"still {f:.3f} eV/Å > verify.fmax {spec.fmax:g}")
+        _add_reason(gv, f"refined with {sum(c.role.startswith('refine') for c in gv.checks)} HF single points, "
+                        f"HF max force still {f:.3f} eV/Å > verify.fmax {spec.fmax:g}")
 
 
 def _check(engine, lf_engine, structure, search: SearchResult, spec: VerifySpec, tag: str, **fields) -> Verification:
@@ -377,7 +380,7 @@ def _check(engine, lf_engine, structure, search: SearchResult, spec: VerifySpec,
         v.error = hf.error or "HF single point failed"
         return v
     v.hf_energy = hf.energy
-    v.hf_max_force = max_force(hf)
+    v.hf_max_force = hf.fmax
     if v.surrogate_energy is not None:
         v.error_mev_per_atom = 1000 * abs(hf.energy - v.surrogate_energy) / len(structure)
         v.agrees = v.error_mev_per_atom <= spec.energy_threshold
@@ -397,7 +400,7 @@ def _relax_check(engine, v: Verification, charge: int, spec: VerifySpec, workdir
     if final is not None:
         v.rmsd_to_hf_relaxed = rmsd(v.structure, final.structure)
         v.rmsd_success = v.rmsd_to_hf_relaxed <= spec.rmsd_threshold
-        v.structure, v.hf_energy, v.hf_max_force = final.structure, final.energy, max_force(final)
+        v.structure, v.hf_energy, v.hf_max_force = final.structure, final.energy, final.fmax
     else:
         v.error = f"HF relaxation failed: {traj.error}"
     v.hf_seconds += time.perf_counter() - t0

@@ -45,7 +45,7 @@ from defectflow.schemas import Frame
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ForceCorrection", "RefinePoint", "max_force", "psb_update", "refine_minimum"]
+__all__ = ["ForceCorrection", "RefinePoint", "psb_update", "refine_minimum"]
 
 
 class ForceCorrection(Calculator):
@@ -103,13 +103,6 @@ class RefinePoint:
     displacement: float  # largest atomic move from the best point, where the step started, Å
 
 
-def max_force(frame: Frame | None) -> float | None:
-    """Largest atomic force of a frame, eV/Å (None without forces)."""
-    if frame is None or frame.forces is None:
-        return None
-    return float(np.max(np.linalg.norm(np.asarray(frame.forces, dtype=float), axis=1)))
-
-
 def refine_minimum(structure, charge: int, hf: Frame, surrogate_factory: Callable[[], object],
                    hf_single_point: Callable[[object, int, float | None], Frame], *, fmax: float = 0.05,
                    max_points: int = 6, trust: float = 0.2, relax_fmax: float | None = None,
@@ -136,7 +129,7 @@ def refine_minimum(structure, charge: int, hf: Frame, surrogate_factory: Callabl
     curvature = None  # the HF − surrogate curvature along the steps so far (secant updates), eV/Å²
     radius = trust
     for n in range(1, max_points + 1):
-        f_now = max_force(best_hf)
+        f_now = best_hf.fmax
         if f_now is None or best_hf.energy is None or f_now <= fmax:
             return
         atoms0 = structure_to_atoms(best, charge)
@@ -174,7 +167,7 @@ def refine_minimum(structure, charge: int, hf: Frame, surrogate_factory: Callabl
                                    -(res_next - residual).ravel())
         accepted = frame.energy < best_hf.energy
         logger.info("refine step %d: moved %.3f Å, HF energy %+.1f meV, HF max force %.3f -> %.3f eV/Å (%s)", n,
-                    move, 1000 * (frame.energy - best_hf.energy), f_now, max_force(frame),
+                    move, 1000 * (frame.energy - best_hf.energy), f_now, frame.fmax,
                     "accepted" if accepted else "rejected: back to the best point, step halved")
         if accepted:  # trust region: a step that lowers the HF energy is taken, one that raises it is not
             best, best_hf, sur, residual, radius = nxt, frame, sur_next, res_next, trust
