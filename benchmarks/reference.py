@@ -510,23 +510,22 @@ def near_minimum() -> list[dict[str, Any]]:
 
     from defectflow.train.data import ENERGY_KEY
 
-    rows_by_r: dict[float, list[tuple[int, float, int]]] = {r: [] for r in NEAR_MINIMUM_RMSD}
-    for name, row in read_json(DATA / "hf" / "index.json", {}).items():
+    rows_by_r: dict[float, list[tuple[int, float]]] = {r: [] for r in NEAR_MINIMUM_RMSD}
+    for row in read_json(DATA / "hf" / "index.json", {}).values():
         if row["status"] != "converged" or not row.get("file"):
             continue
         frames = read_frames_gz(DATA / "hf" / row["file"])
         last = frames[-1]
+        rmsds = [float(np.sqrt(np.mean(find_mic(a.positions - last.positions, last.cell, pbc=True)[1] ** 2)))
+                 for a in frames]
         for r in NEAR_MINIMUM_RMSD:
-            for i, a in enumerate(frames):
-                d = find_mic(a.positions - last.positions, last.cell, pbc=True)[1]
-                if float(np.sqrt(np.mean(d ** 2))) < r:
-                    de = 1000 * (float(a.info[ENERGY_KEY]) - float(last.info[ENERGY_KEY]))
-                    rows_by_r[r].append((len(frames) - 1 - i, de, row["charge"]))
-                    break
+            i = next(k for k, x in enumerate(rmsds) if x < r)  # the last frame itself is at 0
+            de = 1000 * (float(frames[i].info[ENERGY_KEY]) - float(last.info[ENERGY_KEY]))
+            rows_by_r[r].append((len(frames) - 1 - i, de))
     out = []
     for r, rows in rows_by_r.items():
-        steps = np.array([s for s, _, _ in rows], dtype=float)
-        de = np.array([e for _, e, _ in rows], dtype=float)
+        steps = np.array([s for s, _ in rows], dtype=float)
+        de = np.array([e for _, e in rows], dtype=float)
         out.append({"rmsd_a": r, "relaxations": len(rows),
                     "steps_left_median": float(np.median(steps)), "steps_left_mean": float(steps.mean()),
                     "steps_left_p90": float(np.percentile(steps, 90)),

@@ -85,3 +85,18 @@ def test_a_campaign_reuses_the_frozen_relaxations(tmp_path):
     summary = Results.for_campaign(campaign).lf_summaries()[0]
     for s in done:
         assert summary["energies"][s.label] == pytest.approx(index[frozen.relax_name(ds, s.label)]["energy"])
+
+
+def test_near_minimum_reads_every_converged_relaxation_and_grows_with_the_distance():
+    """reference.py near-minimum on the frozen direct-HF relaxations: one row per RMSD threshold over every
+    converged relaxation; a larger threshold is met earlier along a relaxation, so more steps are left and the
+    structure lies higher in HF energy."""
+    import reference
+
+    rows = reference.near_minimum()
+    converged = sum(r["status"] == "converged" for r in frozen.relaxation_index("hf").values())
+    assert [r["rmsd_a"] for r in rows] == list(reference.NEAR_MINIMUM_RMSD)
+    assert converged >= 40 and all(r["relaxations"] == converged for r in rows)
+    steps = [r["steps_left_median"] for r in rows]
+    energies = [r["energy_above_min_mev_median"] for r in rows]
+    assert steps == sorted(steps) and energies == sorted(energies) and energies[0] >= 0
