@@ -634,8 +634,17 @@ def test_committee_members_train_at_once_where_cores_allow(dataset, monkeypatch,
     assert seen[0] == ("main", 1, False)  # first, alone; then both others at once, from main's LF part
     assert sorted(seen[1:]) == [("committee1", 2, True), ("committee2", 3, True)]
 
-    # how many at once: the setting, else cores over threads per process, never more than the committee
+    # the ablations are trained side by side with the committee, not after it
+    seen.clear()
+    barrier.reset()
+    spec = MlipSpec(committee=1, device="cpu", parallel=2, ablations=["no_charge"])
+    with pytest.raises(Trained):
+        jobs.train_models(lf, hf, spec, tmp_path / "ablation")
+    assert sorted(seen) == [("main", 1, False), ("no_charge", 1, False)]
+
+    # how many at once: the setting, else cores over threads per process, never more than the models to train
     assert jobs.parallel_members(MlipSpec(committee=3, parallel=5)) == 3
+    assert jobs.parallel_members(MlipSpec(committee=3, parallel=5), n_models=5) == 5
     monkeypatch.setattr(jobs.os, "cpu_count", lambda: 16)
     assert jobs.parallel_members(MlipSpec(committee=3, device="cpu", num_threads=4)) == 3
     assert jobs.parallel_members(MlipSpec(committee=8, device="cpu", num_threads=4)) == 4

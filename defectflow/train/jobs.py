@@ -42,14 +42,15 @@ def committee_names(spec: MlipSpec) -> list[str]:
     return ["main"] + [f"committee{k}" for k in range(1, spec.committee)]
 
 
-def parallel_members(spec: MlipSpec) -> int:
-    """How many committee members train at once: ``spec.parallel``, else on cpu the cores over the threads each
-    training process uses (at most the committee), else 1."""
+def parallel_members(spec: MlipSpec, n_models: int | None = None) -> int:
+    """How many models train at once: ``spec.parallel``, else on cpu the cores over the threads each training
+    process uses, else 1; never more than ``n_models`` (default: the committee)."""
+    n_models = spec.committee if n_models is None else n_models
     if spec.parallel is not None:
-        return min(spec.parallel, spec.committee)
+        return max(1, min(spec.parallel, n_models))
     if resolve_device(spec.device) == "cpu":
         threads = spec.num_threads or int(os.environ.get("OMP_NUM_THREADS", "1") or 1)
-        return max(1, min(spec.committee, (os.cpu_count() or 1) // max(threads, 1)))
+        return max(1, min(n_models, (os.cpu_count() or 1) // max(threads, 1)))
     return 1
 
 
@@ -58,10 +59,11 @@ def train_models(lf_extxyz: str, hf_extxyz: str, spec: MlipSpec, workdir: str | 
     """Train the surrogate (``spec.multi_fidelity``), its committee and each of ``spec.ablations``; evaluate all.
 
     Committee (``spec.committee`` models): 'main' and 'committee1' … , the same recipe with seed (and so data
-    split) ``spec.seed + k``, :func:`parallel_members` of them trained at once; with delta, finetune or replay
-    they share main's LF model, so only their HF part is trained again. ``previous`` (a top-up round): every committee member is fine-tuned from its own previous
-    weights on the HF frames so far (:func:`~defectflow.train.surrogate.train_warm`); the ablations are not
-    retrained (their models and metrics are carried over).
+    split) ``spec.seed + k``; with delta, finetune or replay they share main's LF model, so only their HF part is
+    trained again. Members and ablations train side by side, :func:`parallel_members` at once. ``previous`` (a
+    top-up round): every committee member is fine-tuned from its own previous weights on the HF frames so far
+    (:func:`~defectflow.train.surrogate.train_warm`); the ablations are not retrained (their models and metrics
+    are carried over).
 
     Ablations: ``no_charge`` = the same model without charge embedding; ``hf_only`` = single HF head on the HF
     training frames; ``lf_only`` = single LF head on the LF frames, predicting HF with its LF head (with
@@ -84,29 +86,35 @@ def train_models(lf_extxyz: str, hf_extxyz: str, spec: MlipSpec, workdir: str | 
         return train_kind(lf_extxyz, hf_extxyz, m_spec, workdir / name, kind=spec.multi_fidelity, label=name,
                           lf_model=shared)
 
-    # Members are independent mace_run_train processes: several run at once where cores allow. With a shared LF
-    # model (delta, finetune, replay, from scratch) main is trained first, the others then start from its LF part.
+    def ablation(name: str) -> TrainedModel:
+        if name == "no_charge":
+            return train_kind(lf_extxyz, hf_extxyz, spec, workdir / name, kind=spec.multi_fidelity, label=name,
+                              charge_embedding=False)
+        return train_kind(lf_extxyz, hf_extxyz, spec, workdir / name, kind=_ABLATION_KIND[name], label=name)
+
+    # Members and ablations are independent mace_run_train processes: several run at once where cores allow, the
+    # committee first (the ablations are comparisons, not needed by the search). With a shared LF model (delta,
+    # finetune, replay, from scratch) main is trained first, the others then start from its LF part.
     order = list(enumerate(names))
-    if previous is None and spec.multi_fidelity in ("delta", "finetune", "replay") and len(order) > 1:
+    if (previous is None and spec.multi_fidelity in ("delta", "finetune", "replay")
+            and (len(order) > 1 or "lf_only" in spec.ablations)):
         models["main"] = member(0, "main")
         order = order[1:]
-    with ThreadPoolExecutor(max_workers=parallel_members(spec)) as pool:
-        futures = {name: pool.submit(member, k, name) for k, name in order}
+    tasks = {name: (lambda k=k, name=name: member(k, name)) for k, name in order}
+    if previous is None:
+        for name in spec.ablations:
+            if name == "lf_only" and spec.multi_fidelity in ("delta", "finetune", "replay"):
+                models[name] = _lf_view(models["main"], name)  # its LF component: reused, not retrained
+            else:
+                tasks[name] = lambda name=name: ablation(name)
+    with ThreadPoolExecutor(max_workers=parallel_members(spec, len(tasks))) as pool:
+        futures = {name: pool.submit(task) for name, task in tasks.items()}
         for name, fut in futures.items():
             models[name] = fut.result()
-    models = {name: models[name] for name in names}
+    models = {name: models[name] for name in names + [a for a in spec.ablations if a in models]}
     if previous is not None:
         carried = {n: m for n, m in previous.models.items() if n in spec.ablations}
         models.update(carried)
-    for name in ([] if previous is not None else spec.ablations):
-        if name == "no_charge":
-            models[name] = train_kind(lf_extxyz, hf_extxyz, spec, workdir / name, kind=spec.multi_fidelity,
-                                      label=name, charge_embedding=False)
-        elif name == "lf_only" and spec.multi_fidelity in ("delta", "finetune", "replay"):
-            models[name] = _lf_view(models["main"], name)  # its LF component: reused, not retrained
-        else:
-            models[name] = train_kind(lf_extxyz, hf_extxyz, spec, workdir / name, kind=_ABLATION_KIND[name],
-                                      label=name)
     pcas: dict[str, Any] = {}
     evaluated = {n: m for n, m in models.items() if n == "main" or n in spec.ablations}  # members: not compared
     metrics = {name: (previous.metrics[name] if previous is not None and name in spec.ablations
