@@ -84,6 +84,12 @@ def test_the_loop_stops_once_ground_states_are_stable_and_errors_small():
     rec = round_record(1, gv, ctx, None)
     added, minima, paths, stop = plan_topup(rec, gv, [candidates(3)], ctx)
     assert stop and stop.startswith("converged") and not added
+    # a verified minimum whose HF single point failed (SCF not converged) is no agreement: the loop goes on
+    failed = [group(-10.0, 1.0)]
+    failed[0].checks.append(Verification(defect="v_Si", charge=0, mode="single_point", ground_state_label="m1",
+                                         role="rank 2", error="CalculationFailed: SCF not converged"))
+    rec = round_record(1, failed, ctx, None)
+    assert rec.changed == [] and plan_topup(rec, failed, [candidates(3)], ctx)[3] is None
     # the same errors in round 0 (nothing to compare with yet): another round, with the uncertain path frames
     ctx0 = context(0, max_rounds=5, round_budget=2)
     rec0 = round_record(0, gv, ctx0, None)

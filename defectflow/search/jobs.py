@@ -482,12 +482,14 @@ def plan_topup(record: RoundRecord, verifications: list[GroupVerification], sear
 
     Returns (all added frames, verified minima added (their HF single point exists), path frames to label,
     stop reason or None). Stops when every ground state is unchanged from the previous round and every verified
-    error is below ``verify.energy_threshold``; after ``verify.max_rounds`` top-ups; or when the next round's HF
+    error is below ``verify.energy_threshold`` (a failed HF single point is no error below it); after ``verify.max_rounds`` top-ups; or when the next round's HF
     calls (``round_budget`` top-up single points + up to ``top_k`` + 2 verifications per group) would exceed
     ``verify.max_hf_calls``."""
     spec = context.verify
     errors = [c.error_mev_per_atom for gv in verifications for c in gv.checks if c.error_mev_per_atom is not None]
-    converged = all(e <= spec.energy_threshold for e in errors)
+    # a surrogate minimum whose HF single point failed has no error to judge: it never counts as converged
+    failed = [c for gv in verifications for c in gv.checks if c.error is not None]
+    converged = all(e <= spec.energy_threshold for e in errors) and not failed
     if context.round >= 1 and not record.changed and converged:
         return [], [], [], (f"converged: every ground state as in round {context.round - 1}, every verified error "
                             f"≤ {spec.energy_threshold:g} meV/atom")
