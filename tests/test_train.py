@@ -651,3 +651,20 @@ def test_committee_members_train_at_once_where_cores_allow(dataset, monkeypatch,
     monkeypatch.setattr(jobs.os, "cpu_count", lambda: 2)
     assert jobs.parallel_members(MlipSpec(committee=3, device="cpu", num_threads=1)) == 2
     assert jobs.parallel_members(MlipSpec(committee=3, device="cuda")) == 1
+
+
+def test_a_model_trained_on_one_hf_frame_warm_starts_on_two(dataset, tmp_path):
+    """A lone HF frame both trains and validates (mace needs a validation set), so the first model's split lists
+    it twice. The next round's warm start must count one frame already split and train on the new one (it refused
+    with 'fewer than the 2 the previous model was split over')."""
+    from defectflow.train.surrogate import train_kind, train_warm
+
+    lf, hf = dataset
+    frames = read_frames(hf)
+    spec = MlipSpec(**TINY, hf_test_fraction=0.0, finetune_epochs=2)
+    one = frames_to_text(frames[:1])
+    first = train_kind(lf, one, spec, tmp_path / "first", kind="multihead", label="main")
+    assert first.split["hf_train"] == first.split["hf_valid"] == [0]
+    warm = train_warm(first, lf, frames_to_text(frames[:2]), spec, tmp_path / "warm", "main")
+    component = (first.head_map or {"hf": [["main", "hf"]]})["hf"][-1][0]
+    assert 1 in warm.split["hf_train"] and warm.warm_started_from == first.model_sha256(component)

@@ -473,7 +473,7 @@ def train_warm(previous: TrainedModel, lf_extxyz: str, hf_extxyz: str, spec: Mli
         hf = attach_lf_labels(hf, read_frames(lf_extxyz))
     # the previous split for the frames it saw (its test frames stay untrained), every new frame trains
     old = {k: list(previous.split.get(k, [])) for k in ("hf_train", "hf_valid", "hf_test")}
-    n_old = sum(len(v) for v in old.values())
+    n_old = len(set().union(*old.values()))  # a lone HF frame trains and validates: one frame, listed twice
     if n_old > len(hf):
         raise ValueError(f"{label}: {len(hf)} HF frames, fewer than the {n_old} the previous model was split over")
     split = Split([], [], old["hf_train"] + list(range(n_old, len(hf))), old["hf_valid"], old["hf_test"])
