@@ -493,7 +493,8 @@ def choose_default(records: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The default recipe: among recipes with a record for every preset at N ≤ 16, the lowest mean over those
     records of the low-energy energy RMSE normalised by its preset's goal, plus the same for forces (so the three
     presets weigh alike); the seed repeats of a cell (``+s<n>``) are averaged first, so that one lucky or unlucky
-    seed does not decide; ties → fewer HF frames first. HF-only/LF-only floors are not candidates."""
+    seed does not decide (an exact tie: the first in alphabetical order). HF-only/LF-only floors are not
+    candidates."""
     cells: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
     for r in records:
         if r["kind"] in ("hf_only", "lf_only") or r["n_hf"] > 16 or r["e_rmse_mev_atom"] is None:
