@@ -366,8 +366,9 @@ class MlipSpec(_Section):
         "contended threads)"
     )
     parallel: int | None = Field(
-        None, ge=1, description="Committee members trained at once, each in its own mace_run_train process "
-        "(None: on cpu as many as the CPU cores hold at num_threads each, at most the committee; on a GPU 1)"
+        None, ge=1, description="Models trained at once (the committee members and, in round 0, the ablations), "
+        "each in its own mace_run_train process (None: on cpu as many as the CPU cores hold at num_threads each, at "
+        "most the models to train; on a GPU 1)"
     )
     extra_args: dict[str, Any] = Field(
         default_factory=dict,
@@ -424,8 +425,9 @@ class VerifySpec(_Section):
     every other structure of that (defect, q) whose HF energy is known. Then, unless the campaign stops, it adds HF
     single points (``round_budget`` per round) at the frames along the surrogate relaxation paths where the
     committee's forces disagree most, plus the verified minima whose error exceeds ``energy_threshold``, and
-    fine-tunes the committee from its previous weights. It stops when every ground state is unchanged from the previous round and every verified
-    error is below ``energy_threshold``, after ``max_rounds`` top-ups, or when ``max_hf_calls`` would be exceeded."""
+    fine-tunes the committee from its previous weights. It stops when every ground state is unchanged from the
+    previous round, every verified error is below ``energy_threshold`` and no HF single point of the round failed;
+    after ``max_rounds`` top-ups; when ``max_hf_calls`` would be exceeded; or when there is nothing to add."""
 
     mode: Literal["single_point", "relax", "refine"] = Field(
         "single_point", description="single_point: HF single points at the verified minima, the lowest is the "

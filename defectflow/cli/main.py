@@ -1155,7 +1155,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "vs a direct high-fidelity search; speed and memory)",
                        description="Runs benchmarks/accuracy_cost.py or benchmarks/speed.py (source checkout only):\n"
                        "  accuracy  defectflow vs the frozen direct-HF ShakeNBreak search (benchmarks/data/), ablations,\n"
-                       "            CHGNet, LF ShakeNBreak + 1 HF single point, per LF preset (≤ 30 min each)\n"
+                       "            CHGNet, LF ShakeNBreak + 1 HF single point, per LF preset (~40-60 min each on 2 cores)\n"
                        "  speed     surrogate vs LF/DFT per structure, training per epoch, peak memory (~5 min)\n"
                        "Tables on stdout, JSON in benchmarks/results/; discussion in docs/benchmarks.md.",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
