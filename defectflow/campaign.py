@@ -446,6 +446,10 @@ class VerifySpec(_Section):
     refine_secant: bool = Field(
         False, description="refine: also learn the HF − surrogate curvature from the steps (secant updates): faster "
         "near a minimum, but measured to lose a saddle escape on the benchmark (defectflow.search.refine)")
+    refine_leftover: bool = Field(
+        False, description="refine, with verify.max_hf_calls: once every (defect, q) has verified and refined "
+        "within its equal share of the HF calls, go on refining those that ran out of calls with the HF max force "
+        "above fmax, with the calls the others left (one 'refine' job per round, largest force first)")
     energy_threshold: float = Field(
         5.0, gt=0, description="|E_HF − E_surrogate| at a verified minimum above which it is added to the training "
         "set and the round is not converged, in meV/atom")

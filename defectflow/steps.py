@@ -24,6 +24,7 @@ step                  part  HF  resource  what the job does
 ``start_search``      5                   join after training: starts round 0 of the search
 ``search``            5         ✓         surrogate search of one (defect, q) in one round
 ``verify``            5     ✓   ✓         HF check of the lowest surrogate minima of one (defect, q)
+``refine``            5     ✓   ✓         verify.refine_leftover: more refine points where a (defect, q) ran out
 ``plot``              5                   the landscape of one (defect, q) with its HF-verified minima
 ``topup``             5     ✓   ✓         HF single points at the most uncertain path frames (active learning)
 ``finalize``          5                   next round (top-up, warm-started training) or levels + the result
@@ -72,6 +73,7 @@ STEPS: dict[str, Step] = {s.name: s for s in (
     Step("start_search", "5", description="join after training"),
     Step("search", "5", resource=True, description="surrogate search of one (defect, q)"),
     Step("verify", "5", hf=True, resource=True, description="HF check of the lowest minima of one (defect, q)"),
+    Step("refine", "5", hf=True, resource=True, description="more refine points with the HF calls left"),
     Step("plot", "5", description="landscape with the HF-verified minima"),
     Step("topup", "5", hf=True, resource=True, description="HF single points at uncertain path frames"),
     Step("finalize", "5", description="next round or levels"),

@@ -200,3 +200,27 @@ def test_defectflow_results_shows_what_a_round_left_out_of_training():
     text = console.export_text()
     assert "left out of training" in text and "8.40 eV/atom above" in text
     assert text.count("none") >= 2  # round 1 left nothing out and changed no ground state
+
+
+def test_refine_leftover_is_one_job_between_the_rounds_verifications_and_finalize():
+    """verify.refine_leftover (refine mode, with an HF cap): one 'refine round N' job takes every verification of
+    the round and finalize reads the verifications from it; without the option or the cap the round has none."""
+    from jobflow import OutputReference
+
+    from defectflow.search.jobs import build_search_round
+
+    def round_jobs(**verify):
+        ctx = context(0, **verify)
+        ctx.groups = [SearchGroup(defect="v_Si", charge=q, starts=[]) for q in (0, 1)]
+        return build_search_round(ctx, [], training=OutputReference("training")).jobs
+
+    jobs = round_jobs(mode="refine", refine_leftover=True, max_hf_calls=40)
+    verify = {j.uuid for j in jobs if j.name.startswith("verify")}
+    (refine,) = [j for j in jobs if j.name == "refine round 0"]
+    (fin,) = [j for j in jobs if j.name.startswith("finalize")]
+    assert len(verify) == 2 and verify <= {r.uuid for r in refine.input_references}
+    fin_inputs = {r.uuid for r in fin.input_references}
+    assert refine.uuid in fin_inputs and not verify & fin_inputs
+    for verify_spec in ({"mode": "refine", "max_hf_calls": 40}, {"mode": "refine", "refine_leftover": True},
+                        {"mode": "single_point", "refine_leftover": True, "max_hf_calls": 40}):
+        assert not [j for j in round_jobs(**verify_spec) if j.name.startswith("refine")], verify_spec

@@ -28,10 +28,10 @@ def test_every_job_of_the_graph_is_named_after_a_step_and_records_it(tmp_path):
 
 def test_consumers_read_the_table():
     assert set(STEP_NAME_FILTERS) == set(RESOURCE_STEPS) == {"relax_lf", "single_hf", "train", "search", "verify",
-                                                             "topup"}
+                                                             "refine", "topup"}
     resource_keys = typing.get_args(typing.get_args(ExecutionSpec.model_fields["resources"].annotation)[0])
     assert set(resource_keys) == set(RESOURCE_STEPS)
-    assert set(HF_STEPS) == {"bulk_hf", "single_hf", "verify", "topup"}
+    assert set(HF_STEPS) == {"bulk_hf", "single_hf", "verify", "refine", "topup"}
 
 
 def test_names_and_unknown_steps():

@@ -312,7 +312,8 @@ def test_verify_mode_refine_adds_hf_single_points_within_the_budget_and_keeps_th
     of the minimum and its refine points, with its HF max force and its distance from the surrogate minimum."""
     from defectflow.campaign import VerifySpec
     from defectflow.schemas import Minimum, SearchResult
-    from defectflow.search.jobs import verify_minima
+    from defectflow.search import rmsd
+    from defectflow.search.jobs import refine_leftover, verify_minima
 
     monkeypatch.chdir(tmp_path)
     result, _ = trained
@@ -337,6 +338,21 @@ def test_verify_mode_refine_adds_hf_single_points_within_the_budget_and_keeps_th
     # the campaign's HF budget: two calls in all, so one refine point
     capped = verify_minima.original(s, GFN2, GFN1, spec, model=result.models["main"], max_calls=2)
     assert [c.role for c in capped.checks] == ["rank 1", "refine 1"]
+    # verify.refine_leftover: the round's unspent HF calls go on refining it (here 2 more under a cap of 5 with 1
+    # call before the round), numbered on, never over the cap, its distance still from the surrogate's minimum
+    assert capped.ground_state.hf_max_force > spec.fmax and capped.refine_exhausted  # 1 point of 0.03 Å: not done
+    more_spec = spec.model_copy(update={"refine_leftover": True, "max_hf_calls": 5})
+    more = refine_leftover.original([capped], GFN2, more_spec, result.models["main"], hf_calls_before=1)
+    (gv2,) = more.verifications
+    assert more.continued == ["v_Si +0"] and 1 <= more.hf_calls <= 2
+    assert [c.role for c in gv2.checks] == ["rank 1", "refine 1", "refine 2", "refine 3"][:2 + more.hf_calls]
+    assert gv2.ground_state.hf_energy == min(c.hf_energy for c in gv2.checks if c.hf_energy is not None)
+    if gv2.ground_state is not gv2.checks[0]:
+        assert gv2.ground_state.rmsd_to_hf_relaxed == pytest.approx(
+            rmsd(gv2.checks[0].structure, gv2.ground_state.structure))
+    # nothing left: nothing continued, no HF call
+    none = refine_leftover.original([capped], GFN2, more_spec, result.models["main"], hf_calls_before=3)
+    assert none.continued == [] and none.hf_calls == 0 and none.verifications[0].checks == capped.checks
     with pytest.raises(ValueError, match="refine needs the surrogate"):
         verify_minima.original(s, GFN2, GFN1, spec)
 

@@ -25,6 +25,7 @@ from defectflow.schemas.search import (
     KeptGroundState,
     Minimum,
     PathFrame,
+    RefineLeftover,
     RoundRecord,
     SearchResult,
     SearchStart,
@@ -46,7 +47,7 @@ from defectflow.schemas.train import (
 __all__ = [
     "BulkReference", "CampaignResult", "ComparisonRow", "ComponentRun", "DistortedStructure", "DistortionSet",
     "DistortionSummary", "ErrorStats", "Frame", "GenerationResult", "GroundStateRecord", "KeptGroundState", "LabelledSet", "LevelEntry",
-    "LevelsResult", "MSONDict", "Metrics", "Minimum", "PCAResult", "PathFrame", "GroupVerification", "TopUpFrame", "RelaxRecord", "RelaxTrajectory", "RoundRecord", "SearchResult",
+    "LevelsResult", "MSONDict", "Metrics", "Minimum", "PCAResult", "PathFrame", "GroupVerification", "RefineLeftover", "TopUpFrame", "RelaxRecord", "RelaxTrajectory", "RoundRecord", "SearchResult",
     "SearchStart", "SelectedFrame", "Selection", "SetMetrics", "Structure", "TrainedModel", "TrainingResult",
     "TrainingSet", "TransitionLevel", "Verification", "as_structure", "group_key",
     "settings_digest",

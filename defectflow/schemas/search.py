@@ -122,6 +122,9 @@ class GroupVerification(BaseModel):
     reason: str | None = Field(None, description="Why the ground state is what it is, when not simply the "
                                "lowest verified minimum")
     relaxations: int = Field(0, description="HF relaxations made (verify.mode relax), each counted as one HF call")
+    refine_exhausted: bool = Field(
+        False, description="verify.mode refine: the refinement stopped for want of HF calls with the HF max force "
+        "still above verify.fmax (verify.refine_leftover may go on from there)")
 
     @property
     def hf_calls(self) -> int:
@@ -135,6 +138,15 @@ class GroupVerification(BaseModel):
     @property
     def cpu_seconds(self) -> float:
         return sum(c.cpu_seconds for c in self.checks)
+
+
+class RefineLeftover(BaseModel):
+    """verify.refine_leftover: the round's verifications, where a refinement ran out of HF calls continued with the
+    HF calls the other (defect, q) left unspent."""
+
+    verifications: list[GroupVerification] = Field(description="Every (defect, q) of the round, in order")
+    continued: list[str] = Field(default_factory=list, description="The (defect, q) refined further, in order")
+    hf_calls: int = Field(0, description="HF single points this continuation made")
 
 
 class KeptGroundState(BaseModel):

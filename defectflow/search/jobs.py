@@ -32,6 +32,7 @@ from defectflow.schemas import (
     LabelledSet,
     MSONDict,
     PathFrame,
+    RefineLeftover,
     RoundRecord,
     SearchResult,
     SearchStart,
@@ -62,6 +63,7 @@ __all__ = [
     "surrogate_search",
     "baseline_search",
     "verify_minima",
+    "refine_leftover",
     "minima_to_verify",
     "known_hf_lowest",
     "best_verified",
@@ -319,7 +321,7 @@ def verify_minima(search: SearchResult, high, low, spec: VerifySpec, known_extxy
         gv.relaxations = 1
     if spec.mode == "refine" and gv.ground_state is not None and gv.ground_state.hf_frame is not None:
         left = None if limit is None else limit - len(gv.checks)
-        _refine_check(engine, model, gv, search, spec, tag, left)
+        _refine_check(engine, model, gv, spec, tag, left)
     return gv
 
 
@@ -328,45 +330,92 @@ def _add_reason(gv: GroupVerification, text: str) -> None:
     gv.reason = f"{gv.reason}; {text}" if gv.reason else text
 
 
-def _refine_check(engine, model: TrainedModel, gv: GroupVerification, search: SearchResult, spec: VerifySpec,
-                  tag: str, left: int | None) -> None:
+def _refine_check(engine, model: TrainedModel, gv: GroupVerification, spec: VerifySpec, tag: str,
+                  left: int | None, first: int = 1) -> None:
     """verify.mode refine: HF single points from the ground state towards the HF minimum (appended to
-    ``gv.checks``); the ground state becomes the lowest in HF energy of them all."""
+    ``gv.checks`` as ``refine <first>``, ``refine <first + 1>`` …); the ground state becomes the lowest in HF energy
+    of them all. ``gv.refine_exhausted`` says whether it stopped for want of HF calls (``left`` or
+    ``verify.refine_points``) with the HF max force still above ``verify.fmax``: :func:`refine_leftover` may go
+    on from there."""
     from defectflow.search.refine import refine_minimum
     from defectflow.train.surrogate import load_calculator
 
     start = gv.ground_state
+    gv.refine_exhausted = False
     n_max = spec.refine_points if left is None else min(spec.refine_points, left)
     if n_max <= 0:
         _add_reason(gv, "not refined: no HF call left (verify.max_hf_calls)")
         return
 
     def hf_point(structure, n: int, surrogate_energy: float | None):
-        c = _check(engine, None, structure, search, spec, f"{tag}_refine_{n}", role=f"refine {n}",
+        k = first + n - 1
+        c = _check(engine, None, structure, gv, spec, f"{tag}_refine_{k}", role=f"refine {k}",
                    ground_state_label=start.ground_state_label, surrogate_energy=surrogate_energy)
         gv.checks.append(c)
         return c.hf_frame
 
+    made, failed = 0, False
     try:
-        for _ in refine_minimum(start.structure, search.charge, start.hf_frame,
+        for _ in refine_minimum(start.structure, gv.charge, start.hf_frame,
                                 lambda: load_calculator(model, head="hf", device="auto"), hf_point, fmax=spec.fmax,
                                 max_points=n_max, trust=spec.refine_trust, secant=spec.refine_secant):
-            pass
+            made += 1
     except Exception as exc:  # keep the HF points already paid for: the lowest of them is still the ground state
-        logger.exception("refine of %s q=%+d failed", search.defect, search.charge)
+        logger.exception("refine of %s q=%+d failed", gv.defect, gv.charge)
         _add_reason(gv, f"refine stopped: {type(exc).__name__}: {exc}")
+        failed = True
+    refined = [c for c in gv.checks if c.role.startswith("refine")]
+    # where the refinement began: the lowest verified check before any refine point (a continuation's start is a
+    # refine point; its distance is still measured from the surrogate's minimum)
+    origin = min((c for c in gv.checks if not c.role.startswith("refine") and c.hf_energy is not None),
+                 key=lambda c: c.hf_energy, default=start)
     done = [c for c in gv.checks if c.hf_energy is not None and (c is start or c.role.startswith("refine"))]
     gv.ground_state = min(done, key=lambda c: c.hf_energy)
-    if gv.ground_state is not start:
-        gv.ground_state.rmsd_to_hf_relaxed = rmsd(start.structure, gv.ground_state.structure)
+    if gv.ground_state is not origin:
+        gv.ground_state.rmsd_to_hf_relaxed = rmsd(origin.structure, gv.ground_state.structure)
         gv.ground_state.rmsd_success = gv.ground_state.rmsd_to_hf_relaxed <= spec.rmsd_threshold
     f = gv.ground_state.hf_max_force
     if f is not None and f > spec.fmax:
-        _add_reason(gv, f"refined with {sum(c.role.startswith('refine') for c in gv.checks)} HF single points, "
-                        f"HF max force still {f:.3f} eV/Å > verify.fmax {spec.fmax:g}")
+        gv.refine_exhausted = made >= n_max and not failed and (refined[-1].hf_energy is not None if refined else True)
+        _add_reason(gv, f"refined with {len(refined)} HF single points, HF max force still {f:.3f} eV/Å > "
+                        f"verify.fmax {spec.fmax:g}")
 
 
-def _check(engine, lf_engine, structure, search: SearchResult, spec: VerifySpec, tag: str, **fields) -> Verification:
+@job(data=["verifications"])
+@tracked("refine", engines=("high",))
+def refine_leftover(verifications: list[GroupVerification], high, spec: VerifySpec, model: TrainedModel,
+                    hf_calls_before: int) -> RefineLeftover:
+    """verify.mode refine with ``verify.refine_leftover``: after every (defect, q) has verified and refined within
+    its equal share of ``verify.max_hf_calls``, go on refining the ones that ran out of HF calls
+    (``refine_exhausted``) with what the others left, largest HF max force first; each gets an equal share of what
+    is left at its turn (so a share one leaves unspent passes on) and at most ``verify.refine_points`` more points.
+    ``hf_calls_before``: the campaign's HF calls before this round's verifications. Returns every group's
+    verification, the continued ones with their new refine points, and the new HF calls."""
+    out = [gv.model_copy() for gv in verifications]
+    cap = spec.max_hf_calls
+    left = None if cap is None else cap - hf_calls_before - sum(gv.hf_calls for gv in out)
+    todo = sorted((gv for gv in out if gv.refine_exhausted and gv.ground_state is not None
+                   and gv.ground_state.hf_frame is not None),
+                  key=lambda gv: -(gv.ground_state.hf_max_force or 0.0))
+    engine = get_engine(high, fidelity="high") if todo else None
+    new, continued = 0, []
+    for i, gv in enumerate(todo):
+        share = None if left is None else -(-left // (len(todo) - i))  # ceil: the first ones get the remainder
+        if share is not None and share <= 0:
+            break
+        before = gv.hf_calls
+        gv.checks = list(gv.checks)
+        first = 1 + sum(c.role.startswith("refine") for c in gv.checks)
+        _refine_check(engine, model, gv, spec, f"{gv.defect}_{gv.charge:+d}_verify", share, first=first)
+        used = gv.hf_calls - before
+        new += used
+        left = None if left is None else left - used
+        continued.append(group_key(gv.defect, gv.charge))
+    return RefineLeftover(verifications=out, continued=continued, hf_calls=new)
+
+
+def _check(engine, lf_engine, structure, search: SearchResult | GroupVerification, spec: VerifySpec, tag: str,
+           **fields) -> Verification:
     """One HF single point at ``structure`` (+ an LF one with ``lf_engine`` where it disagrees with the
     surrogate). ``hf_seconds`` and ``cpu_seconds`` are the HF calculation's alone."""
     from defectflow.store.tracking import cpu_clock
@@ -689,6 +738,11 @@ def build_search_round(context: SearchContext, baselines: list | None, training=
         jobs += [s, v, p]
         searches.append(p.output)
         verifies.append(v.output)
+    if context.verify.mode == "refine" and context.verify.refine_leftover and cap is not None:
+        r = name_job(refine_leftover(verifies, high, context.verify, training.models["main"], context.hf_calls),
+                     "refine", "round", context.round, round=context.round)
+        jobs.append(r)
+        verifies = r.output.verifications
     f = name_job(finalize(verifies, searches, baselines or [], training, context,
                           topup=None if topup is None else topup.output), "finalize", "round", context.round)
     jobs.append(f)
