@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/accuracy_cost.py --preset functional   # LF = QE LDA 18 Ry
     .venv/bin/python benchmarks/accuracy_cost.py --preset far          # LF = GFN1-xTB
     .venv/bin/python benchmarks/accuracy_cost.py --preset close --show # print the tables of the last JSON again
+    .venv/bin/python benchmarks/accuracy_cost.py --summary             # every preset and variant side by side
 
 The **reference** is frozen in ``benchmarks/data/`` (``benchmarks/reference.py`` computed it once with the
 library; ``manifest.json`` lists its files, digests, cost and code versions): the Si vacancy in a 16-site cell,
@@ -292,7 +293,10 @@ def method_row(states, ref, ref_fe, gen, bulk, campaign, extra_hf=None) -> dict[
 def main(argv=None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--preset", choices=frozen.LF_PRESETS, required=True,
+    p.add_argument("--summary", action="store_true",
+                   help="print every preset's and variant's results side by side (benchmarks/results/"
+                   "accuracy_cost_*.json) and exit")
+    p.add_argument("--preset", choices=frozen.LF_PRESETS, required="--summary" not in (argv or sys.argv),
                    help="close: QE PBE 12 Ry; functional: QE LDA 18 Ry; far: GFN1-xTB (benchmarks/presets/)")
     p.add_argument("--work-dir", type=Path, default=None, help="default runs/benchmarks/accuracy_cost-<preset>")
     p.add_argument("--json", type=Path, default=None, help="default benchmarks/results/accuracy_cost_<preset>.json")
@@ -316,6 +320,9 @@ def main(argv=None) -> dict[str, Any]:
         p.error("--set changes the preset: give the variant a name with --tag")
     suffix = f"_{args.tag}" if args.tag else ""
     out_json = args.json or RESULTS / f"accuracy_cost_{args.preset}{suffix}.json"
+    if args.summary:
+        print(summary(sorted(RESULTS.glob("accuracy_cost_*.json"))))
+        return {}
     if args.show:
         if not out_json.is_file():
             raise SystemExit(f"{out_json}: no results for preset {args.preset!r} yet (run without --show)")
@@ -406,6 +413,48 @@ def main(argv=None) -> dict[str, Any]:
     print(render(report))
     print(f"\nJSON: {out_json}")
     return report
+
+
+#: the steps that are not the defectflow side's wall time: the frozen LF relaxations (looked up) and the
+#: foundation-model baseline searches
+NOT_DEFECTFLOW_WALL = ("relax_lf", "baseline")
+
+
+def defectflow_wall_minutes(r: dict[str, Any]) -> float:
+    """The defectflow side's wall time as if run from scratch, min: the sum of its jobs' wall seconds (they run one
+    after the other here), reused jobs at what they took when they ran, without the frozen LF relaxations and the
+    baseline searches."""
+    return sum(row.get("wall_s", 0.0) for row in r["defectflow"]["cost"]["by_step"]
+               if row.get("step") not in NOT_DEFECTFLOW_WALL) / 60
+
+
+def summary(paths: list[Path]) -> str:
+    """Every v2 result side by side (one row per preset and variant): the issue's goals per q and the cost."""
+    rows = []
+    for path in paths:
+        r = json.loads(path.read_text())
+        if r.get("version") != 2 or "preset" not in r:
+            continue  # a v1 report
+        m = r["methods"]["defectflow"]
+        keys = sorted(r["reference"]["ground_states"], key=lambda k: int(k.rsplit(" ", 1)[1]))
+        gs = [m["ground_states"][k] for k in keys]
+        tag = (r.get("variant") or {}).get("tag")
+        verdict = {g["goal"].split()[0]: g["verdict"] for g in r["goals"]}
+        rows.append([
+            f"{r['preset']}" + (f" ({tag})" if tag else ""),
+            " / ".join("—" if g["rmsd"] is None else f"{g['rmsd']:.3f}" for g in gs),
+            " / ".join("—" if g["dE_hf_meV"] is None else f"{g['dE_hf_meV']:+.0f}" for g in gs),
+            ", ".join("—" if e["error"] is None else f"{e['error']:+.3f}"
+                      for e in sorted(m["level_errors"], key=lambda e: (e["defect"], e["q_to"]))),
+            f"{r['defectflow']['cost']['hf_calls']} / {r['defectflow']['cost']['hf_cpu_seconds']:.0f}",
+            f"{r['ratios']['hf_cpu']:.1f}×",
+            f"{defectflow_wall_minutes(r):.1f}",
+            " / ".join(verdict.get(k, "?") for k in ("ground-state", "CTL", "≥")),
+        ])
+    heads = ["preset (variant)", "GS RMSD per q, Å", "E_HF − E_HF,ref per q, meV", "ε(q+1/q) errors, eV",
+             "HF calls / CPU-s", "HF CPU ratio", "defectflow wall, min", "goals RMSD / CTL / 30×"]
+    return ("Every v2 result (q in increasing order, so ε(+1/0) first; wall: the "
+            "defectflow side from scratch, frozen LF relaxations and baselines excluded)\n" + table(heads, rows))
 
 
 def render(r: dict[str, Any]) -> str:

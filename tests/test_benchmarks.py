@@ -151,3 +151,34 @@ def test_projection_counts_starts_for_the_direct_side_and_groups_for_defectflow(
     assert r["hf_ratio"] == pytest.approx(720 / 18)
     assert r["total_ratio"] == pytest.approx(720 / (18 + 18 * 40 * 0.05))
     assert r["total_ratio"] < r["hf_ratio"]  # the LF relaxations are not free
+
+
+def test_accuracy_cost_summary_lays_out_every_v2_result_and_its_wall_time(tmp_path):
+    """``accuracy_cost.py --summary``: one row per v2 JSON (v1 reports skipped), q in increasing order, the
+    defectflow wall time without the frozen LF relaxations and the baseline searches."""
+    import json
+
+    ac = _load("accuracy_cost")
+    gs = {"v_Si +1": {"rmsd": 0.02, "dE_hf_meV": 3.0}, "v_Si +0": {"rmsd": 0.01, "dE_hf_meV": 1.0}}
+    report = {
+        "version": 2, "preset": "close", "variant": {"tag": "sp"},
+        "reference": {"ground_states": {k: {"label": "Unperturbed"} for k in gs}},
+        "methods": {"defectflow": {"ground_states": gs, "level_errors": [
+            {"defect": "v_Si", "q_from": 1, "q_to": 0, "error": 0.012}]}},
+        "defectflow": {"cost": {"hf_calls": 30, "hf_cpu_seconds": 500.0, "by_step": [
+            {"step": "train", "wall_s": 600.0}, {"step": "search", "wall_s": 300.0},
+            {"step": "relax_lf", "wall_s": 5000.0}, {"step": "baseline", "wall_s": 120.0}]}},
+        "ratios": {"hf_cpu": 37.9},
+        "goals": [{"goal": "CTL |error| ≤ 0.02 eV", "verdict": "met"},
+                  {"goal": "ground-state RMSD ≤ 0.05 Å", "verdict": "met"},
+                  {"goal": "≥ 30× fewer HF CPU-seconds", "verdict": "met"}],
+    }
+    (tmp_path / "a.json").write_text(json.dumps(report))
+    (tmp_path / "v1.json").write_text(json.dumps({"benchmark": "accuracy_cost", "methods": {}}))
+    assert ac.defectflow_wall_minutes(report) == pytest.approx(15.0)
+    out = ac.summary(sorted(tmp_path.glob("*.json")))
+    rows = [line for line in out.splitlines() if line.startswith("| close")]
+    assert len(rows) == 1 and "v1" not in out
+    cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert cells == ["close (sp)", "0.010 / 0.020", "+1 / +3", "+0.012", "30 / 500", "37.9×", "15.0",
+                     "met / met / met"]
