@@ -177,7 +177,7 @@ def render(d: dict[str, Any]) -> str:
                "measured HF calls per (defect, q) as fresh single points)")
     out.append(table(["preset", "HF calls / (defect, q)", "steps / relaxation", "LF step cost (assumed)",
                       "direct HF", "defectflow HF", "HF ratio", "ratio incl. LF"],
-                     [[r["preset"], r["calls_per_group"], r["steps_per_relaxation"], r["lf_step_cost"],
+                     [[r["preset"], r["calls_per_group"], r["steps_per_relaxation"], f"{r['lf_step_cost']:g}",
                        r["direct_hf_steps"], r["defectflow_hf_steps"], r["hf_ratio"], r["total_ratio"]]
                       for r in d["rows"]], digits=1))
     return "\n".join(out)
