@@ -296,7 +296,7 @@ def main(argv=None) -> dict[str, Any]:
     p.add_argument("--summary", action="store_true",
                    help="print every preset's and variant's results side by side (benchmarks/results/"
                    "accuracy_cost_*.json) and exit")
-    p.add_argument("--preset", choices=frozen.LF_PRESETS, required="--summary" not in (argv or sys.argv),
+    p.add_argument("--preset", choices=frozen.LF_PRESETS,
                    help="close: QE PBE 12 Ry; functional: QE LDA 18 Ry; far: GFN1-xTB (benchmarks/presets/)")
     p.add_argument("--work-dir", type=Path, default=None, help="default runs/benchmarks/accuracy_cost-<preset>")
     p.add_argument("--json", type=Path, default=None, help="default benchmarks/results/accuracy_cost_<preset>.json")
@@ -316,6 +316,8 @@ def main(argv=None) -> dict[str, Any]:
                    "lf_snb baseline (frozen data) stays")
     p.add_argument("--show", action="store_true", help="print the tables of the existing JSON and exit")
     args = p.parse_args(argv)
+    if not args.summary and args.preset is None:
+        p.error("the following arguments are required: --preset (or --summary)")
     if args.set and not args.tag:
         p.error("--set changes the preset: give the variant a name with --tag")
     suffix = f"_{args.tag}" if args.tag else ""

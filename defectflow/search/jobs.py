@@ -331,10 +331,10 @@ def _add_reason(gv: GroupVerification, text: str) -> None:
 
 
 def _refine_check(engine, model: TrainedModel, gv: GroupVerification, spec: VerifySpec, tag: str,
-                  left: int | None, first: int = 1) -> None:
+                  left: int | None) -> None:
     """verify.mode refine: HF single points from the ground state towards the HF minimum (appended to
-    ``gv.checks`` as ``refine <first>``, ``refine <first + 1>`` …); the ground state becomes the lowest in HF energy
-    of them all. ``gv.refine_exhausted`` says whether it stopped for want of HF calls (``left`` or
+    ``gv.checks`` as ``refine <n>``, numbered on after the refine points it already has); the ground state becomes
+    the lowest in HF energy of them all. ``gv.refine_exhausted`` says whether it stopped for want of HF calls (``left`` or
     ``verify.refine_points``) with the HF max force still above ``verify.fmax``: :func:`refine_leftover` may go
     on from there."""
     from defectflow.search.refine import refine_minimum
@@ -342,6 +342,7 @@ def _refine_check(engine, model: TrainedModel, gv: GroupVerification, spec: Veri
 
     start = gv.ground_state
     gv.refine_exhausted = False
+    first = 1 + sum(c.role.startswith("refine") for c in gv.checks)
     n_max = spec.refine_points if left is None else min(spec.refine_points, left)
     if n_max <= 0:
         _add_reason(gv, "not refined: no HF call left (verify.max_hf_calls)")
@@ -376,7 +377,7 @@ def _refine_check(engine, model: TrainedModel, gv: GroupVerification, spec: Veri
         gv.ground_state.rmsd_success = gv.ground_state.rmsd_to_hf_relaxed <= spec.rmsd_threshold
     f = gv.ground_state.hf_max_force
     if f is not None and f > spec.fmax:
-        gv.refine_exhausted = made >= n_max and not failed and (refined[-1].hf_energy is not None if refined else True)
+        gv.refine_exhausted = made >= n_max and not failed and refined[-1].hf_energy is not None
         _add_reason(gv, f"refined with {len(refined)} HF single points, HF max force still {f:.3f} eV/Å > "
                         f"verify.fmax {spec.fmax:g}")
 
@@ -391,7 +392,7 @@ def refine_leftover(verifications: list[GroupVerification], high, spec: VerifySp
     is left at its turn (so a share one leaves unspent passes on) and at most ``verify.refine_points`` more points.
     ``hf_calls_before``: the campaign's HF calls before this round's verifications. Returns every group's
     verification, the continued ones with their new refine points, and the new HF calls."""
-    out = [gv.model_copy() for gv in verifications]
+    out = [gv.model_copy(deep=True) for gv in verifications]
     cap = spec.max_hf_calls
     left = None if cap is None else cap - hf_calls_before - sum(gv.hf_calls for gv in out)
     todo = sorted((gv for gv in out if gv.refine_exhausted and gv.ground_state is not None
@@ -404,9 +405,7 @@ def refine_leftover(verifications: list[GroupVerification], high, spec: VerifySp
         if share is not None and share <= 0:
             break
         before = gv.hf_calls
-        gv.checks = list(gv.checks)
-        first = 1 + sum(c.role.startswith("refine") for c in gv.checks)
-        _refine_check(engine, model, gv, spec, f"{gv.defect}_{gv.charge:+d}_verify", share, first=first)
+        _refine_check(engine, model, gv, spec, f"{gv.defect}_{gv.charge:+d}_verify", share)
         used = gv.hf_calls - before
         new += used
         left = None if left is None else left - used
@@ -531,9 +530,9 @@ def plan_topup(record: RoundRecord, verifications: list[GroupVerification], sear
 
     Returns (all added frames, verified minima added (their HF single point exists), path frames to label,
     stop reason or None). Stops when every ground state is unchanged from the previous round and every verified
-    error is below ``verify.energy_threshold`` (a failed HF single point is no error below it); after ``verify.max_rounds`` top-ups; or when the next round's HF
-    calls (``round_budget`` top-up single points + up to ``top_k`` + 2 verifications per group) would exceed
-    ``verify.max_hf_calls``."""
+    error is below ``verify.energy_threshold`` (a failed HF single point is no error below it); after
+    ``verify.max_rounds`` top-ups; or when the next round's HF calls (``round_budget`` top-up single points + up to
+    ``top_k`` + 2 verifications per group) would exceed ``verify.max_hf_calls``."""
     spec = context.verify
     errors = [c.error_mev_per_atom for gv in verifications for c in gv.checks if c.error_mev_per_atom is not None]
     # a surrogate minimum whose HF single point failed has no error to judge: it never counts as converged
