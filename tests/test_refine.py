@@ -103,6 +103,34 @@ def test_refine_moves_no_atom_further_than_the_trust_radius(tmp_path, monkeypatc
         visited.append(a)
 
 
+def test_a_continuation_with_the_last_radius_goes_on_where_the_refinement_stopped(tmp_path, monkeypatch):
+    """verify.refine_leftover continues a refinement from its best point. A surrogate five times too soft (0.2 ×
+    EMT) overshoots: every step raises the HF energy and is rejected, halving the trust radius. Continued with the
+    last point's radius, the refinement makes the very point an uninterrupted one makes next; from the full radius it
+    would repeat the first, rejected, step (seen on the benchmark's `close` preset: 4 HF calls spent twice)."""
+    from ase.calculators.mixing import LinearCombinationCalculator
+
+    monkeypatch.chdir(tmp_path)
+    start = cu_vacancy(0.1)
+    hf = CalculatorEngine(EMT(), xc="EMT")
+    first = hf.single_point(start, 0, workdir=".")
+
+    def run(n, radius=None):
+        return list(refine_minimum(start, 0, first, lambda: LinearCombinationCalculator([EMT()], [0.2]),
+                                   lambda s, k, e: hf.single_point(s, 0, workdir="."), fmax=1e-3, max_points=n,
+                                   trust=0.2, radius=radius))
+
+    whole, stopped = run(3), run(2)
+    assert [p.accepted for p in whole] == [False, False, False]
+    assert [p.radius for p in stopped] == pytest.approx([0.1, 0.05]) and stopped[-1].hf.energy > first.energy
+    (next_point,) = run(1, radius=stopped[-1].radius)
+    assert next_point.displacement == pytest.approx(0.05)
+    assert next_point.hf.energy == pytest.approx(whole[2].hf.energy)
+    assert rmsd(next_point.structure, whole[2].structure) < 1e-8
+    (repeat,) = run(1)  # what the continuation did before: the first step again
+    assert repeat.hf.energy == pytest.approx(whole[0].hf.energy)
+
+
 def test_the_secant_update_meets_the_secant_condition_and_stays_symmetric():
     rng = np.random.default_rng(4)
     a = rng.normal(size=(6, 6))

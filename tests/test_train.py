@@ -347,6 +347,9 @@ def test_verify_mode_refine_adds_hf_single_points_within_the_budget_and_keeps_th
     assert more.continued == ["v_Si +0"] and 1 <= more.hf_calls <= 2
     assert [c.role for c in gv2.checks] == ["rank 1", "refine 1", "refine 2", "refine 3"][:2 + more.hf_calls]
     assert gv2.ground_state.hf_energy == min(c.hf_energy for c in gv2.checks if c.hf_energy is not None)
+    # the continuation goes on from where the first refinement stopped (its trust radius): it repeats no point
+    assert capped.refine_radius is not None
+    assert all(rmsd(new.structure, old.structure) > 1e-4 for new in gv2.checks[2:] for old in gv2.checks[:2])
     if gv2.ground_state is not gv2.checks[0]:
         assert gv2.ground_state.rmsd_to_hf_relaxed == pytest.approx(
             rmsd(gv2.checks[0].structure, gv2.ground_state.structure))

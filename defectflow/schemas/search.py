@@ -125,6 +125,10 @@ class GroupVerification(BaseModel):
     refine_exhausted: bool = Field(
         False, description="verify.mode refine: the refinement stopped for want of HF calls with the HF max force "
         "still above verify.fmax (verify.refine_leftover may go on from there)")
+    refine_radius: float | None = Field(
+        None, description="verify.mode refine: the trust radius (largest atomic move, Å) the refinement's next step "
+        "would take; a continuation (verify.refine_leftover) starts with it, so that it does not repeat the steps "
+        "already rejected")
 
     @property
     def hf_calls(self) -> int:

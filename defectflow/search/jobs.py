@@ -356,11 +356,16 @@ def _refine_check(engine, model: TrainedModel, gv: GroupVerification, spec: Veri
         return c.hf_frame
 
     made, failed = 0, False
+    # a continuation (refine_leftover) goes on with the trust radius where the last refinement left it: from the
+    # same best point with the full radius it would repeat the same rejected steps (measured on `close`, session 11)
+    radius = gv.refine_radius if first > 1 else None
     try:
-        for _ in refine_minimum(start.structure, gv.charge, start.hf_frame,
-                                lambda: load_calculator(model, head="hf", device="auto"), hf_point, fmax=spec.fmax,
-                                max_points=n_max, trust=spec.refine_trust, secant=spec.refine_secant):
+        for point in refine_minimum(start.structure, gv.charge, start.hf_frame,
+                                    lambda: load_calculator(model, head="hf", device="auto"), hf_point,
+                                    fmax=spec.fmax, max_points=n_max, trust=spec.refine_trust,
+                                    secant=spec.refine_secant, radius=radius):
             made += 1
+            gv.refine_radius = point.radius
     except Exception as exc:  # keep the HF points already paid for: the lowest of them is still the ground state
         logger.exception("refine of %s q=%+d failed", gv.defect, gv.charge)
         _add_reason(gv, f"refine stopped: {type(exc).__name__}: {exc}")

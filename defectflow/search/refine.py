@@ -101,12 +101,14 @@ class RefinePoint:
     hf: Frame
     surrogate_energy: float | None
     displacement: float  # largest atomic move from the best point, where the step started, Å
+    accepted: bool = False  # it lowered the HF energy: the next step starts here
+    radius: float = 0.0  # the trust radius of the next step, Å (reset to ``trust`` after an accepted step)
 
 
 def refine_minimum(structure, charge: int, hf: Frame, surrogate_factory: Callable[[], object],
                    hf_single_point: Callable[[object, int, float | None], Frame], *, fmax: float = 0.05,
                    max_points: int = 6, trust: float = 0.2, relax_fmax: float | None = None,
-                   max_steps: int = 300, secant: bool = False) -> Iterator[RefinePoint]:
+                   max_steps: int = 300, secant: bool = False, radius: float | None = None) -> Iterator[RefinePoint]:
     """Yield the HF single points of the refinement of ``structure`` (whose HF single point ``hf`` is known), until
     the HF max force is ≤ ``fmax`` eV/Å, ``max_points`` new single points are made, or an HF single point fails.
 
@@ -116,7 +118,9 @@ def refine_minimum(structure, charge: int, hf: Frame, surrogate_factory: Callabl
     largest atomic move per step, Å (the linear correction holds near x_n only); ``relax_fmax``: force threshold of
     the corrected surrogate relaxation, eV/Å (default ``fmax``/10: the HF forces cannot fall below it). It also
     stops when a step moves no atom by more than 1 mÅ (nothing left to gain). ``secant``: learn the curvature
-    term (off by default: see the module docstring)."""
+    term (off by default: see the module docstring). ``radius``: the first step's trust radius, Å (default
+    ``trust``); a continuation of an earlier refinement from the same best point passes the last
+    :attr:`RefinePoint.radius`, or it would repeat the steps that refinement already rejected."""
     relax_fmax = fmax / 10 if relax_fmax is None else relax_fmax
     surrogate = surrogate_factory()
     sur_engine = CalculatorEngine(surrogate, xc="mace:hf")
@@ -127,7 +131,7 @@ def refine_minimum(structure, charge: int, hf: Frame, surrogate_factory: Callabl
         return
     residual = net_free(np.asarray(best_hf.forces) - np.asarray(sur.forces))
     curvature = None  # the HF − surrogate curvature along the steps so far (secant updates), eV/Å²
-    radius = trust
+    radius = trust if radius is None else radius
     for n in range(1, max_points + 1):
         f_now = best_hf.fmax
         if f_now is None or best_hf.energy is None or f_now <= fmax:
@@ -154,8 +158,10 @@ def refine_minimum(structure, charge: int, hf: Frame, surrogate_factory: Callabl
             logger.warning("refine step %d: surrogate single point failed: %s", n, sur_next.error)
             return
         frame = hf_single_point(nxt, n, sur_next.energy)
-        yield RefinePoint(structure=nxt, hf=frame, surrogate_energy=sur_next.energy, displacement=move)
+        point = RefinePoint(structure=nxt, hf=frame, surrogate_energy=sur_next.energy, displacement=move,
+                            radius=radius)
         if frame.energy is None or frame.forces is None:
+            yield point
             return
         # secant: the residual's change along the step is the curvature the surrogate lacks (gradient = −force);
         # learnt from a rejected step too. Skipped where the HF energy curves down along the step (sᵀy ≤ 0, as in
@@ -173,3 +179,5 @@ def refine_minimum(structure, charge: int, hf: Frame, surrogate_factory: Callabl
             best, best_hf, sur, residual, radius = nxt, frame, sur_next, res_next, trust
         else:
             radius = move / 2
+        point.accepted, point.radius = accepted, radius
+        yield point
