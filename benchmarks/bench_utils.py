@@ -31,6 +31,34 @@ def ratio(numerator: float | None, denominator: float | None) -> float | None:
     return numerator / denominator
 
 
+#: An MPI engine's ranks each keep a core busy while the machine is theirs: CPU-s ≈ wall-s × ranks (the benchmark's
+#: clean QE single points: 0.91–0.95). Below this share the HF jobs shared the cores with other work, and their
+#: CPU-seconds are not the clean figure a cost ratio needs: MPI ranks spin while they wait. Measured (session 11): the
+#: `far` selection single points of session 9 ran at 0.68 of their cores and cost 2–3× their clean CPU-s.
+CLEAN_CORE_SHARE = 0.8
+
+
+def core_share(cpu_s: float | None, wall_s: float | None, procs: int) -> float | None:
+    """CPU-s / (wall-s × procs): the share of its cores a job had (≈ 1 on a quiet machine); None without wall time."""
+    if cpu_s is None or not wall_s or wall_s <= 0 or procs < 1:
+        return None
+    return cpu_s / (wall_s * procs)
+
+
+def contended_steps(rows: Iterable[dict[str, Any]], steps: Iterable[str], procs: int,
+                    min_wall_s: float = 5.0) -> dict[str, float]:
+    """Step → core share, for the rows of ``steps`` (cost rows of ``Results.cost``: step, cpu_s, wall_s) that ran
+    below :data:`CLEAN_CORE_SHARE` for at least ``min_wall_s`` seconds of wall time."""
+    wanted = set(steps)
+    out = {}
+    for r in rows:
+        share = core_share(r.get("cpu_s"), r.get("wall_s"), procs)
+        if r.get("step") in wanted and share is not None and (r.get("wall_s") or 0) >= min_wall_s \
+                and share < CLEAN_CORE_SHARE:
+            out[r["step"]] = round(share, 3)
+    return out
+
+
 def aligned_rmsd(reference, other) -> dict[str, float | None]:
     """Ground-state RMSD in Å, two ways.
 

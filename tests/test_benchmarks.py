@@ -30,6 +30,20 @@ def test_ratio_and_verdicts():
     assert bu.max_abs([0.01, None, -0.05]) == 0.05 and bu.max_abs([None]) is None
 
 
+def test_contended_steps_flags_hf_jobs_that_shared_their_cores():
+    # the benchmark's own figures: session 9's far selection (446 CPU-s in 328 s on 2 ranks) against session 11's
+    # close selection (220 CPU-s in 115 s)
+    rows = [{"step": "single_hf", "cpu_s": 446.1, "wall_s": 328.4}, {"step": "bulk_hf", "cpu_s": 4.7, "wall_s": 3.0},
+            {"step": "train", "cpu_s": 100.0, "wall_s": 100.0}]
+    assert bu.core_share(220.3, 115.0, 2) == pytest.approx(0.958, abs=1e-3)
+    assert bu.contended_steps(rows, ["single_hf", "bulk_hf"], 2) == {"single_hf": pytest.approx(0.679, abs=1e-3)}
+    rows[0]["cpu_s"] = 220.3
+    rows[0]["wall_s"] = 115.0
+    assert bu.contended_steps(rows, ["single_hf", "bulk_hf"], 2) == {}  # clean; bulk_hf too short to judge
+    assert bu.contended_steps(rows, ["train"], 2) == {"train": 0.5}  # only the steps asked for are checked
+    assert bu.core_share(1.0, 0.0, 2) is None and bu.core_share(None, 1.0, 2) is None
+
+
 def _cell():
     return Structure(Lattice.cubic(5.0), ["Si", "Si", "Si"], [[0, 0, 0], [0.5, 0.5, 0], [0.25, 0.25, 0.25]])
 
