@@ -359,9 +359,6 @@ def main(argv=None) -> dict[str, Any]:
     # the steps whose jobs are HF calls only: verify and refine jobs also run the surrogate on one core (share ~0.8)
     procs = getattr(campaign.fidelities.high, "mpi_procs", None) or 1
     df_cost["contended_hf_steps"] = contended_steps(cost_rows, set(HF_STEPS) - {"verify", "refine"}, procs)
-    for step, share in df_cost["contended_hf_steps"].items():
-        print(f"WARNING: the {step} jobs had {share:.2f} of their {procs} cores (CPU-s / (wall-s × cores) < "
-              f"{CLEAN_CORE_SHARE}): the machine was shared, so their HF CPU-s are inflated", flush=True)
     df_cost["total_cpu_seconds"] = sum(r.get("cpu_s", 0.0) for r in by_step.values()
                                        if r.get("step") != "baseline")
 
