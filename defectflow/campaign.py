@@ -446,6 +446,10 @@ class VerifySpec(_Section):
     refine_secant: bool = Field(
         False, description="refine: also learn the HF − surrogate curvature from the steps (secant updates): faster "
         "near a minimum, but measured to lose a saddle escape on the benchmark (defectflow.search.refine)")
+    refine_descent: bool = Field(
+        False, description="refine: after a rejected step, step along the HF force (its length from the corrected "
+        "surrogate along that line, within the halved trust radius) instead of shortening the rejected step, which "
+        "need not go downhill in HF (defectflow.search.refine)")
     refine_leftover: bool = Field(
         False, description="refine, with verify.max_hf_calls: once every (defect, q) has verified and refined "
         "within its equal share of the HF calls, go on refining those that ran out of calls with the HF max force "

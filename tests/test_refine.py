@@ -169,3 +169,41 @@ def test_a_step_that_raises_the_hf_energy_is_rejected_and_the_next_one_is_shorte
     a0 = structure_to_atoms(start, 0).positions
     d = [structure_to_atoms(p.structure, 0).positions - a0 for p in pts]
     assert np.allclose(d[1], d[0] / 2, atol=1e-6) and np.allclose(d[2], d[0] / 4, atol=1e-6)
+
+
+def test_after_a_rejected_step_the_descent_option_goes_down_the_hf_force(tmp_path, monkeypatch):
+    """A surrogate with a spurious soft mode: EMT plus a negative curvature along a direction v perpendicular to
+    the HF force at the start. The corrected relaxation slides along v, where HF (EMT) rises, so the Newton step and
+    every shortened retry along it raise the HF energy: without ``descent`` the refinement never moves. With it, the
+    step after the first rejection goes along the HF force, is accepted, and the full radius and Newton steps
+    come back."""
+    monkeypatch.chdir(tmp_path)
+    start = cu_vacancy(0.1)
+    x0 = structure_to_atoms(start, 0).positions
+    hf = CalculatorEngine(EMT(), xc="EMT")
+    first = hf.single_point(start, 0, workdir=".")
+    f = np.asarray(first.forces) - np.mean(first.forces, axis=0)
+    v = np.random.default_rng(5).normal(size=f.shape)
+    v -= v.mean(axis=0)
+    v -= np.sum(v * f) / np.sum(f * f) * f  # ⟂ the HF force: no first-order gain along it
+    v = v.ravel() / np.linalg.norm(v)
+    soft = -30.0 * np.outer(v, v)  # eV/Å²: the corrected surrogate runs downhill along ±v
+
+    def surrogate():
+        return SumCalculator([EMT(), ForceCorrection(x0, np.zeros_like(x0), 0.0, soft)])
+
+    def run(descent):
+        return list(refine_minimum(start, 0, first, surrogate, lambda s, k, e: hf.single_point(s, 0, workdir="."),
+                                   fmax=1e-3, max_points=4, trust=0.2, descent=descent))
+
+    newton = run(False)
+    assert newton and not any(p.accepted for p in newton) and not any(p.descent for p in newton)
+    steep = run(True)
+    assert steep[0].hf.energy == pytest.approx(newton[0].hf.energy)  # the same first (Newton) step, rejected
+    assert not steep[0].accepted and steep[1].descent and steep[1].displacement <= 0.1 + 1e-9
+    assert steep[1].accepted and steep[1].hf.energy < first.energy and steep[1].radius == pytest.approx(0.2)
+    # the step is along the HF force of the start, and the corrected surrogate's model of it is exact to first order
+    d = structure_to_atoms(steep[1].structure, 0).positions - x0
+    cos = np.sum(d * f) / np.linalg.norm(d) / np.linalg.norm(f)
+    assert cos > 0.999
+    assert steep[2].descent is False  # after an accepted step: Newton again

@@ -363,7 +363,7 @@ def _refine_check(engine, model: TrainedModel, gv: GroupVerification, spec: Veri
         for point in refine_minimum(start.structure, gv.charge, start.hf_frame,
                                     lambda: load_calculator(model, head="hf", device="auto"), hf_point,
                                     fmax=spec.fmax, max_points=n_max, trust=spec.refine_trust,
-                                    secant=spec.refine_secant, radius=radius):
+                                    secant=spec.refine_secant, radius=radius, descent=spec.refine_descent):
             made += 1
             gv.refine_radius = point.radius
     except Exception as exc:  # keep the HF points already paid for: the lowest of them is still the ground state

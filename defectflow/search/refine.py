@@ -24,6 +24,15 @@ brings V_Si⁰ from 0.19 to 0.02 eV/Å in 2 single points where the plain correc
 V_Si²⁺'s escape from a saddle-like surrogate minimum (0.78 eV above the HF ground state) to the outward ground
 state, which the plain correction reaches in 5 single points. Off by default: the ground state matters more.
 
+A rejected step says the surrogate's curvature cannot be trusted at that point. The shortened retry is then
+taken along the same direction, which need not go downhill in HF at all when the corrected relaxation ended in
+another of the surrogate's basins (seen on the benchmark's `far` preset, V_Si²⁺: four halvings of one step, all
+rejected, 20 meV above the HF minimum at 0.30 eV/Å). ``descent=True`` (``verify.refine_descent``) makes every step
+from a point where the last one was rejected (trust radius below ``trust``) a steepest-descent step instead: along
+the HF force of the best point, its length the corrected surrogate's minimum along that line, at most the halved
+radius. The HF force direction goes downhill for a short enough step, so halving it ends in an accepted point; an
+accepted step restores the full radius and the Newton steps (a dogleg-like trust region).
+
 It stops when the HF max force at the best point is at most ``fmax`` (eV/Å), or after ``max_points`` single
 points. Every point is an ordinary HF single point: it counts as an HF call, and it is HF training data.
 """
@@ -45,7 +54,7 @@ from defectflow.schemas import Frame
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ForceCorrection", "RefinePoint", "psb_update", "refine_minimum"]
+__all__ = ["ForceCorrection", "RefinePoint", "descent_step", "psb_update", "refine_minimum"]
 
 
 class ForceCorrection(Calculator):
@@ -93,6 +102,24 @@ def psb_update(a: np.ndarray, s: np.ndarray, y: np.ndarray) -> np.ndarray:
     return a + (np.outer(u, s) + np.outer(s, u)) / ss - float(u @ s) * np.outer(s, s) / ss ** 2
 
 
+def descent_step(model, atoms0, forces, radius: float, samples: int = 12) -> np.ndarray:
+    """A steepest-descent step from ``atoms0`` (N×3 displacement, Å): along ``forces`` (the HF forces there, net
+    force removed), to the lowest energy of the ASE calculator ``model`` (the HF-corrected surrogate) among
+    ``samples`` evenly spaced points of the line up to the largest atomic move ``radius``."""
+    u = net_free(forces)
+    umax = float(np.max(np.linalg.norm(u, axis=1)))
+    if umax <= 0:
+        return np.zeros_like(u)
+    ts = np.linspace(radius / umax / samples, radius / umax, samples)
+    trial = atoms0.copy()
+    trial.calc = model
+    energies = []
+    for t in ts:
+        trial.positions = atoms0.positions + t * u
+        energies.append(trial.get_potential_energy())
+    return ts[int(np.argmin(energies))] * u
+
+
 @dataclass
 class RefinePoint:
     """One HF single point of the refinement: where, what HF said, what the (uncorrected) surrogate said."""
@@ -103,12 +130,14 @@ class RefinePoint:
     displacement: float  # largest atomic move from the best point, where the step started, Å
     accepted: bool = False  # it lowered the HF energy: the next step starts here
     radius: float = 0.0  # the trust radius of the next step, Å (reset to ``trust`` after an accepted step)
+    descent: bool = False  # a steepest-descent step along the HF force (``refine_minimum(descent=True)``)
 
 
 def refine_minimum(structure, charge: int, hf: Frame, surrogate_factory: Callable[[], object],
                    hf_single_point: Callable[[object, int, float | None], Frame], *, fmax: float = 0.05,
                    max_points: int = 6, trust: float = 0.2, relax_fmax: float | None = None,
-                   max_steps: int = 300, secant: bool = False, radius: float | None = None) -> Iterator[RefinePoint]:
+                   max_steps: int = 300, secant: bool = False, radius: float | None = None,
+                   descent: bool = False) -> Iterator[RefinePoint]:
     """Yield the HF single points of the refinement of ``structure`` (whose HF single point ``hf`` is known), until
     the HF max force is ≤ ``fmax`` eV/Å, ``max_points`` new single points are made, or an HF single point fails.
 
@@ -120,7 +149,10 @@ def refine_minimum(structure, charge: int, hf: Frame, surrogate_factory: Callabl
     stops when a step moves no atom by more than 1 mÅ (nothing left to gain). ``secant``: learn the curvature
     term (off by default: see the module docstring). ``radius``: the first step's trust radius, Å (default
     ``trust``); a continuation of an earlier refinement from the same best point passes the last
-    :attr:`RefinePoint.radius`, or it would repeat the steps that refinement already rejected."""
+    :attr:`RefinePoint.radius`, or it would repeat the steps that refinement already rejected. ``descent``: after a
+    rejected step (radius below ``trust``), step along the HF force (:func:`descent_step`) instead of shortening the
+    rejected step (see the module docstring); the step type follows from the radius alone, so a continuation with
+    the last radius goes on as an uninterrupted refinement would."""
     relax_fmax = fmax / 10 if relax_fmax is None else relax_fmax
     surrogate = surrogate_factory()
     sur_engine = CalculatorEngine(surrogate, xc="mace:hf")
@@ -138,13 +170,19 @@ def refine_minimum(structure, charge: int, hf: Frame, surrogate_factory: Callabl
             return
         atoms0 = structure_to_atoms(best, charge)
         correction = ForceCorrection(atoms0.positions, residual, best_hf.energy - sur.energy, curvature)
-        corrected = CalculatorEngine(SumCalculator([surrogate, correction]), xc="mace:hf+HF force correction")
-        traj = corrected.relax(best, charge, workdir=None, fmax=relax_fmax, max_steps=max_steps, keep="last")
-        if traj.final is None:
-            logger.warning("refine step %d: corrected surrogate relaxation failed: %s", n, traj.error)
-            return
-        new = structure_to_atoms(traj.final.structure, charge)
-        d = find_mic(new.positions - atoms0.positions, atoms0.cell, pbc=True)[0]
+        model = SumCalculator([surrogate, correction])
+        steepest = descent and radius < trust * (1 - 1e-9)
+        if steepest:  # the last step from here was rejected: go down the HF force instead (module docstring)
+            new = atoms0.copy()
+            d = descent_step(model, atoms0, best_hf.forces, radius)
+        else:
+            corrected = CalculatorEngine(model, xc="mace:hf+HF force correction")
+            traj = corrected.relax(best, charge, workdir=None, fmax=relax_fmax, max_steps=max_steps, keep="last")
+            if traj.final is None:
+                logger.warning("refine step %d: corrected surrogate relaxation failed: %s", n, traj.error)
+                return
+            new = structure_to_atoms(traj.final.structure, charge)
+            d = find_mic(new.positions - atoms0.positions, atoms0.cell, pbc=True)[0]
         move = float(np.max(np.linalg.norm(d, axis=1)))
         if move < 1e-3 or radius < 1e-3:  # nothing left to gain, or steps below the SCF's noise
             return
@@ -159,7 +197,7 @@ def refine_minimum(structure, charge: int, hf: Frame, surrogate_factory: Callabl
             return
         frame = hf_single_point(nxt, n, sur_next.energy)
         point = RefinePoint(structure=nxt, hf=frame, surrogate_energy=sur_next.energy, displacement=move,
-                            radius=radius)
+                            radius=radius, descent=steepest)
         if frame.energy is None or frame.forces is None:
             yield point
             return
@@ -172,8 +210,8 @@ def refine_minimum(structure, charge: int, hf: Frame, surrogate_factory: Callabl
             curvature = psb_update(np.zeros((d.size, d.size)) if curvature is None else curvature, d.ravel(),
                                    -(res_next - residual).ravel())
         accepted = frame.energy < best_hf.energy
-        logger.info("refine step %d: moved %.3f Å, HF energy %+.1f meV, HF max force %.3f -> %.3f eV/Å (%s)", n,
-                    move, 1000 * (frame.energy - best_hf.energy), f_now, frame.fmax,
+        logger.info("refine step %d (%s): moved %.3f Å, HF energy %+.1f meV, HF max force %.3f -> %.3f eV/Å (%s)",
+                    n, "HF-force descent" if steepest else "Newton", move, 1000 * (frame.energy - best_hf.energy), f_now, frame.fmax,
                     "accepted" if accepted else "rejected: back to the best point, step halved")
         if accepted:  # trust region: a step that lowers the HF energy is taken, one that raises it is not
             best, best_hf, sur, residual, radius = nxt, frame, sur_next, res_next, trust
