@@ -436,30 +436,38 @@ def defectflow_wall_minutes(r: dict[str, Any]) -> float:
 
 
 def summary(paths: list[Path]) -> str:
-    """Every v2 result side by side (one row per preset and variant): the issue's goals per q and the cost."""
+    """Every v2 result side by side (one row per preset and variant): the issue's goals per q and the cost; under
+    each preset's own run (no variant tag) the baseline "LF ShakeNBreak + 1 HF single point per q" of that run, on
+    the same starts, whose accuracy the fourth goal compares with."""
     rows = []
+
+    def cells(m: dict[str, Any], keys: list[str]) -> list[str]:
+        gs = [m["ground_states"][k] for k in keys]
+        return [" / ".join("—" if g["rmsd"] is None else f"{g['rmsd']:.3f}" for g in gs),
+                " / ".join("—" if g["dE_hf_meV"] is None else f"{g['dE_hf_meV']:+.0f}" for g in gs),
+                ", ".join("—" if e["error"] is None else f"{e['error']:+.3f}"
+                          for e in sorted(m["level_errors"], key=lambda e: (e["defect"], e["q_to"])))]
+
     for path in paths:
         r = json.loads(path.read_text())
         if r.get("version") != 2 or "preset" not in r:
             continue  # a v1 report
-        m = r["methods"]["defectflow"]
         keys = sorted(r["reference"]["ground_states"], key=lambda k: int(k.rsplit(" ", 1)[1]))
-        gs = [m["ground_states"][k] for k in keys]
         tag = (r.get("variant") or {}).get("tag")
         verdict = {g["goal"].split()[0]: g["verdict"] for g in r["goals"]}
         rows.append([
             f"{r['preset']}" + (f" ({tag})" if tag else ""),
-            " / ".join("—" if g["rmsd"] is None else f"{g['rmsd']:.3f}" for g in gs),
-            " / ".join("—" if g["dE_hf_meV"] is None else f"{g['dE_hf_meV']:+.0f}" for g in gs),
-            ", ".join("—" if e["error"] is None else f"{e['error']:+.3f}"
-                      for e in sorted(m["level_errors"], key=lambda e: (e["defect"], e["q_to"]))),
+            *cells(r["methods"]["defectflow"], keys),
             f"{r['defectflow']['cost']['hf_calls']} / {r['defectflow']['cost']['hf_cpu_seconds']:.0f}",
             f"{r['ratios']['hf_cpu']:.1f}×",
             f"{defectflow_wall_minutes(r):.1f}",
-            " / ".join(verdict.get(k, "?") for k in ("ground-state", "CTL", "≥")),
+            " / ".join(verdict.get(k, "?") for k in ("ground-state", "CTL", "≥", "never")),
         ])
+        if not tag and "lf_snb" in r["methods"]:
+            rows.append([f"{r['preset']}: LF SnB + 1 HF SP", *cells(r["methods"]["lf_snb"], keys),
+                         f"{len(keys)} + the LF search", "", "", ""])
     heads = ["preset (variant)", "GS RMSD per q, Å", "E_HF − E_HF,ref per q, meV", "ε(q+1/q) errors, eV",
-             "HF calls / CPU-s", "HF CPU ratio", "defectflow wall, min", "goals RMSD / CTL / 30×"]
+             "HF calls / CPU-s", "HF CPU ratio", "defectflow wall, min", "goals RMSD / CTL / 30× / ≥ LF SnB"]
     return ("Every v2 result (q in increasing order, so ε(+1/0) first; wall: the "
             "defectflow side from scratch, frozen LF relaxations and baselines excluded)\n" + table(heads, rows))
 

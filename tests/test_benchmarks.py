@@ -185,7 +185,8 @@ def test_accuracy_cost_summary_lays_out_every_v2_result_and_its_wall_time(tmp_pa
         "ratios": {"hf_cpu": 37.9},
         "goals": [{"goal": "CTL |error| ≤ 0.02 eV", "verdict": "met"},
                   {"goal": "ground-state RMSD ≤ 0.05 Å", "verdict": "met"},
-                  {"goal": "≥ 30× fewer HF CPU-seconds", "verdict": "met"}],
+                  {"goal": "≥ 30× fewer HF CPU-seconds", "verdict": "met"},
+                  {"goal": "never less accurate than LF ShakeNBreak + 1 HF single point per q", "verdict": "MISSED"}],
     }
     (tmp_path / "a.json").write_text(json.dumps(report))
     (tmp_path / "v1.json").write_text(json.dumps({"benchmark": "accuracy_cost", "methods": {}}))
@@ -195,4 +196,14 @@ def test_accuracy_cost_summary_lays_out_every_v2_result_and_its_wall_time(tmp_pa
     assert len(rows) == 1 and "v1" not in out
     cells = [c.strip() for c in rows[0].strip("|").split("|")]
     assert cells == ["close (sp)", "0.010 / 0.020", "+1 / +3", "+0.012", "30 / 500", "37.9×", "15.0",
-                     "met / met / met"]
+                     "met / met / met / MISSED"]
+    # the preset's own run (no variant tag) brings its LF ShakeNBreak + 1 HF SP baseline along, on the next row
+    report["variant"] = None
+    report["methods"]["lf_snb"] = {"ground_states": {"v_Si +0": {"rmsd": 0.5, "dE_hf_meV": 900.0},
+                                                     "v_Si +1": {"rmsd": None, "dE_hf_meV": None}},
+                                   "level_errors": [{"defect": "v_Si", "q_from": 1, "q_to": 0, "error": None}]}
+    (tmp_path / "a.json").write_text(json.dumps(report))
+    lines = ac.summary(sorted(tmp_path.glob("*.json"))).splitlines()
+    i = next(n for n, line in enumerate(lines) if line.startswith("| close "))
+    base = [c.strip() for c in lines[i + 1].strip("|").split("|")]
+    assert base[:5] == ["close: LF SnB + 1 HF SP", "0.500 / —", "+900 / —", "—", "2 + the LF search"]
