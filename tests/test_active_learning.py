@@ -224,3 +224,29 @@ def test_refine_leftover_is_one_job_between_the_rounds_verifications_and_finaliz
     for verify_spec in ({"mode": "refine", "max_hf_calls": 40}, {"mode": "refine", "refine_leftover": True},
                         {"mode": "single_point", "refine_leftover": True, "max_hf_calls": 40}):
         assert not [j for j in round_jobs(**verify_spec) if j.name.startswith("refine")], verify_spec
+
+
+def test_the_landscape_plot_shows_the_committees_force_uncertainty_in_a_panel_of_its_own(tmp_path, monkeypatch):
+    """σ_E as error bars on the energies; σ_F (eV/Å) of each distinct minimum in a lower panel at every start that
+    relaxed into it; a search without a committee keeps the single panel."""
+    import defectflow.search as search_mod
+
+    figures = []
+    monkeypatch.setattr(search_mod, "save_figure", lambda fig, path, dpi=None: figures.append(fig) or str(path))
+    s = search_with([-10.0, -9.7], [0.01, 0.05])
+    s.minima[0].force_std, s.minima[1].force_std = 0.08, 0.21
+    s.minima[1].labels = ["m1", "m2"]
+    s.landscape["m2"] = -9.7
+    s.landscape_std = {"m0": 0.01, "m1": 0.05, "m2": 0.05}
+    s.committee_size = 3
+    starts = {"m0": -0.2, "m1": 0.2, "m2": 0.4}
+    search_mod.plot_landscape(s, starts, tmp_path)
+    top, bottom = figures[-1].axes[:2]
+    points = sorted(tuple(p) for c in bottom.collections for p in c.get_offsets())
+    assert points == [(-20.0, 0.08), (20.0, 0.21), (40.0, 0.21)]
+    assert "sigma_F" in bottom.get_ylabel() and "eV/Å" in bottom.get_ylabel()
+    assert "eV" in top.get_ylabel() and bottom.get_xlabel() == "Starting bond distortion (%)"
+    for m in s.minima:
+        m.force_std = None
+    search_mod.plot_landscape(s, starts, tmp_path)
+    assert len(figures[-1].axes) == 1

@@ -411,8 +411,8 @@ def _ground_state_table(rows: list[dict], title: str):
     table = Table(title=title)
     lf = rows and rows[0].get("source") == "lf"
     cols = (("defect", "q", "ground state (LF ShakeNBreak)", "E_LF (eV)", "ΔE vs Unperturbed (eV)") if lf else
-            ("defect", "q", "from start", "E_HF (eV)", "|E_HF − E_MLIP| (meV/atom)", "σ_E (meV)", "HF F_max (eV/Å)",
-             "minima", "round", "baseline RMSD (Å)"))
+            ("defect", "q", "from start", "E_HF (eV)", "|E_HF − E_MLIP| (meV/atom)", "σ_E (meV)", "σ_F (eV/Å)",
+             "HF F_max (eV/Å)", "minima", "round", "baseline RMSD (Å)"))
     for col in cols:
         table.add_column(col)
     for r in sorted(rows, key=lambda r: (r["defect"], r["charge"])):
@@ -426,7 +426,8 @@ def _ground_state_table(rows: list[dict], title: str):
                 label += " (known HF frame)"
             table.add_row(r["defect"], f"{r['charge']:+d}", label, _fmt(r.get("hf_energy"), ".4f"),
                           _fmt(r.get("verification_error_mev_per_atom"), ".1f"),
-                          _fmt(None if std is None else 1000 * std, ".1f"), _fmt(r.get("hf_max_force")),
+                          _fmt(None if std is None else 1000 * std, ".1f"), _fmt(r.get("force_std")),
+                          _fmt(r.get("hf_max_force")),
                           str(r.get("n_minima", "-")),
                           _fmt(r.get("round"), "d"), _fmt(r.get("baseline_rmsd")))
     return table
@@ -452,17 +453,20 @@ def _rounds_table(rounds: list[dict]):
     from rich.table import Table
 
     table = Table(title="Verification and top-up rounds")
-    for col in ("round", "verified minima", "max |E_HF − E_MLIP| (meV/atom)", "max σ_E (meV)", "ground state changed",
+    for col in ("round", "verified minima", "max |E_HF − E_MLIP| (meV/atom)", "max σ_E (meV)", "max σ_F (eV/Å)",
+                "ground state changed",
                 "frames added before it", "left out of training", "HF calls", "HF CPU (s)"):
         table.add_column(col)
     for r in rounds:
         checks = [c for cs in (r.get("verified") or {}).values() for c in cs]
         errs = [c["error_mev_per_atom"] for c in checks if c.get("error_mev_per_atom") is not None]
         stds = [1000 * c["energy_std"] for c in checks if c.get("energy_std") is not None]
+        fstds = [c["force_std"] for c in checks if c.get("force_std") is not None]
         added = r.get("added") or []
         why = ", ".join(f"{n} {k}" for k, n in sorted(_count(a["reason"] for a in added).items()))
         table.add_row(str(r["round"]), str(len(checks)), _fmt(max(errs) if errs else None, ".1f"),
-                      _fmt(max(stds) if stds else None, ".1f"), ", ".join(r.get("changed") or []) or "none",
+                      _fmt(max(stds) if stds else None, ".1f"), _fmt(max(fstds) if fstds else None),
+                      ", ".join(r.get("changed") or []) or "none",
                       f"{len(added)}" + (f" ({why})" if why else ""),
                       "; ".join(f"{x['group']} {x['label']}: {x['reason']}" for x in r.get("not_trained") or [])
                       or "none", str(r.get("hf_calls", "-")),

@@ -225,7 +225,9 @@ def _relaxed(starts, charge, calculator_factory, relax_batch, model, fmax, max_s
 def plot_landscape(result: SearchResult, starts: list[SearchStart] | dict[str, float | None], plot_dir: Path,
                    verification=None, suffix: str = "") -> str:
     """Energy vs starting bond distortion of every start's surrogate minimum (relative to the lowest), with the
-    committee's ±1σ, the rejected minima and, after verification, the HF energies of the verified minima.
+    committee's ±1σ, the rejected minima and, after verification, the HF energies of the verified minima; with a
+    committee, a lower panel shows the committee's force uncertainty σ_F (eV/Å, largest per-atom standard
+    deviation) at each distinct minimum, plotted at every start that relaxed into it.
 
     ``starts``: the search's starts, or start label → bond distortion fraction (None: Unperturbed, Dimer).
     ``verification``: the group's :class:`~defectflow.schemas.GroupVerification` (or None). ``suffix`` is added to
@@ -237,7 +239,11 @@ def plot_landscape(result: SearchResult, starts: list[SearchStart] | dict[str, f
     from matplotlib.lines import Line2D
 
     e0 = min(result.landscape.values())
-    fig, ax = plt.subplots(figsize=(8.6, 4.4))
+    with_force = any(m.force_std is not None for m in result.minima)
+    if with_force:
+        fig, (ax, ax_f) = plt.subplots(2, 1, figsize=(8.6, 5.8), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    else:
+        fig, ax = plt.subplots(figsize=(8.6, 4.4))
     distortion = starts if isinstance(starts, dict) else {s.label: s.bond_distortion for s in starts}
     special = {"Unperturbed": 0.0}
 
@@ -267,7 +273,7 @@ def plot_landscape(result: SearchResult, starts: list[SearchStart] | dict[str, f
                                   label=name))
     if result.landscape_std:
         handles.append(Line2D([], [], color="0.3", lw=0.8,
-                              label=rf"committee $\pm1\sigma$ ({result.committee_size} models)"))
+                              label=rf"committee $\pm1\sigma_E$ ({result.committee_size} models)"))
     checks = [c for c in (verification.checks if verification is not None else [])
               if c.hf_energy is not None and c.ground_state_label in result.landscape]
     for c in checks:
@@ -289,7 +295,21 @@ def plot_landscape(result: SearchResult, starts: list[SearchStart] | dict[str, f
             ax.scatter(x_of(label), bottom, marker="v", s=40, c="C1", zorder=4, clip_on=False)
         handles.append(Line2D([], [], ls="", marker="v", color="C1",
                               label="rejected minimum (atoms too close; energy off the axis)"))
-    ax.set_xlabel("Starting bond distortion (%)")
+    if with_force:
+        for m in result.minima:
+            if m.force_std is None:
+                continue
+            xs = [x_of(label) for label in m.labels if label in result.landscape]
+            ax_f.scatter(xs, [m.force_std] * len(xs), s=18, c="C2", marker="s", zorder=3)
+        ax_f.set_ylabel(r"$\sigma_F$ (eV/Å)")
+        ax_f.set_ylim(bottom=0)
+        ax_f.grid(axis="y", lw=0.3, color="0.8")
+        ax_f.legend(handles=[Line2D([], [], ls="", marker="s", color="C2", markersize=5,
+                                    label="committee force uncertainty at the minimum (largest per atom)")],
+                    fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+        ax_f.set_xlabel("Starting bond distortion (%)")
+    else:
+        ax.set_xlabel("Starting bond distortion (%)")
     ax.set_ylabel("Energy − lowest surrogate minimum (eV)")
     title = f"{result.defect} q = {result.charge:+d}, surrogate {result.model}"
     if verification is not None and verification.ground_state is not None and verification.source != \
