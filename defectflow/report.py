@@ -305,9 +305,10 @@ def _verification(final: dict | None) -> str:
                 rows.append([str(rec["round"]), group, _label(c.get("label")), c.get("role") or "–",
                              _num(c.get("surrogate_energy"), ".4f"), _num(c.get("hf_energy"), ".4f"),
                              _num(c.get("error_mev_per_atom"), ".1f"), _num(None if std is None else 1000 * std, ".1f"),
-                             "✓" if is_gs else ""])
+                             _num(c.get("force_std"), ".3f"), "✓" if is_gs else ""])
     out.append(_table(["round", "defect q", "minimum (from start)", "why verified", "E_surrogate (eV)", "E_HF (eV)",
-                       "|E_HF − E_MLIP| (meV/atom)", "committee σ_E (meV)", "ground state"], rows))
+                       "|E_HF − E_MLIP| (meV/atom)", "committee σ_E (meV)", "committee σ_F (eV/Å)", "ground state"],
+                      rows))
     summary = []
     for rec in rounds:
         added = rec.get("added") or []
