@@ -319,6 +319,11 @@ class MlipSpec(_Section):
         50, ge=1, description="Epochs without validation improvement before the learning rate is multiplied by 0.8 "
         "(mace ReduceLROnPlateau)"
     )
+    patience: int | None = Field(
+        None, ge=1, description="Stop training after this many epochs without improvement of the validation loss "
+        "(the last head's: hf), max_epochs (finetune_epochs) being the cap; None: train every epoch. The model kept "
+        "is the best-validation checkpoint either way"
+    )
     default_dtype: Literal["float64", "float32"] = Field(
         "float64", description="Floating-point precision of training and of the trained model (mace --default_dtype)"
     )

@@ -687,3 +687,17 @@ def test_a_model_trained_on_one_hf_frame_warm_starts_on_two(dataset, tmp_path):
     warm = train_warm(first, lf, frames_to_text(frames[:2]), spec, tmp_path / "warm", "main")
     component = (first.head_map or {"hf": [["main", "hf"]]})["hf"][-1][0]
     assert 1 in warm.split["hf_train"] and warm.warm_started_from == first.model_sha256(component)
+
+
+def test_patience_stops_training_once_the_validation_loss_stalls(dataset, tmp_path):
+    """mlip.patience: mace 0.3.16 ignores --patience in a single process (ACEsuit/mace#1384); the workaround in
+    _run_mace makes it stop, before max_epochs, and still save the best-validation model."""
+    spec = MlipSpec(**{**TINY, "max_epochs": 60, "lr": 0.05}, patience=2)
+    model = train_surrogate(*dataset, spec, tmp_path)
+    (run,) = model.components
+    assert "--patience 2" in run.command and "defectflow.train.mace_patience" in run.command
+    assert run.epochs < 60, run.epochs
+    log = Path(run.log_file).read_text()
+    assert "Stopping optimization after 2 epochs without improvement" in log and "training stopped here" in log
+    assert "Saving model to" in log  # mace went on as after its last epoch: best-validation checkpoint saved
+    assert len(model.model_bytes()) > 10_000
