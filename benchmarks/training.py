@@ -259,11 +259,13 @@ DEFAULT_STRATEGIES = ("multihead", "multihead+w10", "finetune", "replay", "delta
 
 
 def strategy_spec(name: str) -> dict[str, Any]:
-    """A strategy name → MlipSpec overrides: ``<kind>[+refs][+w<hf weight>][+ew<eV/atom>][+ke<n>][+s<n>][+all]``, e.g.
+    """A strategy name → MlipSpec overrides: ``<kind>[+refs][+w<hf weight>][+ew<eV/atom>][+ke<n>][+s<n>][+ep<n>][+p<n>][+all]``, e.g.
     ``multihead+refs+w10+ew0.05`` = multi-head, per-(fidelity, q) references removed, HF frames weighted 10×,
     frame weights exp(−ΔE/0.05 eV/atom); ``+ke<n>``: every n-th LF ionic step harvested (``relax.keep_every``;
     the study's default is :data:`STUDY_KEEP_EVERY` = 3, the presets keep every 12th); ``+s<n>``: seed n instead
-    of BASE's (a repeat of the cell, for its spread);
+    of BASE's (a repeat of the cell, for its spread); ``+ep<n>``: at most n epochs (``max_epochs`` and
+    ``finetune_epochs``) instead of BASE's 30; ``+p<n>``: stop after n epochs without validation improvement
+    (``mlip.patience``); both apply to the cell's own training, not to the shared LF model of delta/finetune/replay;
     ``+all``: HF frames chosen among every pool frame, without the harvest's window (``HF_SELECTION``)."""
     kind, *mods = name.split("+")
     if kind not in KINDS:
@@ -276,6 +278,10 @@ def strategy_spec(name: str) -> dict[str, Any]:
             out["selection"] = {"max_energy_above_min": None, "max_force": None}
         elif m.startswith("ew"):
             out["energy_weight_scale"] = float(m[2:])
+        elif m.startswith("ep"):
+            out["max_epochs"] = out["finetune_epochs"] = int(m[2:])
+        elif m.startswith("p"):
+            out["patience"] = int(m[1:])
         elif m.startswith("ke"):
             out["keep_every"] = int(m[2:])
         elif m.startswith("w"):
@@ -284,7 +290,7 @@ def strategy_spec(name: str) -> dict[str, Any]:
             out["seed"] = int(m[1:])
         else:
             raise SystemExit(f"--strategies: unknown modifier {m!r} in {name!r} "
-                             "(refs, w<number>, ew<number>, ke<integer>, s<integer>, all)")
+                             "(refs, w<number>, ew<number>, ke<integer>, s<integer>, ep<integer>, p<integer>, all)")
     return out
 
 
@@ -593,7 +599,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--presets", nargs="+", choices=frozen.LF_PRESETS, default=list(frozen.LF_PRESETS))
     p.add_argument("--strategies", nargs="+", default=list(DEFAULT_STRATEGIES),
-                   help="<kind>[+refs][+w<HF weight>][+ew<eV/atom>][+ke<n>][+s<seed>][+all], kinds: "
+                   help="<kind>[+refs][+w<HF weight>][+ew<eV/atom>][+ke<n>][+s<seed>][+ep<epochs>][+p<patience>][+all], kinds: "
                    + ", ".join(KINDS))
     p.add_argument("--budgets", nargs="+", type=int, default=list(BUDGETS), help="HF training frames N")
     p.add_argument("--jobs", type=int, default=2, help="cells trained at once (one torch thread each)")

@@ -117,6 +117,9 @@ def test_training_strategy_names_are_library_options():
     assert tr.keep_every("finetune+ke12") == 12 and tr.keep_every("finetune") is None
     assert tr.make_spec("multihead+ke12", tr.BASE).max_epochs == tr.BASE["max_epochs"]
     assert tr.lf_model_dir("far", True, 12) != tr.lf_model_dir("far", True)
+    # +ep<n> / +p<n>: train up to n epochs, stop on the validation loss (mlip.patience)
+    spec = tr.make_spec("multihead+ke12+ep120+p10", tr.BASE)
+    assert (spec.max_epochs, spec.finetune_epochs, spec.patience) == (120, 120, 10)
 
 
 def test_the_default_recipe_needs_every_preset():
