@@ -259,7 +259,8 @@ DEFAULT_STRATEGIES = ("multihead", "multihead+w10", "finetune", "replay", "delta
 
 
 def strategy_spec(name: str) -> dict[str, Any]:
-    """A strategy name → MlipSpec overrides: ``<kind>[+refs][+w<hf weight>][+ew<eV/atom>][+ke<n>][+s<n>][+ep<n>][+p<n>][+all]``, e.g.
+    """A strategy name → MlipSpec overrides:
+    ``<kind>[+refs][+w<hf weight>][+ew<eV/atom>][+ke<n>][+s<n>][+ep<n>][+p<n>][+all]``, e.g.
     ``multihead+refs+w10+ew0.05`` = multi-head, per-(fidelity, q) references removed, HF frames weighted 10×,
     frame weights exp(−ΔE/0.05 eV/atom); ``+ke<n>``: every n-th LF ionic step harvested (``relax.keep_every``;
     the study's default is :data:`STUDY_KEEP_EVERY` = 3, the presets keep every 12th); ``+s<n>``: seed n instead
@@ -599,7 +600,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--presets", nargs="+", choices=frozen.LF_PRESETS, default=list(frozen.LF_PRESETS))
     p.add_argument("--strategies", nargs="+", default=list(DEFAULT_STRATEGIES),
-                   help="<kind>[+refs][+w<HF weight>][+ew<eV/atom>][+ke<n>][+s<seed>][+ep<epochs>][+p<patience>][+all], kinds: "
+                   help="<kind>[+refs][+w<HF weight>][+ew<eV/atom>][+ke<n>][+s<seed>][+ep<epochs>]"
+                        "[+p<patience>][+all], kinds: "
                    + ", ".join(KINDS))
     p.add_argument("--budgets", nargs="+", type=int, default=list(BUDGETS), help="HF training frames N")
     p.add_argument("--jobs", type=int, default=2, help="cells trained at once (one torch thread each)")

@@ -71,7 +71,8 @@ def data():
     buf = io.StringIO()
     write(buf, pool[:: len(pool) // 8][:8], format="extxyz")
     index = frozen.relaxation_index("hf")
-    hf_test = [a for n in names(HELD_OUT_STARTS) for a in frozen.read_frames_gz(frozen.set_dir("hf") / index[n]["file"])]
+    hf_test = [a for n in names(HELD_OUT_STARTS)
+               for a in frozen.read_frames_gz(frozen.set_dir("hf") / index[n]["file"])]
     assert not {a.info.get("lf_relaxation") for a in pool} & set(names(HELD_OUT_STARTS))
     return lf.extxyz, buf.getvalue(), lf_held, hf_test
 

@@ -211,7 +211,8 @@ def refine_minimum(structure, charge: int, hf: Frame, surrogate_factory: Callabl
                                    -(res_next - residual).ravel())
         accepted = frame.energy < best_hf.energy
         logger.info("refine step %d (%s): moved %.3f Å, HF energy %+.1f meV, HF max force %.3f -> %.3f eV/Å (%s)",
-                    n, "HF-force descent" if steepest else "Newton", move, 1000 * (frame.energy - best_hf.energy), f_now, frame.fmax,
+                    n, "HF-force descent" if steepest else "Newton", move, 1000 * (frame.energy - best_hf.energy),
+                    f_now, frame.fmax,
                     "accepted" if accepted else "rejected: back to the best point, step halved")
         if accepted:  # trust region: a step that lowers the HF energy is taken, one that raises it is not
             best, best_hf, sur, residual, radius = nxt, frame, sur_next, res_next, trust
