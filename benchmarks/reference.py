@@ -176,6 +176,7 @@ def relax_set(part: str, settings: dict[str, Any], fidelity: str, relax_spec, de
     todo = [(ds, st) for ds, st in starts(gen) if relax_name(ds, st.label) not in index]
     todo += [(ds, st) for ds, st in starts(gen) if relax_name(ds, st.label) in redo and (ds, st) not in todo]
     log.info("%s: %d of %d relaxations frozen, %d to do", part, len(index), len(index) + len(todo), len(todo))
+    walls: dict[int, list[float]] = {}  # q -> wall seconds of this run's relaxations, for the time-left estimate
     for n, (ds, st) in enumerate(todo, 1):
         if time.time() > deadline:
             log.info("%s: time limit reached; %d left for the next run", part, len(todo) - n + 1)
@@ -201,8 +202,22 @@ def relax_set(part: str, settings: dict[str, Any], fidelity: str, relax_spec, de
                        "file": f"{name}.extxyz.gz" if atoms else None}
         write_json(index_path, index)
         e = "—" if rec.energy is None else f"{rec.energy:.4f} eV"
+        walls.setdefault(ds.charge, []).append(wall)
         print(f"  [{part}] {n}/{len(todo)} {name}: {rec.status}, {rec.n_steps} steps, {e}, "
-              f"{wall:.0f} s wall, {cpu:.0f} CPU-s", flush=True)
+              f"{wall:.0f} s wall, {cpu:.0f} CPU-s; {time_left(walls, [d.charge for d, _ in todo[n:]])}",
+              flush=True)
+
+
+def time_left(walls: dict[int, list[float]], charges: list[int]) -> str:
+    """'~N min left' for relaxations of the given charges still to do, each at the mean wall time of this run's
+    relaxations of its q (the mean over every q where none of its q is done yet: q = +1 costs about twice q = 0)."""
+    if not charges:
+        return "done"
+    every = [w for ws in walls.values() for w in ws]
+    if not every:
+        return f"{len(charges)} left"
+    est = sum(sum(walls[q]) / len(walls[q]) if walls.get(q) else sum(every) / len(every) for q in charges)
+    return f"~{est / 60:.0f} min left ({len(charges)} relaxations, at this run's mean wall time per q)"
 
 
 def bulk(deadline: float) -> None:
@@ -300,6 +315,7 @@ def pool(preset: str, deadline: float) -> None:
     pool_path = folder / "pool_hf.extxyz.gz"
     labelled = read_frames_gz(pool_path) if pool_path.is_file() else []
     records: dict[str, Any] = {}
+    pool_walls: dict[int, list[float]] = {}  # q -> wall seconds of this run's single points
     for n, (name, step) in enumerate(index["chosen"], 1):
         key = f"{name}@{step}"
         if key in done:
@@ -326,8 +342,12 @@ def pool(preset: str, deadline: float) -> None:
             labelled.append(h)
             write_frames_gz(pool_path, labelled)
         write_json(index_path, index)
+        pool_walls.setdefault(lf.charge, []).append(wall)
+        left = [frozen.relaxation_index(preset)[nm]["charge"] for nm, st in index["chosen"][n:]
+                if f"{nm}@{st}" not in done]
         print(f"  [pool {preset}] {n}/{len(index['chosen'])} {key} q={lf.charge:+d}: "
-              f"{'failed' if hf.energy is None else f'{hf.energy:.4f} eV'}, {cpu:.0f} CPU-s", flush=True)
+              f"{'failed' if hf.energy is None else f'{hf.energy:.4f} eV'}, {cpu:.0f} CPU-s; "
+              f"{time_left(pool_walls, left).replace('relaxations', 'single points')}", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -210,3 +210,14 @@ def test_accuracy_cost_summary_lays_out_every_v2_result_and_its_wall_time(tmp_pa
     i = next(n for n, line in enumerate(lines) if line.startswith("| close "))
     base = [c.strip() for c in lines[i + 1].strip("|").split("|")]
     assert base[:5] == ["close: LF SnB + 1 HF SP", "0.500 / —", "+900 / —", "—", "2 + the LF search"]
+
+
+def test_reference_time_left_uses_each_charge_states_own_mean():
+    """reference.py's progress line: q = +1 relaxations (spin-polarised) take about twice as long as q = 0, so
+    what is left is estimated per q, from this run's own wall times; a q not seen yet takes the overall mean."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    ref = _load("reference")
+    assert ref.time_left({0: [100.0, 200.0], 1: [600.0]}, [0, 1, 1, 2]).startswith("~28 min left (4 ")
+    assert ref.time_left({}, [0, 0]) == "2 left" and ref.time_left({0: [5.0]}, []) == "done"
