@@ -316,6 +316,7 @@ def pool(preset: str, deadline: float) -> None:
     labelled = read_frames_gz(pool_path) if pool_path.is_file() else []
     records: dict[str, Any] = {}
     pool_walls: dict[int, list[float]] = {}  # q -> wall seconds of this run's single points
+    lf_index = frozen.relaxation_index(preset)
     for n, (name, step) in enumerate(index["chosen"], 1):
         key = f"{name}@{step}"
         if key in done:
@@ -343,8 +344,7 @@ def pool(preset: str, deadline: float) -> None:
             write_frames_gz(pool_path, labelled)
         write_json(index_path, index)
         pool_walls.setdefault(lf.charge, []).append(wall)
-        left = [frozen.relaxation_index(preset)[nm]["charge"] for nm, st in index["chosen"][n:]
-                if f"{nm}@{st}" not in done]
+        left = [lf_index[nm]["charge"] for nm, st in index["chosen"][n:] if f"{nm}@{st}" not in done]
         print(f"  [pool {preset}] {n}/{len(index['chosen'])} {key} q={lf.charge:+d}: "
               f"{'failed' if hf.energy is None else f'{hf.energy:.4f} eV'}, {cpu:.0f} CPU-s; "
               f"{time_left(pool_walls, left).replace('relaxations', 'single points')}", flush=True)

@@ -1,7 +1,7 @@
 """Training study (issue #13): which recipe makes the multi-fidelity surrogate high-fidelity accurate.
 
     .venv/bin/python benchmarks/training.py                       # the whole grid (resumes finished cells)
-    .venv/bin/python benchmarks/training.py --presets far --strategies multihead refs --budgets 8 16
+    .venv/bin/python benchmarks/training.py --presets far --strategies multihead multihead+refs --budgets 8 16
     .venv/bin/python benchmarks/training.py --show                # tables of benchmarks/results/training.json
 
 Everything comes from the frozen data of benchmark v2 (``benchmarks/data/``, see ``benchmarks/frozen.py``); no DFT

@@ -37,6 +37,7 @@ TRAIN_STARTS = ("Unperturbed", "Bond_Distortion_-40.0_", "Bond_Distortion_40.0_"
 HELD_OUT_STARTS = ("Bond_Distortion_-20.0_", "Bond_Distortion_20.0_")
 #: thresholds (see the module docstring for what was measured)
 LF_E_MAX, LF_F_MAX = 60.0, 300.0  # meV/atom, meV/Å: LF head on LF frames of held-out relaxations
+HF_E_MAX = 45.0  # meV/atom: HF prediction on the held-out direct-HF frames
 #: the library's recipe, smaller: one member, L = 0, 16 channels, 30 epochs, float32 with EMA (the study's settings)
 SMALL = dict(hidden_irreps="16x0e", max_L=0, num_interactions=2, correlation=2, r_max=4.5, max_epochs=30,
              batch_size=4, committee=1, hf_test_fraction=0.0, default_dtype="float32", ema_decay=0.99, device="cpu")
@@ -109,7 +110,8 @@ def test_the_hf_prediction_beats_the_lf_only_model_on_held_out_direct_hf_frames(
     _, _, _, hf_test = data
     e_hf, _ = rmse(load_calculator(trained.main, "hf"), hf_test)
     e_lf, _ = rmse(load_calculator(trained.models["lf_only"], "lf"), hf_test)
-    assert e_hf < e_lf / 2, (e_hf, e_lf)
+    # most of the LF-only error is the constant HF − LF offset (−128 meV/atom on this pool), so also an absolute bound
+    assert e_hf < e_lf / 2 and e_hf <= HF_E_MAX, (e_hf, e_lf)
 
 
 def test_q0_and_q2_predictions_differ_at_the_same_geometry_as_hf_says(data, trained):

@@ -698,6 +698,8 @@ def test_patience_stops_training_once_the_validation_loss_stalls(dataset, tmp_pa
     assert "--patience 2" in run.command and "defectflow.train.mace_patience" in run.command
     assert run.epochs < 60, run.epochs
     log = Path(run.log_file).read_text()
-    assert "Stopping optimization after 2 epochs without improvement" in log and "training stopped here" in log
+    assert "Stopping optimization after 2 epochs without improvement: training stopped here" in log
     assert "Saving model to" in log  # mace went on as after its last epoch: best-validation checkpoint saved
+    # the weights kept are those of the last improvement: `patience` epochs before the last one trained
+    assert f"Loaded Stage one model from epoch {run.epochs - 1 - 2} for evaluation" in log
     assert len(model.model_bytes()) > 10_000

@@ -1,5 +1,5 @@
-"""``python -m defectflow.train.mace_patience <mace_run_train arguments>``: mace_run_train whose ``--patience`` stops
-training (``mlip.patience``).
+"""``python -m defectflow.train.mace_patience <mace_run_train arguments>``: mace_run_train whose
+``--patience`` stops training (``mlip.patience``).
 
 Workaround, mace-torch 0.3.16 (ACEsuit/mace#1384): in a single-process run mace's training loop only *logs*
 "Stopping optimization after N epochs without improvement" and trains on to ``--max_num_epochs``; only a
@@ -12,7 +12,12 @@ loads its best-validation checkpoint, saves the model and evaluates it. Nothing 
 from __future__ import annotations
 
 import logging
+import re
 import sys
+
+#: the one log line of mace's loop that means "patience reached, no Stage Two to go to" (mace/tools/train.py);
+#: the variant "... and starting Stage Two" is left alone: there mace itself moves on
+STOP_LINE = re.compile(r"^Stopping optimization after \d+ epochs without improvement$")
 
 
 class _PatienceReached(Exception):
@@ -21,7 +26,7 @@ class _PatienceReached(Exception):
 
 class _StopOnPatience(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        if str(record.msg).startswith("Stopping optimization after"):
+        if STOP_LINE.match(record.getMessage()):
             raise _PatienceReached(record.getMessage())
         return True
 
@@ -38,10 +43,8 @@ def main(argv: list[str] | None = None) -> None:
         root.addFilter(stop)
         try:
             train(*args, **kwargs)
-        except _PatienceReached as reached:
-            root.removeFilter(stop)
-            logging.info("%s: training stopped here (mlip.patience; defectflow's workaround for ACEsuit/mace#1384)",
-                         reached)
+        except _PatienceReached as reached:  # the line below does not match STOP_LINE: it passes the filter
+            logging.info("%s: training stopped here (mlip.patience; workaround for mace#1384)", reached)
         finally:
             root.removeFilter(stop)
 

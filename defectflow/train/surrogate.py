@@ -29,8 +29,8 @@ per-(fidelity, q) reference energies E ≈ Σ_Z n_Z e0(Z) + c(q) before training
 the validation loss of its *last* head only (mace/tools/train.py), so ``hf`` is always the last head. The
 "Skipping evaluation for heads: ['pt_head']" line of from-scratch logs is only the default of mace's
 ``--skip_evaluate_heads``: no such head exists there and it costs nothing. mace's ``--patience`` does not stop a
-single-process run in 0.3.16 (ACEsuit/mace#1384); ``patience`` works around it (:mod:`defectflow.train.mace_patience`). The saved model is the best-validation
-checkpoint either way.
+single-process run in 0.3.16 (ACEsuit/mace#1384); ``patience`` works around it
+(:mod:`defectflow.train.mace_patience`). The saved model is the best-validation checkpoint either way.
 
 Charge: with ``charge_embedding`` the model gets mace's categorical graph embedding of ``total_charge`` (21
 classes, offset 10: q ∈ [−10, 10]) added to the node features; ``embedding_readout`` adds a per-atom,
@@ -202,7 +202,7 @@ def _run_mace(workdir: Path, name: str, heads: dict[str, dict[str, Any]], spec: 
     if batch < spec.batch_size:
         logger.warning("%s: batch size %d capped at %d (number of training frames)", name, spec.batch_size, batch)
     heads_arg = json.dumps(heads)  # mace parses it with ast.literal_eval: string values only here
-    cmd = _mace_run_train() + [
+    args = [
         "--name", name,
         "--model", "MACE",
         "--heads", heads_arg,
@@ -227,13 +227,17 @@ def _run_mace(workdir: Path, name: str, heads: dict[str, dict[str, Any]], spec: 
         "--plot", "False",
         "--save_cpu",
     ]
+    launcher = _mace_run_train()
+    if spec.patience is not None:
+        args += ["--patience", str(spec.patience)]
+        if "distributed" not in spec.extra_args:
+            # mace-torch 0.3.16 ignores --patience in a single process (ACEsuit/mace#1384): run it through our
+            # wrapper, which stops there and lets mace save its best-validation model as after a last epoch (a
+            # distributed run stops by itself, and the wrapper would leave the other ranks waiting)
+            launcher = [sys.executable, "-m", "defectflow.train.mace_patience"]
+    cmd = launcher + args
     if spec.ema_decay is not None:
         cmd += ["--ema", "--ema_decay", str(spec.ema_decay)]
-    if spec.patience is not None:
-        # mace-torch 0.3.16 ignores --patience in a single process (ACEsuit/mace#1384): run it through our wrapper,
-        # which stops there and lets mace save its best-validation model as after a last epoch
-        cmd = [sys.executable, "-m", "defectflow.train.mace_patience", *cmd[len(_mace_run_train()):],
-               "--patience", str(spec.patience)]
     if finetune:  # architecture, charge embedding and readout come from the foundation model
         cmd += ["--total_charge_key", CHARGE_KEY] + finetune
     else:
