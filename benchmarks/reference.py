@@ -56,7 +56,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import frozen  # noqa: E402
-from bench_utils import cpu_seconds  # noqa: E402
+from bench_utils import CLEAN_CORE_SHARE, core_share, cpu_seconds  # noqa: E402
 from frozen import (  # noqa: E402
     DATA,
     LF_PRESETS,
@@ -566,6 +566,25 @@ def status() -> None:
     for preset in LF_PRESETS:
         pidx = read_json(DATA / "lf" / preset / "pool_index.json", {})
         print(f"pool {preset:9s} {len(pidx.get('done', {}))}/{len(pidx.get('chosen', [])) or POOL_SIZE} HF frames")
+    shared = contended_relaxations()
+    if shared:
+        print(f"shared the cores (core share < {CLEAN_CORE_SHARE}; CPU-s inflated, candidates for --redo): "
+              + ", ".join(f"{name} ({share:.2f})" for name, share in shared.items()))
+
+
+def contended_relaxations(min_wall_s: float = 20.0) -> dict[str, float]:
+    """``--redo`` name → core share (CPU-s / (wall-s × processes); QE runs 2 MPI ranks, tblite one thread) of every
+    frozen relaxation that ran below :data:`bench_utils.CLEAN_CORE_SHARE` for at least ``min_wall_s`` s: it shared
+    the cores with other work, so its CPU-seconds are inflated (MPI ranks spin while they wait)."""
+    out = {}
+    for part in ("hf", *(f"lf/{p}" for p in LF_PRESETS)):
+        prefix = "" if part == "hf" else part.split("/", 1)[1] + ":"
+        for name, row in read_json(DATA / part / "index.json", {}).items():
+            wall = row.get("wall_seconds") or 0.0
+            share = core_share(row.get("cpu_seconds"), wall, 2 if row.get("engine") == "qe" else 1)
+            if share is not None and wall >= min_wall_s and share < CLEAN_CORE_SHARE:
+                out[prefix + name] = round(share, 2)
+    return out
 
 
 def flag_suspect_forces() -> list[str]:
