@@ -221,3 +221,35 @@ def test_reference_time_left_uses_each_charge_states_own_mean():
     ref = _load("reference")
     assert ref.time_left({0: [100.0, 200.0], 1: [600.0]}, [0, 1, 1, 2]).startswith("~28 min left (4 ")
     assert ref.time_left({}, [0, 0]) == "2 left" and ref.time_left({0: [5.0]}, []) == "done"
+
+
+def test_refresh_reference_rescales_ratios_and_goals_but_not_a_changed_ground_state(tmp_path):
+    """accuracy_cost.py --refresh-reference, after `reference.py compute --redo`: a report's reference cost, HF
+    ratios and the cost goal follow the frozen data; a report whose reference ground state moved is left alone."""
+    import json
+
+    ac = _load("accuracy_cost")
+    gs = {"v_Si +0": {"label": "Unperturbed", "hf_energy": -100.0, "energy_lowering": 0.0}}
+    m = {"ground_states": {"v_Si +0": {"rmsd": 0.01, "dE_hf_meV": 1.0}}, "level_errors": [], "max_rmsd": 0.01,
+         "max_ctl_error": 0.001}
+    report = {"version": 2, "preset": "close",
+              "reference": {"frozen": True, "manifest_sha256": "old", "hf_calls": 100, "hf_cpu_seconds": 3100.0,
+                            "frames": 99, "ground_states": gs},
+              "defectflow": {"cost": {"hf_calls": 10, "hf_cpu_seconds": 100.0}},
+              "methods": {"defectflow": m, "lf_snb": {**m, "max_rmsd": 0.02}}, "ratios": {"hf_cpu": 31.0}}
+    path = tmp_path / "accuracy_cost_close.json"
+    path.write_text(json.dumps(report))
+    states = {"v_Si +0": {"label": "Unperturbed", "hf_energy": -100.00001}}
+    line = ac.refresh_reference(path, {"hf_calls": 100, "hf_cpu_seconds": 2900.0, "frames": 99}, "new", states)
+    r = json.loads(path.read_text())
+    assert "31.0x -> 29.0x" in line and r["ratios"]["hf_cpu"] == pytest.approx(29.0)
+    assert r["reference"]["manifest_sha256"] == "new" and r["reference"]["hf_cpu_seconds"] == 2900.0
+    cost_goal = next(g for g in r["goals"] if g["goal"].startswith("≥ 30×"))
+    assert cost_goal["verdict"] == "MISSED" and cost_goal["value"] == pytest.approx(29.0)
+    assert "unchanged" in ac.refresh_reference(path, {"hf_calls": 100, "hf_cpu_seconds": 2900.0, "frames": 99},
+                                               "newer", states)
+    moved = {"v_Si +0": {"label": "Bond_Distortion_-40.0%", "hf_energy": -100.1}}
+    before = path.read_text()
+    assert "run it again" in ac.refresh_reference(path, {"hf_calls": 100, "hf_cpu_seconds": 2000.0, "frames": 99},
+                                                  "x", moved)
+    assert path.read_text() == before
