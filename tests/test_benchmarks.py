@@ -120,6 +120,11 @@ def test_training_strategy_names_are_library_options():
     # +ep<n> / +p<n>: train up to n epochs, stop on the validation loss (mlip.patience)
     spec = tr.make_spec("multihead+ke12+ep120+p10", tr.BASE)
     assert (spec.max_epochs, spec.finetune_epochs, spec.patience) == (120, 120, 10)
+    # +ewt<x>: the loss's energy weight; +lep<n>: the shared LF model's epochs, a model (and folder) of its own
+    assert tr.make_spec("multihead+ewt1000", tr.BASE).energy_weight == 1000.0
+    assert tr.lf_epochs("replay+ke12+lep60") == 60 and tr.lf_epochs("replay+ke12") is None
+    assert tr.make_spec("replay+ke12+lep60", tr.BASE).max_epochs == tr.BASE["max_epochs"]  # the cell's own: BASE
+    assert tr.lf_model_dir("far", True, 12, 60) != tr.lf_model_dir("far", True, 12)
 
 
 def test_the_default_recipe_needs_every_preset():
