@@ -588,6 +588,7 @@ def plot_curves(data: dict[str, Any], path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     presets = [p for p in frozen.LF_PRESETS if any(r["preset"] == p for r in data["records"])]
     fig, axes = plt.subplots(2, max(1, len(presets)), figsize=(4.2 * max(1, len(presets)), 6.4), squeeze=False,
@@ -601,21 +602,35 @@ def plot_curves(data: dict[str, Any], path: Path) -> Path:
             if not rows:
                 continue
             for i, key in enumerate(("e_rmse_mev_atom", "f_rmse_mev_a")):
+                if i == 0 and rows[0]["kind"] == "lf_only":
+                    continue  # LF energies on the LF code's zero: tens of eV/atom off, no HF energy error
                 axes[i, j].plot([r["n_hf"] for r in rows], [r[key] for r in rows], "o-", color=colours[strategy],
                                 label=strategy, lw=1.5, ms=4)
         e_goal, f_goal = GOALS[preset]
         for i, goal in enumerate((e_goal, f_goal)):
             axes[i, j].axhline(goal, color="k", ls="--", lw=1, label="goal (issue #13)")
-            axes[i, j].set_yscale("log")
+            if i == 0:  # energies span decades (offsets); forces a factor of ~3: linear, from 0
+                axes[i, j].set_yscale("log")
+                axes[i, j].yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+                axes[i, j].yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            else:
+                axes[i, j].set_ylim(bottom=0)
             axes[i, j].set_xscale("log", base=2)
+            axes[i, j].xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
             axes[i, j].grid(alpha=0.3, which="both")
         axes[0, j].set_title(f"LF preset: {preset}")
         axes[1, j].set_xlabel("HF training frames N")
-    axes[0, 0].set_ylabel("energy RMSE, low-energy HF frames (meV/atom)")
-    axes[1, 0].set_ylabel("force RMSE, low-energy HF frames (meV/Å)")
-    handles, labels = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(5, len(labels)), frameon=False)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    axes[0, 0].set_ylabel("energy RMSE (meV/atom)")
+    axes[1, 0].set_ylabel("force RMSE (meV/Å)")
+    fig.suptitle("Surrogate error on the low-energy direct-HF frames (within 0.1 eV/atom of each q's HF ground "
+                 "state); lf_only: forces only")
+    by_label = {}
+    for ax in axes.ravel():
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            by_label.setdefault(lab, h)
+    labels, handles = list(by_label), list(by_label.values())
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), frameon=False)
+    fig.tight_layout(rect=(0, 0.03 * (1 + (len(labels) + 3) // 4), 1, 0.96))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=130)
     plt.close(fig)
