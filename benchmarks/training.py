@@ -262,7 +262,7 @@ DEFAULT_STRATEGIES = ("multihead+ke12", "multihead+w10+ke12", "finetune+ke12", "
 
 def strategy_spec(name: str) -> dict[str, Any]:
     """A strategy name → MlipSpec overrides:
-    ``<kind>[+refs][+w<hf weight>][+ew<eV/atom>][+ke<n>][+s<n>][+ep<n>][+p<n>][+all]``, e.g.
+    ``<kind>[+refs][+w<hf weight>][+ew<eV/atom>][+ewt<x>][+ke<n>][+s<n>][+ep<n>][+p<n>][+lep<n>][+all]``, e.g.
     ``multihead+refs+w10+ew0.05`` = multi-head, per-(fidelity, q) references removed, HF frames weighted 10×,
     frame weights exp(−ΔE/0.05 eV/atom); ``+ewt<x>``: loss weight x of the energy term (``mlip.energy_weight``)
     instead of BASE's 100; ``+ke<n>``: every n-th LF ionic step harvested (``relax.keep_every``;
@@ -299,8 +299,8 @@ def strategy_spec(name: str) -> dict[str, Any]:
         elif m.startswith("s"):
             out["seed"] = int(m[1:])
         else:
-            raise SystemExit(f"--strategies: unknown modifier {m!r} in {name!r} "
-                             "(refs, w<number>, ew<number>, ewt<number>, ke<integer>, lep<integer>, s<integer>, ep<integer>, p<integer>, all)")
+            raise SystemExit(f"--strategies: unknown modifier {m!r} in {name!r} (refs, w<number>, ew<number>, "
+                             "ewt<number>, ke<integer>, s<integer>, ep<integer>, p<integer>, lep<integer>, all)")
     return out
 
 
@@ -314,6 +314,12 @@ def keep_every(name: str) -> int | None:
 
 def lf_epochs(name: str) -> int | None:
     return strategy_spec(name).get("lf_epochs")
+
+
+def lf_model_key(preset: str, name: str) -> tuple[str, bool, int | None, int | None]:
+    """Which shared LF model a strategy uses: (preset, references, keep_every, LF epochs), the arguments of
+    :func:`lf_model_dir` and :func:`train_lf_model`."""
+    return preset, uses_refs(name), keep_every(name), lf_epochs(name)
 
 
 #: Epochs without validation improvement after which a ``+lep<n>`` LF model stops (mlip.patience).
@@ -347,7 +353,7 @@ def lf_model_dir(preset: str, refs: bool, ke: int | None = None, lep: int | None
 
 def train_lf_model(preset: str, refs: bool, base: dict[str, Any], ke: int | None = None,
                    lep: int | None = None) -> dict[str, Any]:
-    """The preset's LF model (one per preset and reference choice), shared by delta/finetune/replay/lf_only."""
+    """The preset's LF model (one per :func:`lf_model_key`), shared by delta/finetune/replay/lf_only."""
     from defectflow.campaign import MlipSpec
     from defectflow.train.surrogate import train_kind
 
@@ -393,7 +399,8 @@ def run_cell(preset: str, strategy: str, n: int, base: dict[str, Any]) -> dict[s
     lf_seconds = 0.0
     lf_model = None
     if needs_lf_model(strategy):
-        doc = train_lf_model(preset, uses_refs(strategy), base, keep_every(strategy), lf_epochs(strategy))
+        _, refs, ke, lep = lf_model_key(preset, strategy)
+        doc = train_lf_model(preset, refs, base, ke, lep)
         lf_seconds = doc.pop("_train_seconds")
         lf_model = TrainedModel.model_validate(doc)
     t0 = time.perf_counter()
@@ -551,10 +558,11 @@ def write_results(presets, strategies, budgets, path: Path) -> dict[str, Any]:
     # records scored on an older, smaller direct-HF test set (before q = +1 was frozen: sessions 6-8, `far`) are
     # not comparable with today's and are dropped (git history keeps them; docs/benchmarks.md quotes them as such)
     charges = {str(q) for q in frozen.manifest()["charges"]}
-    stale = [r for r in old if set(r["gs_ranked_lowest"]) != charges]
-    if stale:
-        print(f"  {path.name}: {len(stale)} records scored without every q of {sorted(charges)} dropped", flush=True)
-    merged = {(r["preset"], r["strategy"], r["n_hf"]): r for r in old if r not in stale}
+    kept = [r for r in old if set(r["gs_ranked_lowest"]) == charges]
+    if len(kept) < len(old):
+        print(f"  {path.name}: {len(old) - len(kept)} records scored without every q of {sorted(charges)} dropped",
+              flush=True)
+    merged = {(r["preset"], r["strategy"], r["n_hf"]): r for r in kept}
     merged.update({(r["preset"], r["strategy"], r["n_hf"]): r for r in collect(presets, strategies, budgets)})
     records = [merged[k] for k in sorted(merged)]
     data = {"benchmark": "training", "issue": 13, "records": records, "default": choose_default(records),
@@ -642,8 +650,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--presets", nargs="+", choices=frozen.LF_PRESETS, default=list(frozen.LF_PRESETS))
     p.add_argument("--strategies", nargs="+", default=list(DEFAULT_STRATEGIES),
-                   help="<kind>[+refs][+w<HF weight>][+ew<eV/atom>][+ewt<energy weight>][+ke<n>][+s<seed>][+ep<epochs>]"
-                        "[+p<patience>][+all], kinds: "
+                   help="<kind>[+refs][+w<HF weight>][+ew<eV/atom>][+ewt<energy weight>][+ke<n>][+s<seed>]"
+                        "[+ep<epochs>][+p<patience>][+lep<LF model epochs>][+all], kinds: "
                    + ", ".join(KINDS))
     p.add_argument("--budgets", nargs="+", type=int, default=list(BUDGETS), help="HF training frames N")
     p.add_argument("--jobs", type=int, default=2, help="cells trained at once (one torch thread each)")
@@ -653,7 +661,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--reevaluate", action="store_true",
                    help="evaluate the cached models of finished cells again (after the frozen HF set grew)")
     p.add_argument("--cell", nargs=3, metavar=("PRESET", "STRATEGY", "N"), help=argparse.SUPPRESS)
-    p.add_argument("--lf-model", nargs=4, metavar=("PRESET", "REFS", "KEEP_EVERY", "EPOCHS"), help=argparse.SUPPRESS)
+    p.add_argument("--lf-model", nargs=4, metavar=("PRESET", "REFS", "KEEP_EVERY", "EPOCHS"),
+                   help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     for s in args.strategies:
         strategy_spec(s)
@@ -685,9 +694,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"--presets: no frozen HF pool yet for {', '.join(missing)} "
                          "(benchmarks/reference.py status; compute --only pools)")
     # LF models first (shared), then the cells, --jobs at a time
-    lf_jobs = sorted({(pr, uses_refs(s), keep_every(s) or 0, lf_epochs(s) or 0) for pr in args.presets
-                      for s in args.strategies
-                      if needs_lf_model(s)})
+    lf_jobs = {lf_model_key(pr, s) for pr in args.presets for s in args.strategies if needs_lf_model(s)}
     if args.reevaluate:
         cells = [(pr, s, n) for pr in args.presets for s in args.strategies for n in args.budgets
                  if (cell_dir(pr, s, n) / "model.json.gz").is_file()]
@@ -718,13 +725,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # cells that need no LF model start at once, beside the LF models; the others once their LF model is there
     with ThreadPoolExecutor(args.jobs) as pool:
         lf_futs = {(pr, r, ke, lep): pool.submit(
-                       _subprocess, ["--lf-model", pr, "refs" if r else "plain", str(ke), str(lep)],
-                       lf_model_dir(pr, r, ke or None, lep or None) / "log.txt")
-                   for pr, r, ke, lep in lf_jobs
-                   if not (lf_model_dir(pr, r, ke or None, lep or None) / "model.json").is_file()}
+                       _subprocess, ["--lf-model", pr, "refs" if r else "plain", str(ke or 0), str(lep or 0)],
+                       lf_model_dir(pr, r, ke, lep) / "log.txt")
+                   for pr, r, ke, lep in sorted(lf_jobs, key=str)
+                   if not (lf_model_dir(pr, r, ke, lep) / "model.json").is_file()}
         futs = {}
         for pr, s, n in sorted(cells, key=lambda c: needs_lf_model(c[1])):
-            dep = (lf_futs.get((pr, uses_refs(s), keep_every(s) or 0, lf_epochs(s) or 0))
+            dep = (lf_futs.get(lf_model_key(pr, s))
                    if needs_lf_model(s) and not args.reevaluate else None)
             if dep is not None:
                 dep.result()  # blocks the submitting loop only: cells already submitted keep running
