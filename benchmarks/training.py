@@ -267,7 +267,7 @@ def strategy_spec(name: str) -> dict[str, Any]:
     frame weights exp(−ΔE/0.05 eV/atom); ``+ewt<x>``: loss weight x of the energy term (``mlip.energy_weight``)
     instead of BASE's 100; ``+ke<n>``: every n-th LF ionic step harvested (``relax.keep_every``;
     the study's default is :data:`STUDY_KEEP_EVERY` = 3, the presets keep every 12th); ``+s<n>``: seed n instead
-    of BASE's (a repeat of the cell, for its spread); ``+ep<n>``: at most n epochs (``max_epochs`` and
+    of BASE's, for the cell and for its shared LF model (a repeat of the cell, for its spread); ``+ep<n>``: at most n epochs (``max_epochs`` and
     ``finetune_epochs``) instead of BASE's 30; ``+p<n>``: stop after n epochs without validation improvement
     (``mlip.patience``); both apply to the cell's own training, not to the shared LF model of delta/finetune/replay;
     ``+lep<n>``: the shared LF model (delta/finetune/replay/lf_only) trained for at most n epochs, stopping after
@@ -316,10 +316,12 @@ def lf_epochs(name: str) -> int | None:
     return strategy_spec(name).get("lf_epochs")
 
 
-def lf_model_key(preset: str, name: str) -> tuple[str, bool, int | None, int | None]:
-    """Which shared LF model a strategy uses: (preset, references, keep_every, LF epochs), the arguments of
-    :func:`lf_model_dir` and :func:`train_lf_model`."""
-    return preset, uses_refs(name), keep_every(name), lf_epochs(name)
+def lf_model_key(preset: str, name: str) -> tuple[str, bool, int | None, int | None, int | None]:
+    """Which shared LF model a strategy uses: (preset, references, keep_every, LF epochs, seed), the arguments of
+    :func:`lf_model_dir` and :func:`train_lf_model`. A seed repeat (``+s<n>``) has an LF model of its own seed:
+    delta's and replay's accuracy is mostly the LF model's, so a repeat that kept seed 1's LF model would hide most
+    of the spread."""
+    return preset, uses_refs(name), keep_every(name), lf_epochs(name), strategy_spec(name).get("seed")
 
 
 #: Epochs without validation improvement after which a ``+lep<n>`` LF model stops (mlip.patience).
@@ -346,21 +348,22 @@ def cell_dir(preset: str, strategy: str, n: int | None) -> Path:
     return WORK / preset / strategy / ("lf_model" if n is None else f"n{n}")
 
 
-def lf_model_dir(preset: str, refs: bool, ke: int | None = None, lep: int | None = None) -> Path:
+def lf_model_dir(preset: str, refs: bool, ke: int | None = None, lep: int | None = None,
+                 seed: int | None = None) -> Path:
     return WORK / preset / (("lf_model_refs" if refs else "lf_model") + (f"_ke{ke}" if ke else "")
-                            + (f"_ep{lep}" if lep else ""))
+                            + (f"_ep{lep}" if lep else "") + (f"_s{seed}" if seed else ""))
 
 
 def train_lf_model(preset: str, refs: bool, base: dict[str, Any], ke: int | None = None,
-                   lep: int | None = None) -> dict[str, Any]:
+                   lep: int | None = None, seed: int | None = None) -> dict[str, Any]:
     """The preset's LF model (one per :func:`lf_model_key`), shared by delta/finetune/replay/lf_only."""
     from defectflow.campaign import MlipSpec
     from defectflow.train.surrogate import train_kind
 
-    d = lf_model_dir(preset, refs, ke, lep)
+    d = lf_model_dir(preset, refs, ke, lep, seed)
     path = d / "model.json"
     longer = {"max_epochs": lep, "patience": LF_PATIENCE} if lep else {}
-    spec = MlipSpec(**{**base, **STUDY_SPEC, "charge_references": refs, **longer})
+    spec = MlipSpec(**{**base, **STUDY_SPEC, "charge_references": refs, **longer, **({"seed": seed} if seed else {})})
     if path.is_file():
         doc = json.loads(path.read_text())
         if _same_settings(doc.get("spec"), spec.model_dump(mode="json")):
@@ -399,8 +402,7 @@ def run_cell(preset: str, strategy: str, n: int, base: dict[str, Any]) -> dict[s
     lf_seconds = 0.0
     lf_model = None
     if needs_lf_model(strategy):
-        _, refs, ke, lep = lf_model_key(preset, strategy)
-        doc = train_lf_model(preset, refs, base, ke, lep)
+        doc = train_lf_model(*lf_model_key(preset, strategy)[:2], base, *lf_model_key(preset, strategy)[2:])
         lf_seconds = doc.pop("_train_seconds")
         lf_model = TrainedModel.model_validate(doc)
     t0 = time.perf_counter()
@@ -525,30 +527,45 @@ def without_seed(strategy: str) -> str:
 
 
 def choose_default(records: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The default recipe: among recipes with a record for every preset at N ≤ 16, the lowest mean over those
-    records of the low-energy energy RMSE normalised by its preset's goal, plus the same for forces (so the three
-    presets weigh alike); the seed repeats of a cell (``+s<n>``) are averaged first, so that one lucky or unlucky
-    seed does not decide (an exact tie: the first in alphabetical order). HF-only/LF-only floors are not
-    candidates."""
+    """The default recipe: among recipes with a record for every preset at N = 16, the lowest mean of the
+    low-energy energy RMSE normalised by its preset's goal plus the same for forces (so the three presets weigh
+    alike), over the budgets N ≤ 16 that every such recipe has on every preset (N = 16 at least: a recipe whose
+    learning curve was measured further is not averaged over cells the others lack); the seed repeats of a cell
+    (``+s<n>``) are averaged first, so that one lucky or unlucky seed does not decide (an exact tie: the first in
+    alphabetical order). HF-only/LF-only floors are not candidates, nor is a recipe whose mean training time (LF
+    model included) breaks the goal (``GOALS["train_seconds"]``) on any preset at those budgets: it is scored and
+    listed under ``over_time``."""
     cells: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
     for r in records:
         if r["kind"] in ("hf_only", "lf_only") or r["n_hf"] > 16 or r["e_rmse_mev_atom"] is None:
             continue
         cells.setdefault((without_seed(r["strategy"]), r["preset"], r["n_hf"]), []).append(r)
-    by_recipe: dict[str, list[tuple[str, float]]] = {}
-    for (recipe, preset, _), rows in cells.items():
-        score = float(np.mean([r["e_rmse_mev_atom"] / GOALS[preset][0] + r["f_rmse_mev_a"] / GOALS[preset][1]
-                               for r in rows]))
-        by_recipe.setdefault(recipe, []).append((preset, score))
     presets = set(frozen.LF_PRESETS)  # all three: a recipe measured on one preset only is not chosen
-    scores = {recipe: float(np.mean([s for _, s in rows])) for recipe, rows in by_recipe.items()
-              if {p for p, _ in rows} == presets}
-    if not scores:
+    budgets: dict[str, set[int]] = {}  # recipe → the N at which it has a cell on every preset
+    for recipe in {k[0] for k in cells}:
+        ns = {k[2] for k in cells if k[0] == recipe}
+        budgets[recipe] = {n for n in ns if all((recipe, p, n) in cells for p in presets)}
+    candidates = sorted(r for r, ns in budgets.items() if 16 in ns)
+    if not candidates:
         return None
-    best = min(scores, key=scores.get)
+    shared = sorted(set.intersection(*(budgets[r] for r in candidates)))
+    scores, over_time = {}, []
+    for recipe in candidates:
+        if any(np.mean([r["train_seconds"] for r in cells[(recipe, p, n)]]) > GOALS["train_seconds"]
+               for p in presets for n in shared):
+            over_time.append(recipe)
+        scores[recipe] = float(np.mean([
+            np.mean([r["e_rmse_mev_atom"] / GOALS[p][0] + r["f_rmse_mev_a"] / GOALS[p][1]
+                     for r in cells[(recipe, p, n)]])
+            for p in sorted(presets) for n in shared]))
+    in_time = [r for r in scores if r not in over_time]
+    if not in_time:
+        return None
+    best = min(in_time, key=lambda r: (scores[r], r))
     seeds = {recipe: max(len(v) for k, v in cells.items() if k[0] == recipe) for recipe in scores}
-    return {"strategy": best, "score": scores[best], "scores": scores, "seeds": seeds, "spec": strategy_spec(best),
-            "rule": choose_default.__doc__.split("\n\n")[0].replace("\n    ", " ")}
+    return {"strategy": best, "score": scores[best], "scores": scores, "seeds": seeds, "budgets": shared,
+            "over_time": over_time,
+            "spec": strategy_spec(best), "rule": choose_default.__doc__.split("\n\n")[0].replace("\n    ", " ")}
 
 
 def write_results(presets, strategies, budgets, path: Path) -> dict[str, Any]:
@@ -586,7 +603,8 @@ def render(data: dict[str, Any]) -> str:
                   "F all meV/Å", "GS lowest (q asc.)", "relax RMSD med Å", "max Å", "train s"], rows, digits=3)]
     d = data.get("default")
     out.append(f"default recipe: {d['strategy']} (score {d['score']:.2f}; {d['rule']})" if d else
-               "default recipe: not chosen (no strategy has a record for every preset at N ≤ 16)")
+               "default recipe: not chosen (no strategy has a record for every preset at N = 16 within the "
+               "training-time goal)")
     return "\n".join(out)
 
 
@@ -661,7 +679,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--reevaluate", action="store_true",
                    help="evaluate the cached models of finished cells again (after the frozen HF set grew)")
     p.add_argument("--cell", nargs=3, metavar=("PRESET", "STRATEGY", "N"), help=argparse.SUPPRESS)
-    p.add_argument("--lf-model", nargs=4, metavar=("PRESET", "REFS", "KEEP_EVERY", "EPOCHS"),
+    p.add_argument("--lf-model", nargs=5, metavar=("PRESET", "REFS", "KEEP_EVERY", "EPOCHS", "SEED"),
                    help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     for s in args.strategies:
@@ -680,7 +698,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     install_signal_handlers()  # SIGTERM/Ctrl-C end the children (cells, mace_run_train) before this exits
     if args.lf_model:
         train_lf_model(args.lf_model[0], args.lf_model[1] == "refs", BASE, int(args.lf_model[2]) or None,
-                       int(args.lf_model[3]) or None)
+                       int(args.lf_model[3]) or None, int(args.lf_model[4]) or None)
         return {}
     if args.cell and args.reevaluate:
         return reevaluate_cell(args.cell[0], args.cell[1], int(args.cell[2]), BASE) or {}
@@ -724,11 +742,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # cells that need no LF model start at once, beside the LF models; the others once their LF model is there
     with ThreadPoolExecutor(args.jobs) as pool:
-        lf_futs = {(pr, r, ke, lep): pool.submit(
-                       _subprocess, ["--lf-model", pr, "refs" if r else "plain", str(ke or 0), str(lep or 0)],
-                       lf_model_dir(pr, r, ke, lep) / "log.txt")
-                   for pr, r, ke, lep in sorted(lf_jobs, key=str)
-                   if not (lf_model_dir(pr, r, ke, lep) / "model.json").is_file()}
+        lf_futs = {(pr, r, ke, lep, sd): pool.submit(
+                       _subprocess, ["--lf-model", pr, "refs" if r else "plain", str(ke or 0), str(lep or 0),
+                                     str(sd or 0)],
+                       lf_model_dir(pr, r, ke, lep, sd) / "log.txt")
+                   for pr, r, ke, lep, sd in sorted(lf_jobs, key=str)
+                   if not (lf_model_dir(pr, r, ke, lep, sd) / "model.json").is_file()}
         futs = {}
         for pr, s, n in sorted(cells, key=lambda c: needs_lf_model(c[1])):
             dep = (lf_futs.get(lf_model_key(pr, s))

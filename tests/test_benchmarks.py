@@ -129,7 +129,7 @@ def test_training_strategy_names_are_library_options():
 
 def test_the_default_recipe_needs_every_preset():
     tr = _load("training")
-    row = {"kind": "multihead", "n_hf": 16, "e_rmse_mev_atom": 5.0, "f_rmse_mev_a": 100.0}
+    row = {"kind": "multihead", "n_hf": 16, "e_rmse_mev_atom": 5.0, "f_rmse_mev_a": 100.0, "train_seconds": 100.0}
     far_only = [{**row, "strategy": "multihead", "preset": "far"}]
     assert tr.choose_default(far_only) is None
     every = [{**row, "strategy": s, "preset": p, "e_rmse_mev_atom": e} for p in ("far", "close", "functional")
@@ -141,6 +141,24 @@ def test_the_default_recipe_needs_every_preset():
     best = tr.choose_default(seeds)
     assert best["strategy"] == "multihead" and best["seeds"] == {"multihead": 1, "replay": 3}
     assert tr.without_seed("multihead+refs+s2+ke12") == "multihead+refs+ke12"
+    # recipes compete at the budgets they share: replay's poor N = 4 cells (which multihead lacks) do not count,
+    # and a recipe measured at N = 8 only is not a candidate
+    curves = every + [{**row, "strategy": "replay", "preset": p, "n_hf": 4, "e_rmse_mev_atom": 50.0}
+                      for p in ("far", "close", "functional")]
+    curves += [{**row, "strategy": "delta", "preset": p, "n_hf": 8, "e_rmse_mev_atom": 1.0}
+               for p in ("far", "close", "functional")]
+    best = tr.choose_default(curves)
+    assert best["strategy"] == "replay" and best["budgets"] == [16] and set(best["scores"]) == {"multihead", "replay"}
+    # once both have N = 4 too, it counts for both
+    both = curves + [{**row, "strategy": "multihead", "preset": p, "n_hf": 4, "e_rmse_mev_atom": 5.0}
+                     for p in ("far", "close", "functional")]
+    best = tr.choose_default(both)
+    assert best["strategy"] == "multihead" and best["budgets"] == [4, 16]
+    # a recipe over the training-time goal on one preset is scored but not chosen
+    slow = [{**r, "train_seconds": 700.0} if r["strategy"] == "replay" and r["preset"] == "far" else r
+            for r in every]
+    best = tr.choose_default(slow)
+    assert best["strategy"] == "multihead" and best["over_time"] == ["replay"] and "replay" in best["scores"]
 
 
 def test_training_hf_frames_come_from_the_frozen_pool_within_the_harvest_window():
