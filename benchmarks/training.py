@@ -619,19 +619,29 @@ def plot_curves(data: dict[str, Any], path: Path) -> Path:
     presets = [p for p in frozen.LF_PRESETS if any(r["preset"] == p for r in data["records"])]
     fig, axes = plt.subplots(2, max(1, len(presets)), figsize=(4.2 * max(1, len(presets)), 6.4), squeeze=False,
                              sharex=True)
-    strategies = sorted({r["strategy"] for r in data["records"]})
-    colours = dict(zip(strategies, plt.cm.tab10.colors * 3))
+    # one line per recipe: seed repeats (+s<n>) are its mean, with a bar from the best to the worst seed
+    strategies = sorted({without_seed(r["strategy"]) for r in data["records"]})
+    colours = dict(zip(strategies, plt.cm.tab20.colors * 2))
+    markers = dict(zip(strategies, "osD^v<>ph*" * 4))
+    repeated = {without_seed(r["strategy"]) for r in data["records"] if without_seed(r["strategy"]) != r["strategy"]}
     for j, preset in enumerate(presets):
         for strategy in strategies:
-            rows = sorted((r for r in data["records"] if r["preset"] == preset and r["strategy"] == strategy),
-                          key=lambda r: r["n_hf"])
-            if not rows:
+            cells: dict[int, list[dict[str, Any]]] = {}
+            for r in data["records"]:
+                if r["preset"] == preset and without_seed(r["strategy"]) == strategy:
+                    cells.setdefault(r["n_hf"], []).append(r)
+            if not cells:
                 continue
+            ns = sorted(cells)
             for i, key in enumerate(("e_rmse_mev_atom", "f_rmse_mev_a")):
-                if i == 0 and rows[0]["kind"] == "lf_only":
+                if i == 0 and cells[ns[0]][0]["kind"] == "lf_only":
                     continue  # LF energies on the LF code's zero: tens of eV/atom off, no HF energy error
-                axes[i, j].plot([r["n_hf"] for r in rows], [r[key] for r in rows], "o-", color=colours[strategy],
-                                label=strategy, lw=1.5, ms=4)
+                vals = [[r[key] for r in cells[n]] for n in ns]
+                mean = np.array([np.mean(v) for v in vals])
+                lo, hi = mean - [min(v) for v in vals], [max(v) for v in vals] - mean
+                axes[i, j].errorbar(ns, mean, yerr=[lo, hi], fmt=markers[strategy] + "-", color=colours[strategy],
+                                    label=strategy + (" (seed mean, bar: range)" if strategy in repeated else ""),
+                                    lw=1.5, ms=4, capsize=3)
         e_goal, f_goal = GOALS[preset]
         for i, goal in enumerate((e_goal, f_goal)):
             axes[i, j].axhline(goal, color="k", ls="--", lw=1, label="goal (issue #13)")
@@ -655,8 +665,8 @@ def plot_curves(data: dict[str, Any], path: Path) -> Path:
         for h, lab in zip(*ax.get_legend_handles_labels()):
             by_label.setdefault(lab, h)
     labels, handles = list(by_label), list(by_label.values())
-    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), frameon=False)
-    fig.tight_layout(rect=(0, 0.03 * (1 + (len(labels) + 3) // 4), 1, 0.96))
+    fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), frameon=False, fontsize=8)
+    fig.tight_layout(rect=(0, 0.028 * (1 + (len(labels) + 2) // 3), 1, 0.96))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=130)
     plt.close(fig)
