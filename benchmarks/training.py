@@ -267,8 +267,8 @@ def strategy_spec(name: str) -> dict[str, Any]:
     frame weights exp(−ΔE/0.05 eV/atom); ``+ewt<x>``: loss weight x of the energy term (``mlip.energy_weight``)
     instead of BASE's 100; ``+ke<n>``: every n-th LF ionic step harvested (``relax.keep_every``;
     the study's default is :data:`STUDY_KEEP_EVERY` = 3, the presets keep every 12th); ``+s<n>``: seed n instead
-    of BASE's, for the cell and for its shared LF model (a repeat of the cell, for its spread); ``+ep<n>``: at most n epochs (``max_epochs`` and
-    ``finetune_epochs``) instead of BASE's 30; ``+p<n>``: stop after n epochs without validation improvement
+    of BASE's, for the cell and for its shared LF model (a repeat of the cell, for its spread); ``+ep<n>``: at most
+    n epochs (``max_epochs`` and ``finetune_epochs``) instead of BASE's 30; ``+p<n>``: stop after n epochs without validation improvement
     (``mlip.patience``); both apply to the cell's own training, not to the shared LF model of delta/finetune/replay;
     ``+lep<n>``: the shared LF model (delta/finetune/replay/lf_only) trained for at most n epochs, stopping after
     :data:`LF_PATIENCE` epochs without validation improvement, instead of BASE's 30;
@@ -402,7 +402,8 @@ def run_cell(preset: str, strategy: str, n: int, base: dict[str, Any]) -> dict[s
     lf_seconds = 0.0
     lf_model = None
     if needs_lf_model(strategy):
-        doc = train_lf_model(*lf_model_key(preset, strategy)[:2], base, *lf_model_key(preset, strategy)[2:])
+        _, refs, ke, lep, seed = lf_model_key(preset, strategy)
+        doc = train_lf_model(preset, refs, base, ke, lep, seed)
         lf_seconds = doc.pop("_train_seconds")
         lf_model = TrainedModel.model_validate(doc)
     t0 = time.perf_counter()
