@@ -289,10 +289,17 @@ class SelectionSpec(_Section):
 
 
 class MlipSpec(_Section):
-    """The MACE surrogate (mace-torch)."""
+    """The MACE surrogate (mace-torch).
+
+    The defaults are the recipe issue #13's training study chose by measurement on the frozen benchmark
+    (``benchmarks/training.py``, docs/benchmarks.md "Training study"): ``finetune`` (an LF model, then fine-tuned on
+    the HF frames, per-(fidelity, q) references removed), ``32x0e + 32x1o``, 2 interactions, correlation 2,
+    r_max 4.5 Å, float32, batch 8, lr 0.01, EMA 0.99, ReduceLROnPlateau patience 5, energy and force weights 100,
+    30 epochs (LF model and fine-tuning each). Sized for 2 CPU cores; give a production campaign on a GPU a larger
+    model and more epochs."""
 
     multi_fidelity: Literal["multihead", "delta", "finetune", "replay"] = Field(
-        "multihead", description="multihead: shared body, LF and HF heads, trained together from scratch; delta: an "
+        "finetune", description="multihead: shared body, LF and HF heads, trained together from scratch; delta: an "
         "LF model plus a model of HF − LF; finetune: an LF model, then fine-tuned on the HF frames (mace "
         "--foundation_model, naive); replay: the same with the LF frames replayed as a second head (mace multi-head "
         "fine-tuning)"
@@ -313,10 +320,10 @@ class MlipSpec(_Section):
     )
     energy_weight_floor: float = Field(0.1, gt=0, le=1, description="Lowest frame weight with energy_weight_scale")
     ema_decay: float | None = Field(
-        None, gt=0, lt=1, description="Exponential moving average of the weights (mace --ema); None: off"
+        0.99, gt=0, lt=1, description="Exponential moving average of the weights (mace --ema); None: off"
     )
     scheduler_patience: int = Field(
-        50, ge=1, description="Epochs without validation improvement before the learning rate is multiplied by 0.8 "
+        5, ge=1, description="Epochs without validation improvement before the learning rate is multiplied by 0.8 "
         "(mace ReduceLROnPlateau)"
     )
     patience: int | None = Field(
@@ -325,10 +332,10 @@ class MlipSpec(_Section):
         "is the best-validation checkpoint either way"
     )
     default_dtype: Literal["float64", "float32"] = Field(
-        "float64", description="Floating-point precision of training and of the trained model (mace --default_dtype)"
+        "float32", description="Floating-point precision of training and of the trained model (mace --default_dtype)"
     )
     finetune_lr: float = Field(1e-3, gt=0, description="Learning rate of the HF fine-tuning (finetune, replay)")
-    finetune_epochs: int = Field(100, ge=1, description="Epochs of the HF fine-tuning (finetune, replay)")
+    finetune_epochs: int = Field(30, ge=1, description="Epochs of the HF fine-tuning (finetune, replay)")
     finetune_min_frames: int = Field(
         128, ge=1, description="finetune: the HF training frames are repeated up to at least this many per epoch, "
         "so that a handful of frames still gets enough optimiser steps (mace replay duplicates them likewise)"
@@ -338,17 +345,17 @@ class MlipSpec(_Section):
         True, description="Add the charge-dependent energy readout (use_embedding_readout): charged cells differ by "
         "eV per q, which a charge-dependent readout captures directly"
     )
-    r_max: float = Field(5.0, gt=0, description="Cutoff radius in Å")
+    r_max: float = Field(4.5, gt=0, description="Cutoff radius in Å")
     pair_repulsion: bool = Field(
         True, description="Add MACE's ZBL pair repulsion (mace_run_train --pair_repulsion) so that atoms the "
         "training data never brought close cannot collapse onto each other in the surrogate search"
     )
     hidden_irreps: str = Field("32x0e + 32x1o", description="MACE hidden irreps (model size)")
     num_interactions: int = Field(2, ge=1)
-    correlation: int = Field(3, ge=1)
+    correlation: int = Field(2, ge=1)
     max_L: int = Field(1, ge=0)
-    max_epochs: int = Field(100, ge=1, description="Training epochs")
-    batch_size: int = Field(4, ge=1)
+    max_epochs: int = Field(30, ge=1, description="Training epochs")
+    batch_size: int = Field(8, ge=1)
     lr: float = Field(0.01, gt=0, description="Learning rate")
     hf_test_fraction: float = Field(0.2, ge=0, lt=1, description="Fraction of HF frames held out for testing")
     seed: int = Field(1)
@@ -363,7 +370,7 @@ class MlipSpec(_Section):
         0.1, gt=0, lt=1, description="Fraction of the LF frames and of the non-test HF frames used for validation "
         "(at least 1 frame each)"
     )
-    energy_weight: float = Field(1.0, ge=0, description="Weight of the energy term of the loss (mace energy_weight)")
+    energy_weight: float = Field(100.0, ge=0, description="Weight of the energy term of the loss (mace energy_weight)")
     forces_weight: float = Field(100.0, ge=0, description="Weight of the force term of the loss (mace forces_weight)")
     num_threads: int | None = Field(
         None, ge=1, description="CPU threads of the training process (OMP_NUM_THREADS); None: the environment's "

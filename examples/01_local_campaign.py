@@ -112,10 +112,9 @@ def build_campaign(fast: bool = False, store: str = "embedded", work_dir: str | 
         # 3000 K smearing: the q = -1 vacancy's nearly degenerate defect level converges in every start
         fidelities=FidelitiesSpec(low=xtb("GFN1-xTB", electronic_temperature=3000.0),
                                   high=QESettings(xc="PBE", ecutwfc=20.0)),
-        relax=RelaxSpec(fmax=0.1, max_steps=50, keep_every=3),
+        relax=RelaxSpec(fmax=0.1, max_steps=50, keep_every=6),
         selection=SelectionSpec(strategy="fps", budget=12),
-        mlip=MlipSpec(hidden_irreps="32x0e", max_L=0, num_interactions=2, correlation=2, r_max=4.5,
-                      max_epochs=15, batch_size=8),
+        mlip=MlipSpec(multi_fidelity="finetune", finetune_min_frames=32, finetune_epochs=20),  # fewer FT steps
         search=SearchSpec(extra_starts=1, fmax=0.05, max_steps=200),
         verify=VerifySpec(energy_threshold=50.0, max_rounds=1),  # meV/atom; one top-up round above it
         levels=LevelsSpec(dielectric=11.7),

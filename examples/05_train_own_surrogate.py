@@ -14,9 +14,12 @@ key                 where     meaning
 (``defectflow.train.data`` names them ENERGY_KEY, FORCES_KEY, CHARGE_KEY; a campaign writes the same keys in
 ``runs/<name>/training_lf.xyz``.) The low-fidelity (LF) file holds many cheap frames (e.g. PBE, every ionic step
 of every relaxation), the high-fidelity (HF) file a few expensive ones (e.g. HSE06 single points) at geometries like
-the LF ones. ``train_surrogate`` trains one MACE with a shared body and two heads, ``lf`` and ``hf``, conditioned on
-q (mace-torch's total-charge embedding), with mace-torch's ``mace_run_train`` in a subprocess; a part of the HF
-frames is held out for testing (``MlipSpec.hf_test_fraction``). ``load_calculator`` turns the trained model into an
+the LF ones. ``train_surrogate`` trains defectflow's default recipe (``MlipSpec.multi_fidelity = "finetune"``, chosen
+by the training study in docs/benchmarks.md): a MACE on the LF frames (head ``lf``), then the same model fine-tuned
+on the HF frames (head ``hf``), both conditioned on q (mace-torch's total-charge embedding) and with
+per-(fidelity, q) reference energies removed before training and added back at prediction; mace-torch's
+``mace_run_train`` runs in a subprocess. ``multi_fidelity="multihead"`` trains one MACE with a shared body and both
+heads at once instead. A part of the HF frames is held out for testing (``MlipSpec.hf_test_fraction``). ``load_calculator`` turns the trained model into an
 ASE calculator, which reads q from ``atoms.info["charge"]``: one model serves every charge state.
 
 Without ``--lf``/``--hf`` the script first writes such files itself, from xTB single points (tblite) on rattled
@@ -28,7 +31,7 @@ GFN2-xTB energies to compare with).
     python examples/05_train_own_surrogate.py --lf pbe.xyz --hf hse.xyz --structure relaxed.cif --charges -1 0 1
 
 Time on 2 cores: ``--fast`` (16 LF + 8 HF demo frames, a tiny model, 20 epochs) about 1 min; the default (24 + 12
-frames, defectflow's default model, 100 epochs) about 10 min. The fitted model is written to ``<out>/model.json``
+frames, defectflow's default recipe, 30 + 30 epochs) a few minutes. The fitted model is written to ``<out>/model.json``
 (load it again with ``TrainedModel.model_validate_json``); mace's logs and checkpoints stay in ``<out>/training/``.
 """
 
@@ -122,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     demo = args.lf is None
     lf_path, hf_path = write_demo_data(out, 8 if args.fast else 12) if demo else (args.lf, args.hf)
     tiny = MlipSpec(hidden_irreps="8x0e", max_L=0, num_interactions=2, correlation=2, r_max=4.0, max_epochs=20)
-    spec = tiny if args.fast else MlipSpec()  # MlipSpec(): defectflow's default model, 100 epochs
+    spec = tiny if args.fast else MlipSpec()  # MlipSpec(): defectflow's default recipe (finetune, 30 + 30 epochs)
     trained = train_surrogate(str(lf_path), str(hf_path), spec, out / "training")
     model_file = out / "model.json"
     model_file.write_text(trained.model_dump_json())

@@ -23,7 +23,7 @@ def test_minimal_campaign_gets_documented_defaults():
     assert isinstance(c.fidelities.low, CP2KSettings) and c.fidelities.low.xc == "PBE"
     assert isinstance(c.fidelities.high, QESettings) and c.fidelities.high.xc == "HSE06"
     assert c.distortions.distortion_increment == 0.1 and c.distortions.dimer
-    assert c.mlip.multi_fidelity == "multihead" and c.mlip.charge_embedding
+    assert c.mlip.multi_fidelity == "finetune" and c.mlip.charge_embedding
     assert c.execution.store == "embedded"
 
 

@@ -130,6 +130,7 @@ def test_query_example_reads_the_same_energies_through_both_apis(campaign_store)
 def test_own_surrogate_example_gives_different_energies_at_two_charges(tmp_path):
     from ase.io import read
 
+    from defectflow.campaign import MlipSpec
     from defectflow.train import TrainedModel
 
     out = tmp_path / "surrogate"
@@ -140,7 +141,7 @@ def test_own_surrogate_example_gives_different_energies_at_two_charges(tmp_path)
         assert all(isinstance(a.info["REF_energy"], float) and a.arrays["REF_forces"].shape == (15, 3)
                    for a in frames)
     model = TrainedModel.model_validate_json((out / "model.json").read_text())
-    assert model.kind == "multihead" and model.charge_embedding
+    assert model.kind == MlipSpec().multi_fidelity and model.charge_embedding  # the default recipe
     energies = {int(q): (float(e), float(ref)) for q, e, ref in re.findall(
         r"^  q=([+-]\d+): E = (-?\d+\.\d+) eV, max \|F\| component = \d+\.\d+ eV/Å \(GFN2-xTB: (-?\d+\.\d+) eV\)",
         stdout, re.MULTILINE)}

@@ -226,7 +226,8 @@ def test_the_charge_reaches_hf_single_points_search_and_verification(run):
                 atoms = structure_to_atoms(gs, qq)
                 atoms.calc = calc
                 energies[qq] = atoms.get_potential_energy()
-            assert s["ground_state"]["energy"] == pytest.approx(energies[q], abs=1e-6)
+            # the default surrogate is float32: the same energy to float32 rounding (~1e-7 of a −50 eV cell)
+            assert s["ground_state"]["energy"] == pytest.approx(energies[q], abs=1e-4)
             assert abs(energies[q] - energies[other(q)]) > 1e-3
     assert compared >= 1  # at least one HF result was compared with a converged calculation at the other charge
 

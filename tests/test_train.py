@@ -41,8 +41,11 @@ from defectflow.train.data import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
+# A tiny model in float64 (exact sums to 1e-9 below), without EMA and with the plain-loss settings these tests
+# were written against; each test names the multi-fidelity kind it is about (the library default is finetune).
 TINY = dict(hidden_irreps="8x0e", max_L=0, num_interactions=2, correlation=2, r_max=4.0, max_epochs=6,
-            batch_size=4, lr=0.01, device="cpu", seed=1)
+            batch_size=4, lr=0.01, device="cpu", seed=1, default_dtype="float64", ema_decay=None,
+            energy_weight=1.0, scheduler_patience=50)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -81,7 +84,8 @@ def dataset():
 def trained(dataset, tmp_path_factory):
     lf, hf = dataset
     work = tmp_path_factory.mktemp("train")
-    spec = MlipSpec(**TINY, embedding_readout=True, ablations=["no_charge", "hf_only", "lf_only"])
+    spec = MlipSpec(**TINY, multi_fidelity="multihead", embedding_readout=True,
+                   ablations=["no_charge", "hf_only", "lf_only"])
     return train_models(lf, hf, spec, work / "run", plot_dir=work / "plots"), work
 
 
@@ -639,7 +643,7 @@ def test_committee_members_train_at_once_where_cores_allow(dataset, monkeypatch,
         raise Trained("trained")
 
     monkeypatch.setattr(jobs, "evaluate", stop)
-    spec = MlipSpec(committee=2, device="cpu", parallel=2)
+    spec = MlipSpec(committee=2, device="cpu", parallel=2, multi_fidelity="multihead")
     with pytest.raises(Trained):  # stop after training: these are not real models
         jobs.train_models(lf, hf, spec, tmp_path / "multihead")
     assert sorted(seen) == [("committee1", 2, False), ("main", 1, False)]
@@ -656,7 +660,7 @@ def test_committee_members_train_at_once_where_cores_allow(dataset, monkeypatch,
     # the ablations are trained side by side with the committee, not after it
     seen.clear()
     barrier.reset()
-    spec = MlipSpec(committee=1, device="cpu", parallel=2, ablations=["no_charge"])
+    spec = MlipSpec(committee=1, device="cpu", parallel=2, ablations=["no_charge"], multi_fidelity="multihead")
     with pytest.raises(Trained):
         jobs.train_models(lf, hf, spec, tmp_path / "ablation")
     assert sorted(seen) == [("main", 1, False), ("no_charge", 1, False)]
@@ -692,7 +696,7 @@ def test_a_model_trained_on_one_hf_frame_warm_starts_on_two(dataset, tmp_path):
 def test_patience_stops_training_once_the_validation_loss_stalls(dataset, tmp_path):
     """mlip.patience: mace 0.3.16 ignores --patience in a single process (ACEsuit/mace#1384); the workaround in
     _run_mace makes it stop, before max_epochs, and still save the best-validation model."""
-    spec = MlipSpec(**{**TINY, "max_epochs": 60, "lr": 0.05}, patience=2)
+    spec = MlipSpec(**{**TINY, "max_epochs": 60, "lr": 0.05}, patience=2, multi_fidelity="multihead")
     model = train_surrogate(*dataset, spec, tmp_path)
     (run,) = model.components
     assert "--patience 2" in run.command and "defectflow.train.mace_patience" in run.command
