@@ -19,8 +19,9 @@ by the training study in docs/benchmarks.md): a MACE on the LF frames (head ``lf
 on the HF frames (head ``hf``), both conditioned on q (mace-torch's total-charge embedding) and with
 per-(fidelity, q) reference energies removed before training and added back at prediction; mace-torch's
 ``mace_run_train`` runs in a subprocess. ``multi_fidelity="multihead"`` trains one MACE with a shared body and both
-heads at once instead. A part of the HF frames is held out for testing (``MlipSpec.hf_test_fraction``). ``load_calculator`` turns the trained model into an
-ASE calculator, which reads q from ``atoms.info["charge"]``: one model serves every charge state.
+heads at once instead. A part of the HF frames is held out for testing (``MlipSpec.hf_test_fraction``).
+``load_calculator`` turns the trained model into an ASE calculator, which reads q from ``atoms.info["charge"]``:
+one model serves every charge state.
 
 Without ``--lf``/``--hf`` the script first writes such files itself, from xTB single points (tblite) on rattled
 15-atom Si vacancy cells at q = 0 and +1: GFN1-xTB as LF on every geometry, GFN2-xTB as HF on every other one. It
@@ -31,8 +32,9 @@ GFN2-xTB energies to compare with).
     python examples/05_train_own_surrogate.py --lf pbe.xyz --hf hse.xyz --structure relaxed.cif --charges -1 0 1
 
 Time on 2 cores: ``--fast`` (16 LF + 8 HF demo frames, a tiny model, 20 epochs) about 1 min; the default (24 + 12
-frames, defectflow's default recipe, 30 + 30 epochs) a few minutes. The fitted model is written to ``<out>/model.json``
-(load it again with ``TrainedModel.model_validate_json``); mace's logs and checkpoints stay in ``<out>/training/``.
+frames, defectflow's default recipe, 30 + 30 epochs) not re-timed since the recipe changed. The fitted model is
+written to ``<out>/model.json`` (load it again with ``TrainedModel.model_validate_json``); mace's logs and
+checkpoints stay in ``<out>/training/``.
 """
 
 from __future__ import annotations
